@@ -50,12 +50,12 @@ class InstructionCounter:
         self._words = _words(uc)
         self._i = _offset
 
-    def _raw(self) -> int:
+    def raw(self) -> int:
         return int(self._words[self._i])
 
     def executed(self, count: int) -> int:
         """Instructions the last emu_start(count=count) executed (the stop request lands on instruction count+1)."""
-        return min(self._raw(), count)
+        return min(self.raw(), count)
 
     def exhausted(self, count: int) -> bool:
-        return self._raw() > count
+        return self.raw() > count

@@ -41,6 +41,7 @@ log = logging.getLogger("toyvm")
 EXIT_ADDR = 0xFFFF_FFFF_FFFF_F000  # never executable (outside RAM): emu_start's `until` is never reached
 RX, RWX = UC_PROT_READ | UC_PROT_EXEC, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC
 HLT = 0xF4
+PYTHON_STOP_LATENCY = 0.01  # seconds
 
 
 class StopReason(str, enum.Enum):
@@ -89,6 +90,8 @@ class Machine:
         self._hook_error: BaseException | None = None
         self._hook_rip: int | None = None
         self._unmapped: tuple[str, int, int] | None = None
+        self._power_rip: int | None = None
+        self._power_count = 0
         self._stop_requested = threading.Event()
         self._ips = 50e6  # counted slices: instructions per second, learned as the guest runs
 
@@ -181,6 +184,12 @@ class Machine:
                               f"controller: use the devices' status registers)"))
 
     def _on_power_off(self, code: int) -> None:
+        # emu_stop() in an OUT hook lands at the end of the block, whose remaining instructions may run (and, on
+        # counted slices, may not): the VM is dead now anyway, so park RIP right after the OUT in both cases.
+        rip = reg(self.uc, "rip")
+        insn = self.ram.read(rip, 2) if self.ram.contains(rip, 2) else b""
+        self._power_rip = rip + (2 if insn[:1] == b"\x66" else 1) + (1 if insn[-1:] in (b"\xe6", b"\xe7") else 0)
+        self._power_count = self.counter.raw()  # the OUT itself is the last instruction that counts
         self.uc.emu_stop()  # inside the OUT hook: an exact stop
 
     def _flush_tlb(self) -> None:
@@ -263,7 +272,9 @@ class Machine:
         """One emu_start. Returns (reason or None to go on, instructions executed or None if unknown)."""
         count = 0
         if self.hooks == "python":
-            count = max(1000, int(self._ips * seconds))  # counted slices are the pure-Python way to stop exactly
+            # Counted runs are the pure-Python way to stop exactly; at most ~10 ms each, so a stop request
+            # from another thread waits no longer than that.
+            count = max(1000, int(self._ips * min(seconds, PYTHON_STOP_LATENCY)))
         if limit is not None:
             count = min(count, limit) if count else limit
         st = self._native_state
@@ -282,6 +293,9 @@ class Machine:
         dt = time.perf_counter() - t0
         executed = self.counter.executed(count) if count else None
         if self.exit_code is not None:
+            if self._power_rip is not None:
+                set_reg(self.uc, "rip", self._power_rip)
+                executed = min(self._power_count, count) if count else None
             return StopReason.POWER_OFF, executed
         if st is not None and st.stopped:
             return (None if self._stop_requested.is_set() or time.monotonic_ns() < st.deadline_ns
@@ -347,8 +361,7 @@ class Machine:
         payload: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
-            "machine": {"ram_size": self.ram.size, "cmdline": self.cmdline, "exit_code": self.exit_code,
-                        "entry": self.load_info.entry if self.load_info else None},
+            "machine": {"ram_size": self.ram.size, "cmdline": self.cmdline, "exit_code": self.exit_code},
             "cpu": save_cpu(self.uc),
             "devices": {dev.name: dev.save() for dev in self.bus.devices},
         }

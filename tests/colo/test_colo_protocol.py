@@ -1,0 +1,583 @@
+"""The checkpoint state machines, two of them joined by an in-memory link.
+
+Legal runs: every interleaving a hypothesis run can find (deliveries cut at arbitrary byte
+boundaries, state cut into arbitrary chunks, heartbeats anywhere). Illegal runs: every message
+from every role in every state that the table does not allow, wrong epochs, size mismatches;
+each error must name what was expected and what came, and leave the side in ERROR for good.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from colo.auth import Handshake
+from colo.errors import AuthError, ProtocolError, WireError
+from colo.messages import (
+    NONCE_SIZE,
+    AuthChallenge,
+    CheckpointReady,
+    CheckpointReply,
+    CheckpointRequest,
+    ErrorMessage,
+    Heartbeat,
+    Message,
+    Role,
+    Trigger,
+    VmstateChunk,
+    VmstateLoaded,
+    VmstateReceived,
+    VmstateSend,
+    VmstateSize,
+    field_names,
+)
+from colo.protocol import (
+    CHECKPOINT_TRANSITIONS,
+    LIVE_STATES,
+    TRANSITIONS,
+    ConnectionClosed,
+    Event,
+    PrimaryProtocol,
+    ProtocolSide,
+    SecondaryProtocol,
+    State,
+)
+from colo.wire import encode_frame
+
+P, S = Role.PRIMARY, Role.SECONDARY
+KEY = b"test-key-0123456789abcdef"
+
+
+def handshakes() -> tuple[Handshake, Handshake]:
+    hp, hs = Handshake(KEY, "primary", "secondary"), Handshake(KEY, "secondary", "primary")
+    to_s, to_p = hp.start(), hs.start()
+    proof_p, proof_s = hp.receive_data(to_p), hs.receive_data(to_s)
+    hp.receive_data(proof_s)
+    hs.receive_data(proof_p)
+    return hp, hs
+
+
+class Link:
+    """Two sides and the bytes in flight to each of them."""
+
+    def __init__(self, **options: int) -> None:
+        hp, hs = handshakes()
+        self.sides: dict[Role, ProtocolSide] = {
+            P: PrimaryProtocol(hp, **options),
+            S: SecondaryProtocol(hs, **options),
+        }
+        self.pending: dict[Role, bytearray] = {P: bytearray(), S: bytearray()}  # keyed by reader
+        self.sent: dict[Role, list[Message]] = {P: [], S: []}
+
+    @property
+    def primary(self) -> ProtocolSide:
+        return self.sides[P]
+
+    @property
+    def secondary(self) -> ProtocolSide:
+        return self.sides[S]
+
+    def send(self, who: Role, msg: Message) -> None:
+        self.pending[who.peer] += self.sides[who].send(msg)
+        self.sent[who].append(msg)
+
+    def deliver(self, to: Role, n: int | None = None) -> list[Event]:
+        """Hand `to` the next n bytes in flight to it (all by default) and drain its events."""
+        buf = self.pending[to]
+        n = len(buf) if n is None else n
+        piece = bytes(buf[:n])
+        del buf[:n]
+        side = self.sides[to]
+        side.receive_data(piece)
+        events = []
+        while (ev := side.next_event()) is not None:
+            events.append(ev)
+            if isinstance(ev, ErrorMessage):
+                break  # the side is in ERROR now: every further call raises
+        return events
+
+    def step(self, who: Role, msg: Message) -> None:
+        self.send(who, msg)
+        assert self.deliver(who.peer) == [msg]
+
+    def states(self) -> tuple[State, State]:
+        return self.primary.state, self.secondary.state
+
+
+def one_checkpoint(epoch: int, data: bytes = b"abc") -> list[tuple[Role, Message]]:
+    return [
+        (P, CheckpointRequest(epoch, Trigger.TIMER)),
+        (S, CheckpointReply(epoch)),
+        (P, VmstateSend(epoch)),
+        (P, VmstateChunk(epoch, data)),
+        (P, VmstateSize(epoch, len(data))),
+        (S, VmstateReceived(epoch)),
+        (S, VmstateLoaded(epoch)),
+    ]
+
+
+def drive_to(state: State, *, full_checkpoints: int = 0) -> Link:
+    """A link whose two sides are both in `state`, reached legally."""
+    link = Link()
+    if state is State.WAIT_READY:
+        return link
+    link.step(S, CheckpointReady(1))
+    for epoch in range(1, full_checkpoints + 1):
+        for who, msg in one_checkpoint(epoch):
+            link.step(who, msg)
+    for who, msg in one_checkpoint(full_checkpoints + 1):
+        if link.states() == (state, state):
+            break
+        link.step(who, msg)
+    assert link.states() == (state, state)
+    return link
+
+
+def message_for(cls: type[Message], side: ProtocolSide) -> Message:
+    """An instance of `cls` with the epoch (and size) the side expects: only the type is wrong."""
+    e = side.epoch
+    makers: dict[type[Message], Callable[[], Message]] = {
+        CheckpointReady: lambda: CheckpointReady(e),
+        CheckpointRequest: lambda: CheckpointRequest(e),
+        CheckpointReply: lambda: CheckpointReply(e),
+        VmstateSend: lambda: VmstateSend(e),
+        VmstateChunk: lambda: VmstateChunk(e, b"x"),
+        VmstateSize: lambda: VmstateSize(e, side.vmstate_bytes),
+        VmstateReceived: lambda: VmstateReceived(e),
+        VmstateLoaded: lambda: VmstateLoaded(e),
+    }
+    return makers[cls]()
+
+
+CONVERSATION = [
+    CheckpointReady,
+    CheckpointRequest,
+    CheckpointReply,
+    VmstateSend,
+    VmstateChunk,
+    VmstateSize,
+    VmstateReceived,
+    VmstateLoaded,
+]
+
+
+def expected_names(state: State) -> str:
+    return " or ".join(cls.NAME for (st, _, cls) in CHECKPOINT_TRANSITIONS if st is state)
+
+
+def assert_stuck_in_error(side: ProtocolSide) -> None:
+    assert side.state is State.ERROR
+    with pytest.raises(ProtocolError, match="is in ERROR"):
+        side.send(Heartbeat())
+    with pytest.raises(ProtocolError, match="is in ERROR"):
+        side.receive_data(encode_frame(Heartbeat()))
+    with pytest.raises(ProtocolError, match="is in ERROR"):
+        side.next_event()
+
+
+# -- legal runs ---------------------------------------------------------------------------------
+
+
+def test_full_checkpoints_for_several_epochs() -> None:
+    link = drive_to(State.IDLE)
+    for epoch in range(1, 6):
+        for who, msg in one_checkpoint(epoch, bytes([epoch]) * (100 * epoch)):
+            link.step(who, msg)
+        assert link.states() == (State.IDLE, State.IDLE)
+        for side in link.sides.values():
+            assert side.epoch == epoch + 1
+            assert side.completed_epoch == side.loaded_epoch == epoch
+            assert side.vmstate_bytes == 100 * epoch
+
+
+def test_state_progression_is_the_documented_one() -> None:
+    link = drive_to(State.IDLE)
+    seen = []
+    for who, msg in one_checkpoint(1):
+        link.step(who, msg)
+        seen.append(link.states()[0])
+        assert link.states()[0] is link.states()[1]
+    assert seen == [
+        State.REQUESTED,
+        State.REPLIED,
+        State.SENDING,
+        State.SENDING,
+        State.SIZE_SENT,
+        State.RECEIVED,
+        State.IDLE,
+    ]
+
+
+def test_completed_before_loaded() -> None:
+    link = drive_to(State.SIZE_SENT)
+    link.step(S, VmstateReceived(1))
+    assert link.primary.completed_epoch == 1 and link.primary.loaded_epoch == 0
+
+
+def test_no_chunks_is_a_zero_byte_state() -> None:
+    link = drive_to(State.SENDING)
+    link.step(P, VmstateSize(1, 0))
+    assert link.states() == (State.SIZE_SENT, State.SIZE_SENT)
+
+
+@pytest.mark.parametrize("state", LIVE_STATES)
+@pytest.mark.parametrize("who", [P, S])
+def test_heartbeat_in_every_live_state_changes_nothing(state: State, who: Role) -> None:
+    link = drive_to(state)
+    before = (link.states(), link.primary.epoch, link.secondary.vmstate_bytes)
+    for _ in range(3):
+        link.step(who, Heartbeat())
+    assert (link.states(), link.primary.epoch, link.secondary.vmstate_bytes) == before
+
+
+def test_first_epoch_can_continue_a_numbering() -> None:
+    hp, hs = handshakes()
+    primary, secondary = PrimaryProtocol(hp, first_epoch=41), SecondaryProtocol(hs, first_epoch=41)
+    primary.receive_data(secondary.send(CheckpointReady(41)))
+    assert primary.next_event() == CheckpointReady(41)
+    assert primary.send(CheckpointRequest(41))
+    with pytest.raises(ValueError, match="first_epoch"):
+        PrimaryProtocol(handshakes()[0], first_epoch=0)
+
+
+def test_protocol_takes_over_bytes_pipelined_behind_the_handshake() -> None:
+    hp, hs = Handshake(KEY, "primary", "secondary"), Handshake(KEY, "secondary", "primary")
+    to_s, to_p = hp.start(), hs.start()
+    proof_p, proof_s = hp.receive_data(to_p), hs.receive_data(to_s)
+    hs.receive_data(proof_p)
+    secondary = SecondaryProtocol(hs)
+    hp.receive_data(proof_s + secondary.send(CheckpointReady(1)))  # ready rides with the proof
+    primary = PrimaryProtocol(hp)
+    assert primary.next_event() == CheckpointReady(1)
+    assert primary.state is State.IDLE
+
+
+@settings(database=None, deadline=None, max_examples=150)
+@given(st.data())
+def test_every_legal_interleaving(data: st.DataObject) -> None:
+    """Both sides react as real nodes would; the scheduler (hypothesis) picks which direction
+    gets bytes next and how many, where the state is cut into chunks, and where heartbeats go."""
+    epochs = data.draw(st.integers(min_value=1, max_value=4), label="epochs")
+    blobs = [data.draw(st.binary(max_size=200), label=f"state {e}") for e in range(1, epochs + 1)]
+    link = Link()
+    staged = bytearray()
+    received: list[bytes] = []
+
+    def maybe_heartbeat() -> None:
+        if data.draw(st.integers(0, 3), label="heartbeat?") == 3:  # shrinks to "no heartbeat"
+            link.send(data.draw(st.sampled_from([P, S]), label="from"), Heartbeat())
+
+    def send_state(epoch: int) -> None:
+        blob = blobs[epoch - 1]
+        cuts = data.draw(st.lists(st.integers(0, len(blob)), max_size=6), label="chunk cuts")
+        points = sorted({0, len(blob), *cuts})
+        link.send(P, VmstateSend(epoch))
+        for a, b in zip(points, points[1:]):
+            link.send(P, VmstateChunk(epoch, blob[a:b]))
+            maybe_heartbeat()
+        link.send(P, VmstateSize(epoch, len(blob)))
+
+    def react(to: Role, ev: Event) -> None:
+        assert not isinstance(ev, ConnectionClosed)
+        if to is P:
+            if isinstance(ev, CheckpointReady):
+                link.send(P, CheckpointRequest(1, Trigger.TIMER))
+            elif isinstance(ev, CheckpointReply):
+                send_state(ev.epoch)
+            elif isinstance(ev, VmstateLoaded) and ev.epoch < epochs:
+                link.send(P, CheckpointRequest(ev.epoch + 1, Trigger.MISMATCH))
+        else:
+            if isinstance(ev, CheckpointRequest):
+                link.send(S, CheckpointReply(ev.epoch))
+            elif isinstance(ev, VmstateSend):
+                staged.clear()
+            elif isinstance(ev, VmstateChunk):
+                staged.extend(ev.data)
+            elif isinstance(ev, VmstateSize):
+                assert ev.size == len(staged)  # the machine already checked it
+                received.append(bytes(staged))
+                link.send(S, VmstateReceived(ev.epoch))
+                maybe_heartbeat()
+                link.send(S, VmstateLoaded(ev.epoch))
+
+    got: dict[Role, list[Event]] = {P: [], S: []}
+    maybe_heartbeat()
+    link.send(S, CheckpointReady(1))
+    while link.pending[P] or link.pending[S]:
+        to = data.draw(st.sampled_from([r for r in (P, S) if link.pending[r]]), label="to")
+        n = len(link.pending[to])  # shrinks to "deliver everything", the simplest schedule
+        if data.draw(st.booleans(), label="cut?"):
+            n = data.draw(st.integers(1, n), label="bytes")
+        for ev in link.deliver(to, n):
+            got[to].append(ev)
+            react(to, ev)
+        maybe_heartbeat()
+
+    assert received == blobs
+    assert got[P] == link.sent[S] and got[S] == link.sent[P]
+    assert link.states() == (State.IDLE, State.IDLE)
+    assert link.primary.epoch == link.secondary.epoch == epochs + 1
+    assert link.secondary.completed_epoch == link.primary.loaded_epoch == epochs
+
+
+def test_large_state_in_many_chunks_and_small_reads() -> None:
+    link = drive_to(State.REPLIED)
+    blob = bytes(range(256)) * 8192  # 2 MiB
+    link.send(P, VmstateSend(1))
+    for i in range(0, len(blob), 65536):
+        link.send(P, VmstateChunk(1, blob[i : i + 65536]))
+    link.send(P, VmstateSize(1, len(blob)))
+    staged = bytearray()
+    while link.pending[S]:
+        for ev in link.deliver(S, 4096):
+            if isinstance(ev, VmstateChunk):
+                staged += ev.data
+    assert staged == blob and link.secondary.state is State.SIZE_SENT
+
+
+# -- illegal runs -------------------------------------------------------------------------------
+
+ILLEGAL = [
+    (state, who, cls)
+    for state in LIVE_STATES
+    for who in (P, S)
+    for cls in CONVERSATION
+    if (state, who, cls) not in TRANSITIONS
+]
+
+
+def _id(case: tuple[State, Role, type[Message]]) -> str:
+    state, who, cls = case
+    return f"{state.name}-{who.value}-{cls.NAME}"
+
+
+@pytest.mark.parametrize("case", ILLEGAL, ids=[_id(c) for c in ILLEGAL])
+def test_illegal_send_is_refused(case: tuple[State, Role, type[Message]]) -> None:
+    state, who, cls = case
+    link = drive_to(state)
+    side = link.sides[who]
+    msg = message_for(cls, side)
+    with pytest.raises(ProtocolError) as info:
+        side.send(msg)
+    text = str(info.value)
+    assert f"{who.value} in {state.name} (sending)" in text
+    assert f"expected {expected_names(state)} for epoch {side.epoch}" in text
+    assert f"got {cls.NAME} epoch {side.epoch} from the {who.value}" in text
+    assert info.value.got == f"{cls.NAME} epoch {side.epoch} from the {who.value}"
+    assert_stuck_in_error(side)
+
+
+@pytest.mark.parametrize("case", ILLEGAL, ids=[_id(c) for c in ILLEGAL])
+def test_illegal_receive_is_refused(case: tuple[State, Role, type[Message]]) -> None:
+    # The peer (`who`) sends what the table forbids: forge its frame past its own checks.
+    state, who, cls = case
+    link = drive_to(state)
+    receiver = link.sides[who.peer]
+    msg = message_for(cls, receiver)
+    receiver.receive_data(encode_frame(msg))
+    with pytest.raises(ProtocolError) as info:
+        receiver.next_event()
+    text = str(info.value)
+    assert f"{who.peer.value} in {state.name} (receiving)" in text
+    assert f"expected {expected_names(state)} for epoch {receiver.epoch}" in text
+    assert f"got {cls.NAME} epoch {receiver.epoch} from the {who.value}" in text
+    assert_stuck_in_error(receiver)
+
+
+LEGAL = list(CHECKPOINT_TRANSITIONS)
+
+
+# Each legal step with the epoch one too low and one too high (in WAIT_READY the expected epoch
+# is 1 and epoch 0 cannot even be constructed), on the sending and on the receiving side.
+EPOCH_CASES = [
+    (case, delta, direction)
+    for case in LEGAL
+    for delta in (-1, +1)
+    for direction in ("send", "receive")
+    if not (case[0] is State.WAIT_READY and delta == -1)
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "delta", "direction"),
+    EPOCH_CASES,
+    ids=[f"{_id(c)}-{d:+d}-{how}" for c, d, how in EPOCH_CASES],
+)
+def test_wrong_epoch_is_refused(
+    case: tuple[State, Role, type[Message]], delta: int, direction: str
+) -> None:
+    state, who, cls = case
+    link = drive_to(state, full_checkpoints=0 if state is State.WAIT_READY else 2)
+    side = link.sides[who] if direction == "send" else link.sides[who.peer]
+    right = message_for(cls, side)
+    wrong = type(right)(**{**vars_of(right), "epoch": side.epoch + delta})
+    with pytest.raises(ProtocolError) as info:
+        if direction == "send":
+            side.send(wrong)
+        else:
+            side.receive_data(encode_frame(wrong))
+            side.next_event()
+    assert f"expected {cls.NAME}" in str(info.value) or state is State.SENDING
+    assert f"for epoch {side.epoch} from the {who.value}," in str(info.value)
+    assert f"got {cls.NAME} epoch {side.epoch + delta} from the {who.value}" in str(info.value)
+    assert_stuck_in_error(side)
+
+
+def vars_of(msg: Message) -> dict[str, object]:
+    return {name: getattr(msg, name) for name in field_names(type(msg))}
+
+
+def test_wrong_epoch_example_from_the_design() -> None:
+    link = drive_to(State.SENDING, full_checkpoints=2)
+    link.secondary.receive_data(encode_frame(CheckpointRequest(4)))
+    with pytest.raises(ProtocolError) as info:
+        link.secondary.next_event()
+    assert str(info.value) == (
+        "secondary in SENDING (receiving): expected vmstate-chunk or vmstate-size for epoch 3 "
+        "from the primary, got checkpoint-request epoch 4 from the primary"
+    )
+    assert info.value.expected == "vmstate-chunk or vmstate-size for epoch 3 from the primary"
+
+
+@pytest.mark.parametrize("claimed", [2, 4, 0])
+def test_size_mismatch_on_the_receiving_side(claimed: int) -> None:
+    link = drive_to(State.SENDING)
+    link.step(P, VmstateChunk(1, b"ab"))
+    link.step(P, VmstateChunk(1, b"c"))
+    link.secondary.receive_data(encode_frame(VmstateSize(1, claimed)))
+    with pytest.raises(ProtocolError) as info:
+        link.secondary.next_event()
+    assert "expected vmstate-size 3 for epoch 1" in str(info.value)
+    assert f"got vmstate-size {claimed}" in str(info.value)
+    assert_stuck_in_error(link.secondary)
+
+
+def test_size_mismatch_on_the_sending_side() -> None:
+    link = drive_to(State.SENDING)
+    link.step(P, VmstateChunk(1, b"abc"))
+    with pytest.raises(ProtocolError, match="expected vmstate-size 3 for epoch 1 .* got vmstate-size 4"):
+        link.primary.send(VmstateSize(1, 4))
+    assert_stuck_in_error(link.primary)
+
+
+def test_byte_count_restarts_each_epoch() -> None:
+    link = drive_to(State.IDLE, full_checkpoints=1)  # epoch 1 carried 3 bytes
+    for who, msg in one_checkpoint(2)[:3]:
+        link.step(who, msg)
+    link.secondary.receive_data(encode_frame(VmstateSize(2, 3)))
+    with pytest.raises(ProtocolError, match="expected vmstate-size 0 for epoch 2"):
+        link.secondary.next_event()
+
+
+def test_state_larger_than_the_bound_is_refused() -> None:
+    link = Link(max_state_bytes=10)
+    link.step(S, CheckpointReady(1))
+    for who, msg in one_checkpoint(1)[:3]:
+        link.step(who, msg)
+    link.step(P, VmstateChunk(1, b"x" * 10))
+    link.secondary.receive_data(encode_frame(VmstateChunk(1, b"y")))
+    with pytest.raises(ProtocolError, match="expected at most 10 bytes of state for epoch 1, got 11"):
+        link.secondary.next_event()
+
+
+def test_duplicate_checkpoint_ready() -> None:
+    link = drive_to(State.IDLE)
+    with pytest.raises(ProtocolError) as info:
+        link.secondary.send(CheckpointReady(1))
+    assert "expected checkpoint-request for epoch 1 from the primary" in str(info.value)
+    assert "got checkpoint-ready epoch 1 from the secondary" in str(info.value)
+    link.primary.receive_data(encode_frame(CheckpointReady(1)))
+    with pytest.raises(ProtocolError, match="primary in IDLE .*got checkpoint-ready epoch 1"):
+        link.primary.next_event()
+
+
+def test_auth_messages_are_not_part_of_the_protocol() -> None:
+    link = drive_to(State.IDLE)
+    link.primary.receive_data(encode_frame(AuthChallenge("secondary", bytes(NONCE_SIZE))))
+    with pytest.raises(ProtocolError, match="expected checkpoint-request .* got auth-challenge"):
+        link.primary.next_event()
+
+
+def test_bad_frame_puts_the_side_in_error() -> None:
+    link = drive_to(State.REQUESTED)
+    with pytest.raises(WireError, match="bad magic"):
+        link.primary.receive_data(b"garbage!!!")
+    assert_stuck_in_error(link.primary)
+    link.secondary.receive_data(encode_frame(Heartbeat())[:9] + msgpack.packb({"msg": "x"})[:1])
+    # the header is good: the decoder waits for the rest of the payload, no error yet
+    assert link.secondary.next_event() is None
+
+
+def test_peer_error_ends_the_connection() -> None:
+    link = drive_to(State.SENDING)
+    link.send(S, ErrorMessage("staging area full"))
+    assert link.secondary.state is State.ERROR
+    assert link.deliver(P) == [ErrorMessage("staging area full")]
+    with pytest.raises(ProtocolError, match=r"primary is in ERROR \(the secondary sent error: staging"):
+        link.primary.send(VmstateChunk(1, b"x"))
+
+
+def test_error_is_not_legal_after_error() -> None:
+    link = drive_to(State.IDLE)
+    link.send(P, ErrorMessage("bye"))
+    with pytest.raises(ProtocolError, match="is in ERROR"):
+        link.primary.send(ErrorMessage("again"))
+
+
+@pytest.mark.parametrize(
+    ("state", "unparsed"), [(State.IDLE, 0), (State.SENDING, 0), (State.RECEIVED, 5)]
+)
+def test_peer_closing_reports_where(state: State, unparsed: int) -> None:
+    link = drive_to(state)
+    link.primary.receive_data(encode_frame(Heartbeat())[:unparsed] if unparsed else b"")
+    if unparsed:
+        link.primary.receive_data(b"")
+    event = link.primary.next_event()
+    assert event == ConnectionClosed(state, unparsed)
+    assert link.primary.state is State.CLOSED
+    assert link.primary.next_event() == event  # idempotent, like h11
+    with pytest.raises(ProtocolError, match="CLOSED"):
+        link.primary.send(Heartbeat())
+    with pytest.raises(ProtocolError, match="CLOSED"):
+        link.primary.receive_data(b"x")
+
+
+def test_messages_before_end_of_stream_come_first() -> None:
+    link = drive_to(State.IDLE)
+    link.primary.receive_data(encode_frame(Heartbeat()))
+    link.primary.receive_data(b"")
+    assert link.primary.next_event() == Heartbeat()
+    assert isinstance(link.primary.next_event(), ConnectionClosed)
+
+
+def test_local_close_refuses_everything() -> None:
+    link = drive_to(State.IDLE)
+    link.primary.close()
+    assert link.primary.state is State.CLOSED
+    with pytest.raises(ProtocolError, match="primary: the connection is CLOSED"):
+        link.primary.next_event()
+
+
+def test_no_protocol_without_a_completed_handshake() -> None:
+    hp = Handshake(KEY, "primary", "secondary")
+    hp.start()
+    with pytest.raises(AuthError, match="primary: the handshake is not complete"):
+        PrimaryProtocol(hp)
+    hp, hs = handshakes()
+    with pytest.raises(ValueError, match="needs a handshake as 'secondary' with 'primary'"):
+        SecondaryProtocol(hp)
+
+
+def test_bad_bytes_behind_the_handshake_fail_the_side_not_the_constructor() -> None:
+    hp, hs = Handshake(KEY, "primary", "secondary"), Handshake(KEY, "secondary", "primary")
+    to_s, to_p = hp.start(), hs.start()
+    proof_p, proof_s = hp.receive_data(to_p), hs.receive_data(to_s)
+    hp.receive_data(proof_s + b"NOTAFRAME")
+    primary = PrimaryProtocol(hp)
+    assert primary.state is State.ERROR
+    with pytest.raises(ProtocolError, match="bad magic"):
+        primary.next_event()
