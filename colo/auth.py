@@ -1,0 +1,182 @@
+"""Peer authentication: an HMAC-SHA256 challenge and response over a shared key, sans-I/O.
+
+Both sides run the same `Handshake`, in two flights:
+
+    1. each sends  auth-challenge {role, nonce}        (a fresh 32-byte random nonce)
+    2. each sends  auth-proof {mac}, mac = HMAC-SHA256(key, b"COLO-AUTH-1" 0x00 role 0x00
+                                                         own nonce || peer nonce)
+
+and each checks the peer's mac with `hmac.compare_digest`. Knowing the key is the only way to
+compute a proof over a nonce we just chose, so a peer without the key fails; fresh nonces make an
+old proof worthless (no replay); the role inside the MAC makes our own proof useless to send back
+to us (no reflection), even from a second connection, since we only ever sign our own role.
+
+Enforcement: the handshake is a separate object that the socket layer completes first, and the
+protocol objects (`colo.protocol`) refuse to be built from a handshake that is not complete. Bytes
+that arrive after the peer's proof are kept in `unused_data` and handed to the protocol object.
+Until then the decoder accepts only tiny frames (`AUTH_MAX_PAYLOAD`): an unauthenticated peer
+cannot make us buffer a 64 MiB frame.
+
+This authenticates the peer at connect time only; it does not encrypt or sign later frames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from collections.abc import Mapping
+from typing import NoReturn
+
+from colo.errors import AuthError, WireError
+from colo.messages import NONCE_SIZE, AuthChallenge, AuthProof, Message, describe
+from colo.wire import FrameDecoder, encode_frame
+
+KEY_ENV = "COLO_KEY"
+MIN_KEY_BYTES = 16
+CONTEXT = b"COLO-AUTH-1"  # domain separation: these MACs mean "colo handshake, version 1" only
+AUTH_MAX_PAYLOAD = 256  # the largest handshake payload is about 80 bytes
+
+
+def generate_key() -> bytes:
+    """A fresh 256-bit key, as 64 hex characters: safe in a text file and an env variable."""
+    return secrets.token_hex(32).encode("ascii")
+
+
+def check_key(key: bytes, source: str = "key") -> bytes:
+    if not isinstance(key, bytes):
+        raise AuthError(f"{source} must be bytes, got {type(key).__name__}")
+    if len(key) < MIN_KEY_BYTES:
+        raise AuthError(
+            f"{source} is {len(key)} bytes long; at least {MIN_KEY_BYTES} are needed "
+            "(generate one with colo.auth.generate_key())"
+        )
+    return key
+
+
+def load_key(
+    path: str | os.PathLike[str] | None = None, *, environ: Mapping[str, str] | None = None
+) -> bytes:
+    """The shared key: from the file at `path` if given, else from the COLO_KEY variable.
+
+    Surrounding whitespace is stripped (a trailing newline from an editor is not key material).
+    """
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(64 * 1024)  # a key file is small; do not slurp a mistaken large file
+        except OSError as exc:
+            raise AuthError(f"cannot read key file {os.fspath(path)!r}: {exc.strerror}") from exc
+        return check_key(raw.strip(), f"key file {os.fspath(path)!r}")
+    env = os.environ if environ is None else environ
+    value = env.get(KEY_ENV)
+    if value is None:
+        raise AuthError(f"no key: pass a key file or set the {KEY_ENV} environment variable")
+    return check_key(value.strip().encode("utf-8"), f"${KEY_ENV}")
+
+
+def compute_proof(key: bytes, role: str, own_nonce: bytes, peer_nonce: bytes) -> bytes:
+    """HMAC-SHA256 proof that the side playing `role` knows `key`, bound to both nonces."""
+    text = CONTEXT + b"\x00" + role.encode("ascii") + b"\x00" + own_nonce + peer_nonce
+    return hmac.new(key, text, hashlib.sha256).digest()
+
+
+class Handshake:
+    """One side of the handshake. Call `start()` once and send its bytes; feed every received
+    byte to `receive_data()` and send what it returns; when `done`, hand over to the protocol.
+
+    Any failure raises `AuthError` naming the problem and leaves the handshake failed for good.
+    """
+
+    def __init__(self, key: bytes, role: str, peer_role: str, *, nonce: bytes | None = None) -> None:
+        self._key = check_key(key)
+        if role == peer_role:
+            raise ValueError(f"role and peer_role must differ, both are {role!r}")
+        self.role = role
+        self.peer_role = peer_role
+        # `nonce` is for tests only; real use takes a fresh one from the OS's CSPRNG.
+        self._nonce = secrets.token_bytes(NONCE_SIZE) if nonce is None else nonce
+        self._challenge = encode_frame(AuthChallenge(role, self._nonce))  # validates role, nonce
+        AuthChallenge(peer_role, self._nonce)  # validate peer_role by the same rule
+        self._decoder = FrameDecoder(AUTH_MAX_PAYLOAD)
+        self._started = False
+        self._peer_nonce: bytes | None = None
+        self._own_proof: bytes | None = None
+        self._done = False
+        self._unused = b""
+        self._failed: AuthError | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once we have sent our proof and verified the peer's."""
+        return self._done
+
+    @property
+    def unused_data(self) -> bytes:
+        """Bytes received after the peer's proof: the first bytes of the protocol stream."""
+        if not self._done:
+            raise RuntimeError("handshake not complete")
+        return self._unused
+
+    def start(self) -> bytes:
+        """Our auth-challenge frame. Send it first, before reading anything."""
+        self._check_alive()
+        if self._started:
+            raise RuntimeError("start() called twice")
+        self._started = True
+        return self._challenge
+
+    def receive_data(self, data: bytes) -> bytes:
+        """Feed received bytes (b"" means the peer closed); returns bytes to send now."""
+        self._check_alive()
+        if not self._started:
+            raise RuntimeError("call start() and send its bytes before receiving")
+        if self._done:
+            raise RuntimeError("handshake complete: feed further bytes to the protocol object")
+        if not data:
+            pending = self._decoder.buffered
+            self._fail(
+                "connection closed during authentication"
+                + (f" (inside a frame, {pending} bytes buffered)" if pending else "")
+            )
+        try:
+            self._decoder.feed(data)
+            out = b""
+            while not self._done and (msg := self._decoder.next_message()) is not None:
+                out += self._handle(msg)
+        except WireError as exc:
+            self._fail(f"bad handshake frame: {exc}", exc)
+        if self._done:
+            self._unused = self._decoder.take_unused()
+        return out
+
+    def _handle(self, msg: Message) -> bytes:
+        if self._peer_nonce is None:
+            if not isinstance(msg, AuthChallenge):
+                self._fail(f"expected auth-challenge, got {describe(msg)}")
+            if msg.role != self.peer_role:
+                self._fail(f"peer says it is {msg.role!r}, expected {self.peer_role!r}")
+            if hmac.compare_digest(msg.nonce, self._nonce):
+                self._fail("peer sent our own nonce back (reflected challenge)")
+            self._peer_nonce = msg.nonce
+            self._own_proof = compute_proof(self._key, self.role, self._nonce, msg.nonce)
+            return encode_frame(AuthProof(self._own_proof))
+        if not isinstance(msg, AuthProof):
+            self._fail(f"expected auth-proof, got {describe(msg)}")
+        assert self._own_proof is not None
+        if hmac.compare_digest(msg.mac, self._own_proof):
+            self._fail("peer sent our own proof back (reflected proof)")
+        wanted = compute_proof(self._key, self.peer_role, self._peer_nonce, self._nonce)
+        if not hmac.compare_digest(msg.mac, wanted):
+            self._fail("auth-proof does not verify: the peer does not have our key")
+        self._done = True
+        return b""
+
+    def _fail(self, text: str, cause: BaseException | None = None) -> NoReturn:
+        self._failed = AuthError(f"{self.role}: authentication failed: {text}")
+        raise self._failed from cause
+
+    def _check_alive(self) -> None:
+        if self._failed is not None:
+            raise AuthError(f"{self.role}: handshake already failed: {self._failed}")
