@@ -1,6 +1,6 @@
 /*
  * kvstore - an in-memory key-value server speaking the Redis protocol
- * (RESP2) over the toyvm network device: PING, SET, GET, DEL, INCR, EXISTS,
+ * (RESP2) over the toyvm network device: PING, ECHO, SET, GET, DEL, INCR, EXISTS,
  * DBSIZE.  redis-cli and redis-benchmark work against it unmodified.
  *
  * Keys and values live in a chained hash table allocated from the heap
@@ -215,6 +215,10 @@ static void handle(int argc, const struct resp_arg *argv)
             reply_bulk(argv[1].p, argv[1].len);
         else
             goto arity;
+    } else if (resp_arg_is(cmd, "echo")) {  /* redis-cli --pipe ends its stream with an ECHO */
+        if (argc != 2)
+            goto arity;
+        reply_bulk(argv[1].p, argv[1].len);
     } else if (resp_arg_is(cmd, "incr")) {
         if (argc != 2)
             goto arity;

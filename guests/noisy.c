@@ -2,7 +2,7 @@
  * noisy - a Redis-protocol server whose answers differ between replicas on
  * purpose (host clock and host randomness): the workload for hybrid (COLO)
  * mode, where the gateway compares the replicas' outputs.
- *   PING [msg]   +PONG (or msg)
+ *   PING [msg]   +PONG (or msg); ECHO msg: msg
  *   TIME         :<host clock, ns since the epoch>
  *   RANDOM [n]   n random bytes (default 16), hex-encoded, as a bulk string
  *   SET k v      +OK (stores nothing)
@@ -50,6 +50,10 @@ static void handle(int argc, const struct resp_arg *argv)
             reply_bulk(argv[1].p, argv[1].len);
         else
             goto arity;
+    } else if (resp_arg_is(cmd, "echo")) {  /* redis-cli --pipe ends its stream with an ECHO */
+        if (argc != 2)
+            goto arity;
+        reply_bulk(argv[1].p, argv[1].len);
     } else if (resp_arg_is(cmd, "time")) {
         if (argc != 1)
             goto arity;
