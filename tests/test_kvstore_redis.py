@@ -472,9 +472,6 @@ def test_request_split_at_every_position(port: int, ns: str) -> None:
             assert r.recv_exact(len(expected)) == expected, cut
 
 
-@pytest.mark.xfail(strict=True, reason="toyvm bug: TcpBridge._read treats a client's half-close (EOF on its write "
-                   "side, as `nc -N` sends after its input) as a full close and drops the socket at once, so replies "
-                   "the guest has not produced yet are thrown away although every command runs")
 def test_half_closed_client_gets_every_reply(port: int, ns: str) -> None:
     n = 20000
     payload = b"".join(encode("SET", f"{ns}h{i}", "x") for i in range(n))

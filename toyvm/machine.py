@@ -385,8 +385,9 @@ class Machine:
         vm.restore_state(payload)
         return vm
 
-    def restore_state(self, payload: dict[str, Any]) -> None:
-        """Apply a saved state. Everything is checked before anything changes."""
+    def check_state(self, payload: dict[str, Any]) -> Any:
+        """Check that a state fits this machine and is well formed, changing nothing; returns the decoded RAM
+        pages (or None when the state carries no RAM)."""
         payload = check_payload(payload)
         m = payload["machine"]
         if not isinstance(m, dict) or m.get("ram_size") != self.ram.size:
@@ -404,6 +405,12 @@ class Machine:
             probe.restore(devices[dev.name])
         probe_uc = Uc(UC_ARCH_X86, UC_MODE_64)
         restore_cpu(probe_uc, payload["cpu"])
+        return pages
+
+    def restore_state(self, payload: dict[str, Any]) -> None:
+        """Apply a saved state (with or without RAM). Everything is checked before anything changes."""
+        pages = self.check_state(payload)
+        m, devices = payload["machine"], payload["devices"]
         if pages is not None:
             idx, data = pages
             self.ram.clear()

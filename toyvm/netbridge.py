@@ -10,6 +10,7 @@ import collections
 import logging
 import selectors
 import socket
+import time
 from dataclasses import dataclass, field
 
 from .devices.net import CLOSE, DATA, OPEN, NetDevice, QueueFull
@@ -18,11 +19,16 @@ log = logging.getLogger("toyvm.net")
 READ_CHUNK = 64 << 10
 
 
+CLOSE_GRACE = 30.0  # seconds a half-closed client waits for the guest to answer its CLOSE
+MAX_CLIENT_OUT = 4 << 20  # unsent reply bytes per client before the bridge stops reading its requests
+
+
 @dataclass
 class _Client:
     sock: socket.socket
     out: bytearray = field(default_factory=bytearray)
     closing: bool = False  # the guest closed it: shut down once `out` is sent
+    eof_at: float | None = None  # the client stopped sending: only replies flow now
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -91,11 +97,31 @@ class TcpBridge:
         if c.closing and not c.out:
             self._drop(conn, notify=False)
             return
-        self._sel.modify(c.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0), conn)
+        # A client that does not read its replies is not read either: its output stays bounded.
+        reading = c.eof_at is None and len(c.out) < MAX_CLIENT_OUT
+        events = (selectors.EVENT_READ if reading else 0) | (selectors.EVENT_WRITE if c.out else 0)
+        self._interest(c.sock, events, conn)
+
+    def _interest(self, sock: socket.socket, events: int, conn: int) -> None:
+        """Watch `sock` for `events`; with none, stop watching it (the next reply re-arms it)."""
+        try:
+            if events:
+                self._sel.modify(sock, events, conn)
+            else:
+                self._sel.unregister(sock)
+        except KeyError:
+            if events:
+                self._sel.register(sock, events, conn)
+
+    def _expire_half_closed(self) -> None:
+        now = time.monotonic()
+        for conn, c in list(self._clients.items()):
+            if c.eof_at is not None and not c.out and now - c.eof_at > CLOSE_GRACE:
+                self._drop(conn, notify=False)
 
     def _drop(self, conn: int, notify: bool) -> None:
         c = self._clients.pop(conn)
-        self._sel.unregister(c.sock)
+        self._interest(c.sock, 0, conn)
         c.sock.close()
         if notify:
             self._deliver(CLOSE, conn)
@@ -105,6 +131,7 @@ class TcpBridge:
         """Move guest output to sockets and socket input to the guest; wait at most `timeout` for activity."""
         self._take_guest_output()
         self._drain_backlog()
+        self._expire_half_closed()
         reading = not self._backlog  # push back: read nothing more until the device took what we hold
         for key, mask in self._sel.select(timeout if reading else min(timeout, 0.001)):
             if key.fileobj is self._listener:
@@ -144,5 +171,11 @@ class TcpBridge:
             data = b""
         if data:
             self._deliver(DATA, conn, data)
+            if len(c.out) >= MAX_CLIENT_OUT:
+                self._flush(conn, c)
         else:
-            self._drop(conn, notify=True)
+            # End of the client's stream: tell the guest, keep the socket for its replies until it answers
+            # with its own CLOSE (or the grace period ends).
+            c.eof_at = time.monotonic()
+            self._deliver(CLOSE, conn)
+            self._flush(conn, c)

@@ -619,8 +619,10 @@ void resp_serve(resp_handler handler)
         case NET_EV_CLOSE: {
             closed_forget(d.conn);
             struct conn *c = conn_find(d.conn);
-            if (c)
+            if (c) {
                 conn_drop(c);
+                net_close(d.conn);      /* answer the client's close: the host may now drop the socket */
+            }
             break;
         }
         default:
