@@ -26,7 +26,7 @@ import hashlib
 import hmac
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import NoReturn
 
 from colo.errors import AuthError, WireError
@@ -89,16 +89,23 @@ class Handshake:
     Any failure raises `AuthError` naming the problem and leaves the handshake failed for good.
     """
 
-    def __init__(self, key: bytes, role: str, peer_role: str, *, nonce: bytes | None = None) -> None:
+    def __init__(self, key: bytes, role: str, peer_role: str | Collection[str], *,
+                 nonce: bytes | None = None) -> None:
+        """`peer_role` is the role the peer must claim, or a collection of acceptable roles (a server
+        that several kinds of peer connect to); `peer_role` then becomes the one the peer claimed."""
         self._key = check_key(key)
-        if role == peer_role:
-            raise ValueError(f"role and peer_role must differ, both are {role!r}")
+        accepted = frozenset([peer_role] if isinstance(peer_role, str) else peer_role)
+        if role in accepted or not accepted:
+            raise ValueError(f"role and peer_role must differ: peer_role must be one or more roles other than "
+                             f"{role!r}, got {peer_role!r}")
         self.role = role
-        self.peer_role = peer_role
+        self._accepted = accepted
+        self.peer_role: str = peer_role if isinstance(peer_role, str) else ""
         # `nonce` is for tests only; real use takes a fresh one from the OS's CSPRNG.
         self._nonce = secrets.token_bytes(NONCE_SIZE) if nonce is None else nonce
         self._challenge = encode_frame(AuthChallenge(role, self._nonce))  # validates role, nonce
-        AuthChallenge(peer_role, self._nonce)  # validate peer_role by the same rule
+        for accepted_role in accepted:
+            AuthChallenge(accepted_role, self._nonce)  # validate peer roles by the same rule
         self._decoder = FrameDecoder(AUTH_MAX_PAYLOAD)
         self._started = False
         self._peer_nonce: bytes | None = None
@@ -155,8 +162,10 @@ class Handshake:
         if self._peer_nonce is None:
             if not isinstance(msg, AuthChallenge):
                 self._fail(f"expected auth-challenge, got {describe(msg)}")
-            if msg.role != self.peer_role:
-                self._fail(f"peer says it is {msg.role!r}, expected {self.peer_role!r}")
+            if msg.role not in self._accepted:
+                wanted = " or ".join(repr(r) for r in sorted(self._accepted))
+                self._fail(f"peer says it is {msg.role!r}, expected {wanted}")
+            self.peer_role = msg.role
             if hmac.compare_digest(msg.nonce, self._nonce):
                 self._fail("peer sent our own nonce back (reflected challenge)")
             self._peer_nonce = msg.nonce

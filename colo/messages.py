@@ -1,15 +1,21 @@
-"""The message vocabulary of the replication link.
+"""The message vocabulary of the replication link, the gateway links and the control link.
 
 The seven checkpoint messages carry QEMU's names exactly (migration/colo.c, COLOMessage):
 checkpoint-ready, checkpoint-request, checkpoint-reply, vmstate-send, vmstate-size,
 vmstate-received, vmstate-loaded. Around them: heartbeat and error, which either side may send;
-vmstate-chunk, our addition, which carries the state bytes inside QEMU's vmstate-send window; and
-auth-challenge / auth-proof, used only by the handshake in `colo.auth`.
+vmstate-chunk, our addition, which carries the state bytes inside QEMU's vmstate-send window;
+initial-chunk and initial-size, our additions, which carry the initial full copy of the VM before
+checkpoint-ready; and auth-challenge / auth-proof, used only by the handshake in `colo.auth`.
+
+Two more vocabularies travel on their own authenticated connections and never through the
+checkpoint state machine: `GATEWAY_MESSAGES` between the gateway and the nodes (network input and
+output, output commit, failover), `CONTROL_MESSAGES` between a control client and the gateway.
 
 Messages are frozen dataclasses that validate their fields on construction, so a message that
 exists is well formed: the wire decoder builds messages through the same constructors and thereby
 rejects ill-typed fields with the same rules. Who may send what, and when, is not decided here:
-that is the transition table in `colo.protocol`.
+that is the transition table in `colo.protocol` for the replication link, and the gateway and
+node code for the other two.
 """
 
 from __future__ import annotations
@@ -25,6 +31,16 @@ from colo.errors import WireError
 NONCE_SIZE = 32  # bytes of a handshake nonce
 MAC_SIZE = 32  # bytes of an HMAC-SHA256 proof
 MAX_ROLE_LENGTH = 32  # characters of a role name in auth-challenge
+MAX_CONN = 2**32 - 1  # connection ids the gateway assigns are u32
+MAX_EVENTS = 100_000  # events in one promoted message
+MAX_INFO_KEYS = 1000  # top-level keys of an info dict
+MAX_INFO_DEPTH = 64  # lists and maps nested inside one info value (msgpack's own limits are higher)
+
+# Network-device events, the `kind` of input, output and every element of `events`.
+KIND_OPEN = 1  # a client connection opened
+KIND_DATA = 2  # bytes on a connection
+KIND_CLOSE = 3  # a connection closed
+EVENT_KINDS = {KIND_OPEN: "open", KIND_DATA: "data", KIND_CLOSE: "close"}
 
 
 class Role(enum.Enum):
@@ -45,6 +61,13 @@ class Trigger(enum.StrEnum):
     MISMATCH = "mismatch"  # hybrid mode: the gateway saw the two VMs' outputs differ
     TIMEOUT = "timeout"  # hybrid mode: output stayed unmatched too long
     MANUAL = "manual"  # an operator asked
+
+
+class ProtectionState(enum.StrEnum):
+    """Whether the primary's VM is replicated to a secondary: the `state` of `protection`."""
+
+    PROTECTED = "protected"  # a secondary holds the last complete checkpoint; output is held
+    UNPROTECTED = "unprotected"  # no secondary: output is released as it comes
 
 
 # One rule per field name, shared by every message that has the field, so "epoch" means the same
@@ -86,6 +109,103 @@ def _role_rule(v: object) -> str | None:
     return None if ok else f"must be 1..{MAX_ROLE_LENGTH} printable ASCII characters, got {v!r}"
 
 
+def _seq_rule(v: object) -> str | None:
+    return None if type(v) is int and v >= 1 else f"must be an int >= 1, got {v!r}"
+
+
+def _kind_rule(v: object) -> str | None:
+    if type(v) is int and v in EVENT_KINDS:
+        return None
+    choices = ", ".join(f"{k} ({name})" for k, name in EVENT_KINDS.items())
+    return f"must be one of {choices}, got {v!r}"
+
+
+def _conn_rule(v: object) -> str | None:
+    ok = type(v) is int and 0 <= v <= MAX_CONN
+    return None if ok else f"must be an int in 0..{MAX_CONN}, got {v!r}"
+
+
+def _protection_rule(v: object) -> str | None:
+    choices = ", ".join(s.value for s in ProtectionState)
+    return None if isinstance(v, ProtectionState) else f"must be one of {choices}, got {v!r}"
+
+
+def _bool_rule(v: object) -> str | None:
+    return None if type(v) is bool else f"must be a bool, got {v!r}"
+
+
+_EVENT_FIELDS = ("seq", "kind", "conn", "data")  # one element of `events`, in this order
+_EVENT_SHAPE = "[seq, kind, conn, data]"
+
+
+def _events_rule(v: object) -> str | None:
+    if type(v) is not list or len(v) > MAX_EVENTS:
+        got = f"{len(v)} events" if type(v) is list else type(v).__name__
+        return f"must be a list of at most {MAX_EVENTS} {_EVENT_SHAPE} lists, got {got}"
+    for i, event in enumerate(v):
+        if type(event) is not list or len(event) != len(_EVENT_FIELDS):
+            got = f"{len(event)} items" if type(event) is list else type(event).__name__
+            return f"has a bad event at index {i}: must be a {_EVENT_SHAPE} list, got {got}"
+        for name, value in zip(_EVENT_FIELDS, event):
+            problem = _FIELD_RULES[name](value)
+            if problem is not None:
+                return f"has a bad event at index {i}: {name!r} {problem}"
+    return None
+
+
+_MSGPACK_INT = range(-(2**63), 2**64)  # what msgpack can encode
+_Path = tuple[Any, object]  # (parent path or None, key or index): where a value sits in an info
+
+
+def _render(path: _Path) -> str:
+    keys: list[object] = []
+    node: _Path | None = path
+    while node is not None:
+        node, key = node
+        keys.append(key)
+    first, *rest = reversed(keys)
+    return repr(first) + "".join(f"[{k!r}]" for k in rest)
+
+
+def _info_rule(v: object) -> str | None:
+    if type(v) is not dict or len(v) > MAX_INFO_KEYS:
+        got = f"{len(v)} keys" if type(v) is dict else type(v).__name__
+        return f"must be a dict of at most {MAX_INFO_KEYS} str keys, got {got}"
+    bad_key = next((k for k in v if type(k) is not str), None)
+    if bad_key is not None:
+        return f"must have str keys, got key {bad_key!r}"
+    # The values: anything msgpack decodes to, and nothing else, so that every info that exists
+    # can be encoded and comes back equal. Checked without recursion (and bounded in depth, which
+    # also stops a cyclic structure): a hostile frame cannot exhaust the Python stack. Paths are
+    # linked (parent, key) pairs, rendered only for an error text.
+    todo: list[tuple[object, _Path, int]] = [(val, (None, key), 1) for key, val in v.items()]
+    while todo:
+        value, path, depth = todo.pop()
+        t = type(value)
+        if value is None or t in (bool, float, str, bytes):
+            continue
+        if t is int and cast(int, value) in _MSGPACK_INT:
+            continue
+        where = f"value at {_render(path)}"
+        if t is int:
+            return f"{where}: int {value} does not fit msgpack's 64 bits"
+        if t is not list and t is not dict:
+            return f"{where}: {t.__name__} is not a msgpack type"
+        if depth > MAX_INFO_DEPTH:
+            return f"{where}: nested deeper than {MAX_INFO_DEPTH} lists and maps"
+        items: list[tuple[object, object]]
+        if t is list:
+            items = list(enumerate(cast(list[object], value)))
+        else:
+            mapping = cast(dict[object, object], value)
+            bad = next((k for k in mapping if type(k) is not str and type(k) is not bytes), None)
+            if bad is not None:
+                return f"{where}: map key {bad!r} is not str or bytes"
+            items = list(mapping.items())
+        todo.extend((item, (path, key), depth + 1) for key, item in items)
+    return None
+
+
 _FIELD_RULES: dict[str, Callable[[object], str | None]] = {
     "epoch": _epoch_rule,
     "size": _size_rule,
@@ -95,7 +215,19 @@ _FIELD_RULES: dict[str, Callable[[object], str | None]] = {
     "role": _role_rule,
     "nonce": _fixed_bytes_rule(NONCE_SIZE),
     "mac": _fixed_bytes_rule(MAC_SIZE),
+    "seq": _seq_rule,
+    "kind": _kind_rule,
+    "conn": _conn_rule,
+    "input_seq": _size_rule,
+    "output_seq": _size_rule,
+    "events": _events_rule,
+    "info": _info_rule,
+    "state": _protection_rule,
+    "ok": _bool_rule,
 }
+
+# Fields whose values travel as strings but live as enums: from_fields converts them.
+_ENUM_FIELDS: dict[str, type[enum.Enum]] = {"trigger": Trigger, "state": ProtectionState}
 
 
 class Message:
@@ -111,9 +243,32 @@ class Message:
                 raise WireError(f"{self.NAME}: field {name!r} {problem}")
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class InitialChunk(Message):
+    """P->S, zero or more times before initial-size: a piece of the initial full copy of the VM.
+
+    Our addition, like vmstate-chunk: QEMU sends the initial copy as an ordinary migration stream
+    before COLO starts; we frame it. It carries no epoch: it comes before the first checkpoint.
+    """
+
+    NAME: ClassVar[str] = "initial-chunk"
+    data: bytes
+
+    def __repr__(self) -> str:  # the whole VM: never dump it into a log
+        return f"InitialChunk(data=<{len(self.data)} bytes>)"
+
+
+@dataclass(frozen=True, slots=True)
+class InitialSize(Message):
+    """P->S, once: the total byte count of the initial-chunk data; the secondary checks it."""
+
+    NAME: ClassVar[str] = "initial-size"
+    size: int
+
+
 @dataclass(frozen=True, slots=True)
 class CheckpointReady(Message):
-    """S->P, once: the secondary holds the full initial copy and is ready for checkpoint `epoch`."""
+    """S->P, once: the secondary applied the initial copy and is ready for checkpoint `epoch`."""
 
     NAME: ClassVar[str] = "checkpoint-ready"
     epoch: int
@@ -220,6 +375,165 @@ class AuthProof(Message):
     mac: bytes
 
 
+# -- the gateway links (gateway <-> primary, gateway <-> secondary) -------------------------------
+# Network events are numbered: the gateway numbers input (`seq` of input), each node numbers the
+# output its VM produces (`seq` of output). Output commit is by these numbers: see
+# docs/protocol.md, "The gateway and control links".
+
+
+@dataclass(frozen=True, slots=True)
+class NodeHello(Message):
+    """Node->gateway, first message after authentication: which node this is, and `info`."""
+
+    NAME: ClassVar[str] = "node-hello"
+    role: str
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus(Message):
+    """Node->gateway, periodically: the node's state in `info`; doubles as its heartbeat."""
+
+    NAME: ClassVar[str] = "node-status"
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Input(Message):
+    """Gateway->node: input event `seq`: open, data or close of client connection `conn`."""
+
+    NAME: ClassVar[str] = "input"
+    seq: int
+    kind: int
+    conn: int
+    data: bytes
+
+    def __repr__(self) -> str:
+        return _event_repr(self, self.seq, self.kind, self.conn, self.data)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Output(Message):
+    """Node->gateway: output event `seq` of the node's VM; the gateway holds it until committed."""
+
+    NAME: ClassVar[str] = "output"
+    seq: int
+    kind: int
+    conn: int
+    data: bytes
+
+    def __repr__(self) -> str:
+        return _event_repr(self, self.seq, self.kind, self.conn, self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class Commit(Message):
+    """Primary->gateway: checkpoint `epoch` is complete: release output, trim the input log."""
+
+    NAME: ClassVar[str] = "commit"
+    epoch: int
+    input_seq: int  # input with seq <= input_seq is inside the checkpoint: drop it from the log
+    output_seq: int  # output with seq <= output_seq is covered: release it to the clients
+
+
+@dataclass(frozen=True, slots=True)
+class Protection(Message):
+    """Primary->gateway: the primary is now protected (has a secondary) or unprotected."""
+
+    NAME: ClassVar[str] = "protection"
+    state: ProtectionState
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointNow(Message):
+    """Gateway->primary: take a checkpoint now, for `trigger` (hybrid mode: mismatch or timeout)."""
+
+    NAME: ClassVar[str] = "checkpoint-now"
+    trigger: Trigger
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverRequest(Message):
+    """Secondary->gateway: the primary is lost (`reason`); promote me."""
+
+    NAME: ClassVar[str] = "failover-request"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Promote(Message):
+    """Gateway->secondary: the primary is fenced; resume from your last complete checkpoint."""
+
+    NAME: ClassVar[str] = "promote"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Promoted(Message):
+    """Secondary->gateway: resumed from checkpoint `epoch`; `events` are the outputs it covers."""
+
+    NAME: ClassVar[str] = "promoted"
+    epoch: int
+    input_seq: int
+    output_seq: int
+    events: list[list[Any]]  # [[seq, kind, conn, data], ...]: outputs with seq <= output_seq
+
+    def __repr__(self) -> str:  # up to 100000 events: never dump them into a log
+        return (
+            f"Promoted(epoch={self.epoch}, input_seq={self.input_seq}, "
+            f"output_seq={self.output_seq}, events=<{len(self.events)} events>)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Fence(Message):
+    """Gateway->node: stop serving now (you are no longer the active node), for `reason`."""
+
+    NAME: ClassVar[str] = "fence"
+    reason: str
+
+
+# -- the control link (control client <-> gateway) -----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest(Message):
+    """Control->gateway: send me the status of the pair (`colo status`)."""
+
+    NAME: ClassVar[str] = "status-request"
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply(Message):
+    """Gateway->control: the status of the gateway and both nodes, in `info`."""
+
+    NAME: ClassVar[str] = "status-reply"
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverCommand(Message):
+    """Control->gateway: an operator forces a failover (`colo failover`), for `reason`."""
+
+    NAME: ClassVar[str] = "failover-command"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult(Message):
+    """Gateway->control: whether the command succeeded (`ok`), and why or why not (`reason`)."""
+
+    NAME: ClassVar[str] = "command-result"
+    ok: bool
+    reason: str
+
+
+def _event_repr(msg: Message, seq: int, kind: int, conn: int, data: bytes) -> str:
+    kind_name = EVENT_KINDS.get(kind, kind)
+    name = type(msg).__name__
+    return f"{name}(seq={seq}, kind={kind_name}, conn={conn}, data=<{len(data)} bytes>)"
+
+
 CHECKPOINT_MESSAGES: tuple[type[Message], ...] = (
     CheckpointReady,
     CheckpointRequest,
@@ -228,6 +542,30 @@ CHECKPOINT_MESSAGES: tuple[type[Message], ...] = (
     VmstateSize,
     VmstateReceived,
     VmstateLoaded,
+)
+
+# The initial full copy, on the replication link before checkpoint-ready.
+INITIAL_MESSAGES: tuple[type[Message], ...] = (InitialChunk, InitialSize)
+
+GATEWAY_MESSAGES: tuple[type[Message], ...] = (
+    NodeHello,
+    NodeStatus,
+    Input,
+    Output,
+    Commit,
+    Protection,
+    CheckpointNow,
+    FailoverRequest,
+    Promote,
+    Promoted,
+    Fence,
+)
+
+CONTROL_MESSAGES: tuple[type[Message], ...] = (
+    StatusRequest,
+    StatusReply,
+    FailoverCommand,
+    CommandResult,
 )
 
 _OTHER_MESSAGES: tuple[type[Message], ...] = (
@@ -239,7 +577,15 @@ _OTHER_MESSAGES: tuple[type[Message], ...] = (
 )
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.NAME: cls for cls in CHECKPOINT_MESSAGES + _OTHER_MESSAGES
+    cls.NAME: cls
+    for group in (
+        CHECKPOINT_MESSAGES,
+        INITIAL_MESSAGES,
+        _OTHER_MESSAGES,
+        GATEWAY_MESSAGES,
+        CONTROL_MESSAGES,
+    )
+    for cls in group
 }
 
 
@@ -282,9 +628,10 @@ def from_fields(name: object, fields: Mapping[str, object]) -> Message:
         )
         raise WireError(f"{name}: bad fields: {'; '.join(parts)}")
     values = dict(fields)
-    if "trigger" in values:
-        try:
-            values["trigger"] = Trigger(cast(str, values["trigger"]))
-        except (ValueError, TypeError):
-            pass  # leave it as it came: the field rule then names the bad value
+    for name, enum_type in _ENUM_FIELDS.items():
+        if name in values:
+            try:
+                values[name] = enum_type(values[name])
+            except (ValueError, TypeError):
+                pass  # leave it as it came: the field rule then names the bad value
     return cls(**values)

@@ -4,6 +4,9 @@
     proto.receive_data(b)    bytes read; b"" = the peer closed the stream
     proto.next_event()       -> Message | ConnectionClosed | None (None: need more bytes)
 
+Before the first checkpoint the primary sends the whole VM (initial-chunk ..., initial-size),
+as QEMU's initial migration does; only once the secondary has it does it send checkpoint-ready.
+
 Both sides walk through the same states, because both apply the one table below: a side applies
 it to what it sends (sender = its own role) and to what it receives (sender = the peer's role).
 In every live state exactly one side may move the checkpoint forward; the other may only send a
@@ -30,6 +33,8 @@ from colo.messages import (
     CheckpointRequest,
     ErrorMessage,
     Heartbeat,
+    InitialChunk,
+    InitialSize,
     Message,
     Role,
     VmstateChunk,
@@ -39,18 +44,21 @@ from colo.messages import (
     VmstateSize,
     describe,
     epoch_of,
+    field_names,
 )
 from colo.wire import MAX_PAYLOAD, FrameDecoder, check_max_payload, encode_frame
 
-# The largest state one checkpoint may carry by default: above any RAM size toyvm supports plus
-# lz4's worst-case growth, but finite, so a runaway peer cannot make the secondary stage forever.
+# The largest state one checkpoint (or the initial copy) may carry by default: above any RAM size
+# toyvm supports plus lz4's worst-case growth, but finite, so a runaway peer cannot make the
+# secondary stage forever.
 MAX_STATE_BYTES = 16 * 1024**3
 
 
 class State(enum.Enum):
     """Where the conversation is. Names describe the last step taken, by either side."""
 
-    WAIT_READY = "WAIT_READY"  # connected; the secondary has not said checkpoint-ready yet
+    WAIT_READY = "WAIT_READY"  # connected; initial-chunk data flows until initial-size
+    INITIAL_RECEIVED = "INITIAL_RECEIVED"  # the initial copy arrived whole; secondary applies it
     IDLE = "IDLE"  # between checkpoints: the primary's VM runs
     REQUESTED = "REQUESTED"  # checkpoint-request sent; waiting for checkpoint-reply
     REPLIED = "REPLIED"  # checkpoint-reply sent; waiting for vmstate-send
@@ -65,7 +73,9 @@ PRIMARY, SECONDARY = Role.PRIMARY, Role.SECONDARY
 
 # (state, who sends, message) -> next state: the whole checkpoint conversation, in order.
 CHECKPOINT_TRANSITIONS: dict[tuple[State, Role, type[Message]], State] = {
-    (State.WAIT_READY, SECONDARY, CheckpointReady): State.IDLE,
+    (State.WAIT_READY, PRIMARY, InitialChunk): State.WAIT_READY,
+    (State.WAIT_READY, PRIMARY, InitialSize): State.INITIAL_RECEIVED,
+    (State.INITIAL_RECEIVED, SECONDARY, CheckpointReady): State.IDLE,
     (State.IDLE, PRIMARY, CheckpointRequest): State.REQUESTED,
     (State.REQUESTED, SECONDARY, CheckpointReply): State.REPLIED,
     (State.REPLIED, PRIMARY, VmstateSend): State.SENDING,
@@ -109,6 +119,7 @@ class ProtocolSide:
       completed_epoch  the last epoch whose state arrived whole and verified (vmstate-received)
       loaded_epoch     the last epoch the secondary applied (vmstate-loaded)
       vmstate_bytes    vmstate-chunk bytes seen so far in the current epoch
+      initial_bytes    initial-chunk bytes seen so far (after initial-size: the whole initial copy)
     """
 
     ROLE: ClassVar[Role]
@@ -141,6 +152,7 @@ class ProtocolSide:
         self.completed_epoch = first_epoch - 1
         self.loaded_epoch = first_epoch - 1
         self.vmstate_bytes = 0
+        self.initial_bytes = 0
         self._why_error = ""
         self._peer_closed = False
         self._closed_event: ConnectionClosed | None = None
@@ -208,6 +220,20 @@ class ProtocolSide:
             raise self._unexpected(sender, msg)
         if isinstance(msg, VmstateSend):
             self.vmstate_bytes = 0
+        elif isinstance(msg, InitialChunk):
+            if self.initial_bytes + len(msg.data) > self.max_state_bytes:
+                raise self._error(
+                    sender,
+                    f"at most {self.max_state_bytes} bytes of initial state",
+                    f"{self.initial_bytes + len(msg.data)} bytes of initial-chunk",
+                )
+            self.initial_bytes += len(msg.data)
+        elif isinstance(msg, InitialSize) and msg.size != self.initial_bytes:
+            raise self._error(
+                sender,
+                f"initial-size {self.initial_bytes} (the bytes of initial-chunk data sent)",
+                f"initial-size {msg.size}",
+            )
         elif isinstance(msg, VmstateChunk):
             if self.vmstate_bytes + len(msg.data) > self.max_state_bytes:
                 raise self._error(
@@ -236,7 +262,10 @@ class ProtocolSide:
         legal = [(who, cls) for (st, who, cls) in CHECKPOINT_TRANSITIONS if st is self.state]
         senders = sorted({who.value for who, _ in legal})
         names = " or ".join(cls.NAME for _, cls in legal)
-        expected = f"{names} for epoch {self.epoch} from the {' or '.join(senders)}"
+        # "for epoch N" only where what is expected carries one (not the initial copy)
+        with_epoch = any("epoch" in field_names(cls) for _, cls in legal)
+        epoch = f" for epoch {self.epoch}" if with_epoch else ""
+        expected = f"{names}{epoch} from the {' or '.join(senders)}"
         return self._error(sender, expected, f"{describe(msg)} from the {sender.value}")
 
     def _error(self, sender: Role, expected: str, got: str) -> ProtocolError:
@@ -267,7 +296,8 @@ class ProtocolSide:
 
 
 class PrimaryProtocol(ProtocolSide):
-    """The primary's side: sends checkpoint-request, vmstate-send, vmstate-chunk, vmstate-size."""
+    """The primary's side: sends initial-chunk, initial-size, then per checkpoint
+    checkpoint-request, vmstate-send, vmstate-chunk, vmstate-size."""
 
     ROLE = Role.PRIMARY
 

@@ -1,0 +1,439 @@
+"""`colo`: run the gateway, the primary and the secondary (each may be on its own host), or all three locally."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from colo.auth import generate_key, load_key
+from colo.errors import ColoError
+from colo.link import Link, authenticate, connect
+from colo.messages import CommandResult, FailoverCommand, StatusReply, StatusRequest
+from colo.node import DEFAULT_HEARTBEAT_TIMEOUT
+from toyvm.errors import ToyVMError
+from toyvm.netbridge import parse_address
+from toyvm.ram import parse_size
+
+EXIT_ERROR = 2
+
+
+def run_dir() -> Path:
+    """Where `colo up` keeps its key and addresses, so `colo status` needs no arguments on this host."""
+    base = os.environ.get("COLO_RUN_DIR") or os.path.join(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(),
+                                                         f"colo-{os.getuid()}")
+    return Path(base)
+
+
+def _address(text: str) -> tuple[str, int]:
+    try:
+        return parse_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _key(args: argparse.Namespace) -> bytes:
+    if getattr(args, "key_file", None):
+        return load_key(args.key_file)
+    if os.environ.get("COLO_KEY"):
+        return load_key()
+    up = run_dir() / "key"
+    if up.exists():
+        return load_key(up)
+    return load_key()  # raises: names both ways to give a key
+
+
+def _write_ready(path: str | None, info: dict[str, Any]) -> None:
+    if path:
+        tmp = Path(path + ".tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(path)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-file", help="shared key file (else $COLO_KEY, else the key of `colo up` on this host)")
+    p.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT, metavar="S",
+                   help=f"a peer silent this long is lost (default {DEFAULT_HEARTBEAT_TIMEOUT} s)")
+    p.add_argument("--trace", action="store_true", help="print every protocol message with a timestamp")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
+    p.add_argument("--ready-file", help=argparse.SUPPRESS)  # `colo up` learns the chosen ports from it
+
+
+def _vm_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ram", default="64M", help="guest RAM, e.g. 64M or 1G (default 64M)")
+    p.add_argument("--cmdline", default="", help="command line passed to the guest")
+    p.add_argument("--interval", type=float, default=100.0, metavar="MS",
+                   help="checkpoint interval in milliseconds (default 100)")
+    p.add_argument("--stats", metavar="FILE", help="append one JSON line per checkpoint to FILE")
+    p.add_argument("--hooks", choices=("auto", "python", "native"), default=None,
+                   help="toyvm hook engine (default: native when a C compiler exists)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="colo", description="COLO-style replication of toyvm guests: "
+                                     "a gateway, a primary and a secondary, each may run on its own host.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("gateway", help="run the gateway (client-facing network and failover witness)",
+                       description="Own the client sockets, hold output until checkpoints cover it, decide "
+                                   "which node is active.")
+    g.add_argument("--listen", type=_address, default=("127.0.0.1", 0), metavar="HOST:PORT",
+                   help="where nodes and control commands connect (default 127.0.0.1:0)")
+    g.add_argument("--service", type=_address, default=("127.0.0.1", 0), metavar="HOST:PORT",
+                   help="where clients of the guest connect (default 127.0.0.1:0)")
+    _common(g)
+
+    p = sub.add_parser("primary", help="run the primary VM and checkpoint it to the secondary",
+                       description="Boot GUEST, serve it through the gateway, checkpoint it to the secondary.")
+    p.add_argument("guest", help="guest image (flat binary or ELF64)")
+    p.add_argument("--gateway", type=_address, required=True, metavar="HOST:PORT", help="the gateway's --listen")
+    p.add_argument("--secondary", type=_address, metavar="HOST:PORT",
+                   help="the secondary's --listen (without it the primary runs unprotected)")
+    _vm_options(p)
+    _common(p)
+
+    s = sub.add_parser("secondary", help="run the secondary: receive checkpoints, take over on failover",
+                       description="Wait for the primary, stage and apply its checkpoints, take over when the "
+                                   "gateway promotes us.")
+    s.add_argument("--listen", type=_address, default=("127.0.0.1", 0), metavar="HOST:PORT",
+                   help="where the primary connects (default 127.0.0.1:0)")
+    s.add_argument("--gateway", type=_address, required=True, metavar="HOST:PORT", help="the gateway's --listen")
+    s.add_argument("--hooks", choices=("auto", "python", "native"), default=None, help="toyvm hook engine")
+    _common(s)
+
+    u = sub.add_parser("up", help="start gateway, secondary and primary locally; Ctrl-C stops them",
+                       description="Start the three roles as separate local processes with a fresh key.")
+    u.add_argument("guest", help="guest image (flat binary or ELF64)")
+    u.add_argument("--service", type=_address, default=("127.0.0.1", 0), metavar="HOST:PORT",
+                   help="where clients connect (default: a free port on 127.0.0.1)")
+    _vm_options(u)
+    _common(u)
+
+    st = sub.add_parser("status", help="show each role, its state and checkpoints",
+                        description="Ask the gateway for the state of every role.")
+    st.add_argument("--gateway", type=_address, metavar="HOST:PORT", help="default: the `colo up` on this host")
+    st.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    st.add_argument("--key-file", help="shared key file (default: as for the other commands)")
+
+    f = sub.add_parser("failover", help="force a failover to the secondary now",
+                       description="Fence the primary and promote the secondary.")
+    f.add_argument("--gateway", type=_address, metavar="HOST:PORT", help="default: the `colo up` on this host")
+    f.add_argument("--key-file", help="shared key file")
+    f.add_argument("--reason", default="operator request", help="recorded with the failover")
+
+    d = sub.add_parser("demo", help="the key-value guest survives a SIGKILLed primary (no arguments needed)",
+                       description="Replicate the key-value guest, write to it, kill the primary, check that no "
+                                   "acknowledged write was lost.")
+    d.add_argument("--seconds", type=float, default=12.0, help="how long the client workload runs (default 12)")
+    d.add_argument("--clients", type=int, default=8, help="concurrent writers (default 8)")
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace, role: str) -> None:
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format=f"colo {role}: %(message)s", stream=sys.stderr)
+
+
+def _on_term(handler: Any) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args, args.command)
+    try:
+        if args.command == "gateway":
+            return cmd_gateway(args)
+        if args.command == "primary":
+            return cmd_primary(args)
+        if args.command == "secondary":
+            return cmd_secondary(args)
+        if args.command == "up":
+            return cmd_up(args)
+        if args.command == "status":
+            return cmd_status(args)
+        if args.command == "failover":
+            return cmd_failover(args)
+        if args.command == "demo":
+            from colo.demo import run_demo
+            return run_demo(args)
+    except (ColoError, ToyVMError, OSError, ValueError) as e:
+        print(f"colo {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_ERROR
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from colo.gateway import Gateway, GatewayConfig
+    gw = Gateway(GatewayConfig(_key(args), args.listen, args.service, args.heartbeat_timeout, args.trace))
+    _on_term(lambda *_: gw.stop())
+    print(f"colo gateway: nodes and control on {gw.listen_address[0]}:{gw.listen_address[1]}, "
+          f"clients on {gw.service_address[0]}:{gw.service_address[1]}", file=sys.stderr, flush=True)
+    _write_ready(args.ready_file, {"listen": list(gw.listen_address), "service": list(gw.service_address),
+                                   "pid": os.getpid()})
+    gw.run()
+    return 0
+
+
+def cmd_primary(args: argparse.Namespace) -> int:
+    from colo.primary import PrimaryConfig, PrimaryNode
+    cfg = PrimaryConfig(key=_key(args), gateway=args.gateway, heartbeat_timeout=args.heartbeat_timeout,
+                        trace=args.trace, hooks=args.hooks, guest=args.guest, ram=parse_size(args.ram),
+                        cmdline=args.cmdline, secondary=args.secondary, interval=args.interval / 1000,
+                        stats=args.stats)
+    if cfg.interval <= 0:
+        raise ValueError("--interval must be positive")
+    node = PrimaryNode(cfg)
+    _on_term(lambda *_: _raise_stop())
+    try:
+        return node.run()
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_secondary(args: argparse.Namespace) -> int:
+    from colo.secondary import SecondaryConfig, SecondaryNode
+
+    def ready(address: tuple[str, int]) -> None:
+        print(f"colo secondary: waiting for the primary on {address[0]}:{address[1]}", file=sys.stderr, flush=True)
+        _write_ready(args.ready_file, {"listen": list(address), "pid": os.getpid()})
+
+    cfg = SecondaryConfig(key=_key(args), gateway=args.gateway, heartbeat_timeout=args.heartbeat_timeout,
+                          trace=args.trace, hooks=args.hooks, listen=args.listen, on_listening=ready)
+    node = SecondaryNode(cfg)
+    _on_term(lambda *_: _raise_stop())
+    try:
+        return node.run()
+    except KeyboardInterrupt:
+        return 0
+
+
+def _raise_stop() -> None:
+    raise KeyboardInterrupt
+
+
+# -- control commands ----------------------------------------------------------------------------------------
+def _control(args: argparse.Namespace) -> Link:
+    address = args.gateway
+    if address is None:
+        up = run_dir() / "up.json"
+        if not up.exists():
+            raise ColoError(f"no --gateway given and no `colo up` is running on this host ({up} not found)")
+        address = tuple(json.loads(up.read_text())["gateway"])
+    sock = connect(address)
+    hs = authenticate(sock, _key(args), "control", "gateway")
+    return Link(sock, hs, name="gateway")
+
+
+def _ask(link: Link, request: Any, reply_type: type, timeout: float = 5.0) -> Any:
+    link.send(request)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ev = link.get(timeout=deadline - time.monotonic())
+        if isinstance(ev, reply_type):
+            return ev
+        if ev is not None and not hasattr(ev, "NAME"):
+            raise ColoError(f"the gateway closed the connection: {ev!r}")
+    raise ColoError(f"no answer from the gateway within {timeout:.0f} s")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    link = _control(args)
+    try:
+        reply: StatusReply = _ask(link, StatusRequest(), StatusReply)
+    finally:
+        link.close()
+    info = reply.info
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+        return 0
+    print(format_status(info))
+    return 0
+
+
+def format_status(info: dict[str, Any]) -> str:
+    g = info["gateway"]
+    lines = [f"{'role':<10} {'pid':>7}  {'address':<21} {'state':<24} {'epoch':>6} {'checkpoints':>11}  triggers",
+             f"{'gateway':<10} {g['pid']:>7}  {g['listen']:<21} {'clients on ' + g['service']:<24} "
+             f"{'':>6} {'':>11}"]
+    for role in ("primary", "secondary"):
+        n = info["nodes"].get(role, {})
+        if not n.get("connected"):
+            lines.append(f"{role:<10} {'-':>7}  {'-':<21} {'not connected':<24}")
+            continue
+        state = n.get("state", "?") + (" [active]" if n.get("active") else "")
+        triggers = ", ".join(f"{k} {v}" for k, v in sorted(n.get("triggers", {}).items()))
+        lines.append(f"{role:<10} {n.get('pid', '?'):>7}  {n.get('address', '?'):<21} {state:<24} "
+                     f"{n.get('epoch', 0):>6} {n.get('checkpoints', '-'):>11}  {triggers}")
+    lines.append(f"gateway: {g['clients']} clients, input seq {g['input_seq']}, output released up to "
+                 f"{g['released_output_seq']}, {g['held_outputs']} held, {g['logged_inputs']} inputs logged")
+    for ev in info.get("events", [])[-5:]:
+        details = ", ".join(f"{k}={v}" for k, v in ev.items() if k not in ("time", "event"))
+        lines.append(f"  {time.strftime('%H:%M:%S', time.localtime(ev['time']))} {ev['event']} {details}")
+    return "\n".join(lines)
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    link = _control(args)
+    try:
+        res: CommandResult = _ask(link, FailoverCommand(args.reason), CommandResult)
+    finally:
+        link.close()
+    print(f"colo failover: {res.reason}", file=sys.stderr if not res.ok else sys.stdout)
+    return 0 if res.ok else 1
+
+
+# -- colo up ---------------------------------------------------------------------------------------------------
+class LocalCluster:
+    """The three roles as local processes, sharing a fresh key; used by `colo up`, the demo and the tests."""
+
+    def __init__(self, guest: str, *, ram: str = "64M", cmdline: str = "", interval_ms: float = 100.0,
+                 service: tuple[str, int] = ("127.0.0.1", 0), stats: str | None = None, trace: bool = False,
+                 heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT, hooks: str | None = None,
+                 directory: Path | None = None, env: dict[str, dict[str, str]] | None = None,
+                 verbose: bool = False) -> None:
+        self.dir = directory or Path(tempfile.mkdtemp(prefix="colo-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.key_file = self.dir / "key"
+        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(generate_key())
+        self.guest, self.ram, self.cmdline, self.interval_ms = guest, ram, cmdline, interval_ms
+        self.service, self.stats, self.trace, self.hooks = service, stats, trace, hooks
+        self.heartbeat_timeout = heartbeat_timeout
+        self.env = env or {}
+        self.verbose = verbose
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.gateway: tuple[str, int] = ("", 0)
+        self.service_address: tuple[str, int] = ("", 0)
+        self.secondary_address: tuple[str, int] = ("", 0)
+
+    def _spawn(self, role: str, *args: str, stderr: Any = None) -> subprocess.Popen[bytes]:
+        common = ["--key-file", str(self.key_file), "--heartbeat-timeout", str(self.heartbeat_timeout),
+                  "--ready-file", str(self.dir / f"{role}.json")]
+        if self.trace:
+            common.append("--trace")
+        if self.verbose:
+            common.append("-v")
+        env = dict(os.environ)
+        env.pop("COLO_FAULT", None)
+        env.update(self.env.get(role, {}))
+        proc = subprocess.Popen([sys.executable, "-m", "colo", role, *args, *common], env=env, stderr=stderr,
+                                start_new_session=True)
+        self.procs[role] = proc
+        return proc
+
+    def _wait_ready(self, role: str, timeout: float = 30.0) -> dict[str, Any]:
+        path = self.dir / f"{role}.json"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if path.exists():
+                return dict(json.loads(path.read_text()))
+            if self.procs[role].poll() is not None:
+                raise ColoError(f"the {role} exited with status {self.procs[role].returncode} while starting")
+            time.sleep(0.02)
+        raise ColoError(f"the {role} did not start within {timeout:.0f} s")
+
+    def start(self, stderr: Any = None) -> None:
+        self._spawn("gateway", "--service", "%s:%d" % self.service, stderr=stderr)
+        g = self._wait_ready("gateway")
+        self.gateway, self.service_address = tuple(g["listen"]), tuple(g["service"])  # type: ignore[assignment]
+        gw = "%s:%d" % self.gateway
+        sec = ["--gateway", gw]
+        if self.hooks:
+            sec += ["--hooks", self.hooks]
+        self._spawn("secondary", *sec, stderr=stderr)
+        self.secondary_address = tuple(self._wait_ready("secondary")["listen"])  # type: ignore[assignment]
+        prim = [self.guest, "--gateway", gw, "--secondary", "%s:%d" % self.secondary_address, "--ram", self.ram,
+                "--cmdline", self.cmdline, "--interval", str(self.interval_ms)]
+        if self.stats:
+            prim += ["--stats", self.stats]
+        if self.hooks:
+            prim += ["--hooks", self.hooks]
+        self._spawn("primary", *prim, stderr=stderr)
+
+    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        sock = connect(self.gateway)
+        link = Link(sock, authenticate(sock, load_key(self.key_file), "control", "gateway"), name="gateway")
+        try:
+            return dict(_ask(link, StatusRequest(), StatusReply, timeout).info)
+        finally:
+            link.close()
+
+    def wait_protected(self, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.status()
+            if info["gateway"]["protected"] and info["nodes"]["primary"].get("checkpoints", 0) >= 1:
+                return info
+            for role, p in self.procs.items():
+                if p.poll() is not None:
+                    raise ColoError(f"the {role} exited with status {p.returncode}")
+            time.sleep(0.05)
+        raise ColoError(f"the primary was not protected within {timeout:.0f} s")
+
+    def kill(self, role: str, sig: int = signal.SIGKILL) -> None:
+        self.procs[role].send_signal(sig)
+
+    def stop(self, timeout: float = 5.0) -> dict[str, int | None]:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes: dict[str, int | None] = {}
+        for role, p in self.procs.items():
+            try:
+                codes[role] = p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes[role] = p.wait()
+        return codes
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    d = run_dir()
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    cluster = LocalCluster(args.guest, ram=args.ram, cmdline=args.cmdline, interval_ms=args.interval,
+                           service=args.service, stats=args.stats, trace=args.trace,
+                           heartbeat_timeout=args.heartbeat_timeout, hooks=args.hooks, directory=d,
+                           verbose=args.verbose)
+    stopping: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stopping.append(signum)
+
+    _on_term(on_signal)
+    try:
+        cluster.start()
+        up = {"gateway": list(cluster.gateway), "service": list(cluster.service_address),
+              "pids": {r: p.pid for r, p in cluster.procs.items()}, "key_file": str(cluster.key_file),
+              "stats": args.stats}
+        _write_ready(str(d / "up.json"), up)
+        host, port = cluster.service_address
+        print(f"colo up: {Path(args.guest).name} is replicated; clients connect to {host}:{port}\n"
+              f"  e.g. redis-cli -p {port} PING      (kvstore)\n"
+              f"  colo status   shows the roles; colo failover forces a failover; Ctrl-C stops everything",
+              flush=True)
+        while not stopping:
+            if cluster.procs["gateway"].poll() is not None:
+                print("colo up: the gateway exited", file=sys.stderr)
+                break
+            time.sleep(0.2)
+    finally:
+        codes = cluster.stop()
+        (d / "up.json").unlink(missing_ok=True)
+        print(f"colo up: stopped ({', '.join(f'{r} {c}' for r, c in codes.items())})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
