@@ -1,5 +1,5 @@
 /* Optional native hooks for toyvm, loaded with ctypes (not a Python extension).
- * The pure-Python hooks in toyvm/tracking.py do the same work and stay the reference; these exist because a
+ * The pure-Python hooks in toyvm/machine.py do the same work and stay the reference; these exist because a
  * Python TLB-fill hook costs ~1.75 us per fill and exact time slicing in Python needs a per-block hook. */
 #include <stdbool.h>
 #include <stdint.h>
