@@ -219,3 +219,19 @@ def test_load_key_from_environment() -> None:
         load_key(environ={"COLO_KEY": "abc"})
     with pytest.raises(AuthError, match="no key: pass a key file or set the COLO_KEY"):
         load_key(environ={})
+
+
+def test_a_server_may_accept_several_peer_roles() -> None:
+    server = Handshake(KEY, "gateway", ("primary", "control"))
+    client = Handshake(KEY, "control", "gateway")
+    a, b = server.start(), client.start()
+    out_server = server.receive_data(b)
+    out_client = client.receive_data(a)
+    client.receive_data(out_server)
+    server.receive_data(out_client)
+    assert server.done and client.done and server.peer_role == "control"
+    intruder = Handshake(KEY, "secondary", "gateway")
+    other = Handshake(KEY, "gateway", ("primary", "control"))
+    other.start()
+    with pytest.raises(AuthError, match="peer says it is 'secondary', expected 'control' or 'primary'"):
+        other.receive_data(intruder.start())

@@ -14,6 +14,8 @@ from colo.messages import (
     CheckpointRequest,
     ErrorMessage,
     Heartbeat,
+    InitialChunk,
+    InitialSize,
     Role,
     Trigger,
     VmstateChunk,
@@ -38,7 +40,8 @@ def test_checkpoint_names_are_qemus() -> None:
 
 
 def test_mapping_is_a_bijection() -> None:
-    assert {"heartbeat", "error", "vmstate-chunk"} <= MESSAGE_TYPES.keys()
+    extras = {"heartbeat", "error", "vmstate-chunk", "initial-chunk", "initial-size"}
+    assert extras <= MESSAGE_TYPES.keys()
     for name, cls in MESSAGE_TYPES.items():
         assert cls.NAME == name
     assert len(set(MESSAGE_TYPES.values())) == len(MESSAGE_TYPES)
@@ -95,3 +98,15 @@ def test_describe_and_roles() -> None:
     assert describe(Heartbeat()) == "heartbeat"
     assert Role.PRIMARY.peer is Role.SECONDARY and Role.SECONDARY.peer is Role.PRIMARY
     assert "100 bytes" in repr(VmstateChunk(1, bytes(100)))  # never dumps the data
+
+
+def test_the_initial_copy_messages() -> None:
+    assert field_names(InitialChunk) == ("data",) and field_names(InitialSize) == ("size",)
+    assert repr(InitialChunk(b"secret" * 1000)) == "InitialChunk(data=<6000 bytes>)"
+    assert describe(InitialChunk(b"x")) == "initial-chunk"  # no epoch: before the first one
+    assert describe(InitialSize(5)) == "initial-size"
+    assert from_fields("initial-size", {"size": 5}) == InitialSize(5)
+    with pytest.raises(WireError, match="initial-size: field 'size' must be an int >= 0, got True"):
+        InitialSize(True)
+    with pytest.raises(WireError, match="initial-chunk: field 'data' must be bytes, got memory"):
+        InitialChunk(memoryview(b"x"))  # type: ignore[arg-type]

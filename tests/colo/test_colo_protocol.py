@@ -1,9 +1,10 @@
 """The checkpoint state machines, two of them joined by an in-memory link.
 
 Legal runs: every interleaving a hypothesis run can find (deliveries cut at arbitrary byte
-boundaries, state cut into arbitrary chunks, heartbeats anywhere). Illegal runs: every message
-from every role in every state that the table does not allow, wrong epochs, size mismatches;
-each error must name what was expected and what came, and leave the side in ERROR for good.
+boundaries, the initial copy and each state cut into arbitrary chunks, heartbeats anywhere).
+Illegal runs: every message from every role in every state that the table does not allow, wrong
+epochs, size mismatches, the initial copy out of place; each error must name what was expected
+and what came, and leave the side in ERROR for good.
 """
 
 from __future__ import annotations
@@ -23,16 +24,25 @@ from colo.messages import (
     CheckpointReady,
     CheckpointReply,
     CheckpointRequest,
+    Commit,
     ErrorMessage,
     Heartbeat,
+    InitialChunk,
+    InitialSize,
+    Input,
     Message,
+    NodeHello,
+    Protection,
+    ProtectionState,
     Role,
+    StatusRequest,
     Trigger,
     VmstateChunk,
     VmstateLoaded,
     VmstateReceived,
     VmstateSend,
     VmstateSize,
+    describe,
     field_names,
 )
 from colo.protocol import (
@@ -108,6 +118,10 @@ class Link:
         return self.primary.state, self.secondary.state
 
 
+def initial_copy(data: bytes = b"the whole vm") -> list[tuple[Role, Message]]:
+    return [(P, InitialChunk(data)), (P, InitialSize(len(data)))]
+
+
 def one_checkpoint(epoch: int, data: bytes = b"abc") -> list[tuple[Role, Message]]:
     return [
         (P, CheckpointRequest(epoch, Trigger.TIMER)),
@@ -125,6 +139,10 @@ def drive_to(state: State, *, full_checkpoints: int = 0) -> Link:
     link = Link()
     if state is State.WAIT_READY:
         return link
+    for who, msg in initial_copy():
+        link.step(who, msg)
+    if state is State.INITIAL_RECEIVED:
+        return link
     link.step(S, CheckpointReady(1))
     for epoch in range(1, full_checkpoints + 1):
         for who, msg in one_checkpoint(epoch):
@@ -141,6 +159,8 @@ def message_for(cls: type[Message], side: ProtocolSide) -> Message:
     """An instance of `cls` with the epoch (and size) the side expects: only the type is wrong."""
     e = side.epoch
     makers: dict[type[Message], Callable[[], Message]] = {
+        InitialChunk: lambda: InitialChunk(b"x"),
+        InitialSize: lambda: InitialSize(side.initial_bytes),
         CheckpointReady: lambda: CheckpointReady(e),
         CheckpointRequest: lambda: CheckpointRequest(e),
         CheckpointReply: lambda: CheckpointReply(e),
@@ -154,6 +174,8 @@ def message_for(cls: type[Message], side: ProtocolSide) -> Message:
 
 
 CONVERSATION = [
+    InitialChunk,
+    InitialSize,
     CheckpointReady,
     CheckpointRequest,
     CheckpointReply,
@@ -167,6 +189,13 @@ CONVERSATION = [
 
 def expected_names(state: State) -> str:
     return " or ".join(cls.NAME for (st, _, cls) in CHECKPOINT_TRANSITIONS if st is state)
+
+
+def expected_text(state: State, epoch: int) -> str:
+    """What a side in `state` names as expected: the epoch, unless only the initial copy is."""
+    if state is State.WAIT_READY:
+        return "expected initial-chunk or initial-size from the primary"
+    return f"expected {expected_names(state)} for epoch {epoch}"
 
 
 def assert_stuck_in_error(side: ProtocolSide) -> None:
@@ -195,13 +224,17 @@ def test_full_checkpoints_for_several_epochs() -> None:
 
 
 def test_state_progression_is_the_documented_one() -> None:
-    link = drive_to(State.IDLE)
+    link = Link()
+    assert link.states() == (State.WAIT_READY, State.WAIT_READY)
     seen = []
-    for who, msg in one_checkpoint(1):
+    for who, msg in [*initial_copy(), (S, CheckpointReady(1)), *one_checkpoint(1)]:
         link.step(who, msg)
         seen.append(link.states()[0])
         assert link.states()[0] is link.states()[1]
     assert seen == [
+        State.WAIT_READY,
+        State.INITIAL_RECEIVED,
+        State.IDLE,
         State.REQUESTED,
         State.REPLIED,
         State.SENDING,
@@ -210,6 +243,36 @@ def test_state_progression_is_the_documented_one() -> None:
         State.RECEIVED,
         State.IDLE,
     ]
+
+
+def test_initial_copy_in_several_chunks() -> None:
+    link = Link()
+    pieces = [b"pages", b"", b"cpu", b"devices"]
+    for piece in pieces:
+        link.step(P, InitialChunk(piece))
+        assert link.states() == (State.WAIT_READY, State.WAIT_READY)
+    assert link.primary.initial_bytes == link.secondary.initial_bytes == 15
+    link.step(P, InitialSize(15))
+    assert link.states() == (State.INITIAL_RECEIVED, State.INITIAL_RECEIVED)
+    link.step(S, CheckpointReady(1))
+    assert link.states() == (State.IDLE, State.IDLE)
+    # the initial copy is not a checkpoint: no epoch completed, none loaded, none used up
+    for side in link.sides.values():
+        assert (side.epoch, side.completed_epoch, side.loaded_epoch) == (1, 0, 0)
+        assert side.vmstate_bytes == 0
+
+
+def test_initial_bytes_stay_while_checkpoints_count_their_own() -> None:
+    link = drive_to(State.IDLE, full_checkpoints=2)
+    for side in link.sides.values():
+        assert side.initial_bytes == len(b"the whole vm")
+        assert side.vmstate_bytes == len(b"abc")
+
+
+def test_empty_initial_copy_is_a_zero_byte_state() -> None:
+    link = Link()
+    link.step(P, InitialSize(0))
+    assert link.states() == (State.INITIAL_RECEIVED, State.INITIAL_RECEIVED)
 
 
 def test_completed_before_loaded() -> None:
@@ -228,15 +291,42 @@ def test_no_chunks_is_a_zero_byte_state() -> None:
 @pytest.mark.parametrize("who", [P, S])
 def test_heartbeat_in_every_live_state_changes_nothing(state: State, who: Role) -> None:
     link = drive_to(state)
-    before = (link.states(), link.primary.epoch, link.secondary.vmstate_bytes)
+
+    def snapshot() -> tuple[object, ...]:
+        sec = link.secondary
+        return (link.states(), link.primary.epoch, sec.vmstate_bytes, sec.initial_bytes)
+
+    before = snapshot()
     for _ in range(3):
         link.step(who, Heartbeat())
-    assert (link.states(), link.primary.epoch, link.secondary.vmstate_bytes) == before
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize("state", LIVE_STATES)
+@pytest.mark.parametrize("who", [P, S])
+def test_error_in_every_live_state_ends_both_sides(state: State, who: Role) -> None:
+    link = drive_to(state)
+    link.send(who, ErrorMessage("giving up"))
+    assert link.sides[who].state is State.ERROR
+    assert link.deliver(who.peer) == [ErrorMessage("giving up")]
+    assert_stuck_in_error(link.sides[who.peer])
+
+
+def test_one_side_moves_the_conversation_in_each_live_state() -> None:
+    for state in LIVE_STATES:
+        movers = {who for (st, who, _) in CHECKPOINT_TRANSITIONS if st is state}
+        assert len(movers) == 1, (state, movers)
+        for who in Role:
+            assert TRANSITIONS[(state, who, Heartbeat)] is state
+            assert TRANSITIONS[(state, who, ErrorMessage)] is State.ERROR
 
 
 def test_first_epoch_can_continue_a_numbering() -> None:
     hp, hs = handshakes()
     primary, secondary = PrimaryProtocol(hp, first_epoch=41), SecondaryProtocol(hs, first_epoch=41)
+    secondary.receive_data(primary.send(InitialChunk(b"vm")) + primary.send(InitialSize(2)))
+    assert secondary.next_event() == InitialChunk(b"vm")
+    assert secondary.next_event() == InitialSize(2)
     primary.receive_data(secondary.send(CheckpointReady(41)))
     assert primary.next_event() == CheckpointReady(41)
     assert primary.send(CheckpointRequest(41))
@@ -248,12 +338,14 @@ def test_protocol_takes_over_bytes_pipelined_behind_the_handshake() -> None:
     hp, hs = Handshake(KEY, "primary", "secondary"), Handshake(KEY, "secondary", "primary")
     to_s, to_p = hp.start(), hs.start()
     proof_p, proof_s = hp.receive_data(to_p), hs.receive_data(to_s)
-    hs.receive_data(proof_p)
-    secondary = SecondaryProtocol(hs)
-    hp.receive_data(proof_s + secondary.send(CheckpointReady(1)))  # ready rides with the proof
+    hp.receive_data(proof_s)
     primary = PrimaryProtocol(hp)
-    assert primary.next_event() == CheckpointReady(1)
-    assert primary.state is State.IDLE
+    early = primary.send(InitialChunk(b"vm")) + primary.send(InitialSize(2))
+    hs.receive_data(proof_p + early)  # the initial copy rides with the proof
+    secondary = SecondaryProtocol(hs)
+    assert secondary.next_event() == InitialChunk(b"vm")
+    assert secondary.next_event() == InitialSize(2)
+    assert secondary.state is State.INITIAL_RECEIVED
 
 
 @settings(database=None, deadline=None, max_examples=150)
@@ -262,6 +354,7 @@ def test_every_legal_interleaving(data: st.DataObject) -> None:
     """Both sides react as real nodes would; the scheduler (hypothesis) picks which direction
     gets bytes next and how many, where the state is cut into chunks, and where heartbeats go."""
     epochs = data.draw(st.integers(min_value=1, max_value=4), label="epochs")
+    initial = data.draw(st.binary(max_size=400), label="initial copy")
     blobs = [data.draw(st.binary(max_size=200), label=f"state {e}") for e in range(1, epochs + 1)]
     link = Link()
     staged = bytearray()
@@ -271,13 +364,22 @@ def test_every_legal_interleaving(data: st.DataObject) -> None:
         if data.draw(st.integers(0, 3), label="heartbeat?") == 3:  # shrinks to "no heartbeat"
             link.send(data.draw(st.sampled_from([P, S]), label="from"), Heartbeat())
 
-    def send_state(epoch: int) -> None:
-        blob = blobs[epoch - 1]
+    def pieces(blob: bytes) -> list[bytes]:
         cuts = data.draw(st.lists(st.integers(0, len(blob)), max_size=6), label="chunk cuts")
         points = sorted({0, len(blob), *cuts})
+        return [blob[a:b] for a, b in zip(points, points[1:])]
+
+    def send_initial_copy() -> None:
+        for piece in pieces(initial):
+            link.send(P, InitialChunk(piece))
+            maybe_heartbeat()
+        link.send(P, InitialSize(len(initial)))
+
+    def send_state(epoch: int) -> None:
+        blob = blobs[epoch - 1]
         link.send(P, VmstateSend(epoch))
-        for a, b in zip(points, points[1:]):
-            link.send(P, VmstateChunk(epoch, blob[a:b]))
+        for piece in pieces(blob):
+            link.send(P, VmstateChunk(epoch, piece))
             maybe_heartbeat()
         link.send(P, VmstateSize(epoch, len(blob)))
 
@@ -291,7 +393,14 @@ def test_every_legal_interleaving(data: st.DataObject) -> None:
             elif isinstance(ev, VmstateLoaded) and ev.epoch < epochs:
                 link.send(P, CheckpointRequest(ev.epoch + 1, Trigger.MISMATCH))
         else:
-            if isinstance(ev, CheckpointRequest):
+            if isinstance(ev, InitialChunk):
+                staged.extend(ev.data)
+            elif isinstance(ev, InitialSize):
+                assert ev.size == len(staged)  # the machine already checked it
+                received.append(bytes(staged))
+                maybe_heartbeat()
+                link.send(S, CheckpointReady(1))
+            elif isinstance(ev, CheckpointRequest):
                 link.send(S, CheckpointReply(ev.epoch))
             elif isinstance(ev, VmstateSend):
                 staged.clear()
@@ -306,7 +415,7 @@ def test_every_legal_interleaving(data: st.DataObject) -> None:
 
     got: dict[Role, list[Event]] = {P: [], S: []}
     maybe_heartbeat()
-    link.send(S, CheckpointReady(1))
+    send_initial_copy()
     while link.pending[P] or link.pending[S]:
         to = data.draw(st.sampled_from([r for r in (P, S) if link.pending[r]]), label="to")
         n = len(link.pending[to])  # shrinks to "deliver everything", the simplest schedule
@@ -317,9 +426,10 @@ def test_every_legal_interleaving(data: st.DataObject) -> None:
             react(to, ev)
         maybe_heartbeat()
 
-    assert received == blobs
+    assert received == [initial, *blobs]
     assert got[P] == link.sent[S] and got[S] == link.sent[P]
     assert link.states() == (State.IDLE, State.IDLE)
+    assert link.primary.initial_bytes == link.secondary.initial_bytes == len(initial)
     assert link.primary.epoch == link.secondary.epoch == epochs + 1
     assert link.secondary.completed_epoch == link.primary.loaded_epoch == epochs
 
@@ -365,9 +475,9 @@ def test_illegal_send_is_refused(case: tuple[State, Role, type[Message]]) -> Non
         side.send(msg)
     text = str(info.value)
     assert f"{who.value} in {state.name} (sending)" in text
-    assert f"expected {expected_names(state)} for epoch {side.epoch}" in text
-    assert f"got {cls.NAME} epoch {side.epoch} from the {who.value}" in text
-    assert info.value.got == f"{cls.NAME} epoch {side.epoch} from the {who.value}"
+    assert expected_text(state, side.epoch) in text
+    assert f"got {describe(msg)} from the {who.value}" in text
+    assert info.value.got == f"{describe(msg)} from the {who.value}"
     assert_stuck_in_error(side)
 
 
@@ -383,22 +493,23 @@ def test_illegal_receive_is_refused(case: tuple[State, Role, type[Message]]) -> 
         receiver.next_event()
     text = str(info.value)
     assert f"{who.peer.value} in {state.name} (receiving)" in text
-    assert f"expected {expected_names(state)} for epoch {receiver.epoch}" in text
-    assert f"got {cls.NAME} epoch {receiver.epoch} from the {who.value}" in text
+    assert expected_text(state, receiver.epoch) in text
+    assert f"got {describe(msg)} from the {who.value}" in text
     assert_stuck_in_error(receiver)
 
 
 LEGAL = list(CHECKPOINT_TRANSITIONS)
 
 
-# Each legal step with the epoch one too low and one too high (in WAIT_READY the expected epoch
-# is 1 and epoch 0 cannot even be constructed), on the sending and on the receiving side.
+# Each legal step that carries an epoch (the initial copy does not), with the epoch one too low
+# and one too high (for checkpoint-ready the expected epoch is 1 and epoch 0 cannot even be
+# constructed), on the sending and on the receiving side.
 EPOCH_CASES = [
     (case, delta, direction)
     for case in LEGAL
     for delta in (-1, +1)
     for direction in ("send", "receive")
-    if not (case[0] is State.WAIT_READY and delta == -1)
+    if "epoch" in field_names(case[2]) and not (case[2] is CheckpointReady and delta == -1)
 ]
 
 
@@ -411,7 +522,7 @@ def test_wrong_epoch_is_refused(
     case: tuple[State, Role, type[Message]], delta: int, direction: str
 ) -> None:
     state, who, cls = case
-    link = drive_to(state, full_checkpoints=0 if state is State.WAIT_READY else 2)
+    link = drive_to(state, full_checkpoints=2)  # ignored before IDLE
     side = link.sides[who] if direction == "send" else link.sides[who.peer]
     right = message_for(cls, side)
     wrong = type(right)(**{**vars_of(right), "epoch": side.epoch + delta})
@@ -475,13 +586,117 @@ def test_byte_count_restarts_each_epoch() -> None:
 
 def test_state_larger_than_the_bound_is_refused() -> None:
     link = Link(max_state_bytes=10)
-    link.step(S, CheckpointReady(1))
+    for who, msg in [*initial_copy(b"0123456789"), (S, CheckpointReady(1))]:
+        link.step(who, msg)
     for who, msg in one_checkpoint(1)[:3]:
         link.step(who, msg)
     link.step(P, VmstateChunk(1, b"x" * 10))
     link.secondary.receive_data(encode_frame(VmstateChunk(1, b"y")))
     with pytest.raises(ProtocolError, match="expected at most 10 bytes of state for epoch 1, got 11"):
         link.secondary.next_event()
+
+
+# -- the initial copy, illegally -------------------------------------------------------------------
+
+
+def test_checkpoint_ready_before_the_initial_copy() -> None:
+    link = Link()
+    with pytest.raises(ProtocolError) as info:
+        link.secondary.send(CheckpointReady(1))
+    assert str(info.value) == (
+        "secondary in WAIT_READY (sending): expected initial-chunk or initial-size from the "
+        "primary, got checkpoint-ready epoch 1 from the secondary"
+    )
+    assert info.value.expected == "initial-chunk or initial-size from the primary"
+    assert_stuck_in_error(link.secondary)
+
+
+def test_checkpoint_ready_before_initial_size_is_refused_on_receipt() -> None:
+    link = Link()
+    link.step(P, InitialChunk(b"half of the vm"))
+    link.primary.receive_data(encode_frame(CheckpointReady(1)))
+    with pytest.raises(ProtocolError) as info:
+        link.primary.next_event()
+    assert str(info.value) == (
+        "primary in WAIT_READY (receiving): expected initial-chunk or initial-size from the "
+        "primary, got checkpoint-ready epoch 1 from the secondary"
+    )
+    assert_stuck_in_error(link.primary)
+
+
+@pytest.mark.parametrize("claimed", [0, 7, 9, 2**40])
+def test_initial_size_mismatch_on_the_receiving_side(claimed: int) -> None:
+    link = Link()
+    link.step(P, InitialChunk(b"abcde"))
+    link.step(P, InitialChunk(b"fgh"))
+    link.secondary.receive_data(encode_frame(InitialSize(claimed)))
+    with pytest.raises(ProtocolError) as info:
+        link.secondary.next_event()
+    assert str(info.value) == (
+        "secondary in WAIT_READY (receiving): expected initial-size 8 (the bytes of "
+        f"initial-chunk data sent), got initial-size {claimed}"
+    )
+    assert_stuck_in_error(link.secondary)
+
+
+def test_initial_size_mismatch_on_the_sending_side() -> None:
+    link = Link()
+    link.step(P, InitialChunk(b"abc"))
+    with pytest.raises(ProtocolError, match="expected initial-size 3 .* got initial-size 2"):
+        link.primary.send(InitialSize(2))
+    assert_stuck_in_error(link.primary)
+
+
+def test_initial_chunk_after_initial_size() -> None:
+    link = drive_to(State.INITIAL_RECEIVED)
+    link.secondary.receive_data(encode_frame(InitialChunk(b"late")))
+    with pytest.raises(ProtocolError) as info:
+        link.secondary.next_event()
+    assert str(info.value) == (
+        "secondary in INITIAL_RECEIVED (receiving): expected checkpoint-ready for epoch 1 from "
+        "the secondary, got initial-chunk from the primary"
+    )
+    with pytest.raises(ProtocolError, match="primary in INITIAL_RECEIVED .*got initial-size"):
+        link.primary.send(InitialSize(link.primary.initial_bytes))  # a second size, same count
+
+
+@pytest.mark.parametrize("state", [State.IDLE, State.SENDING, State.RECEIVED])
+def test_initial_copy_once_the_checkpoints_run(state: State) -> None:
+    link = drive_to(state, full_checkpoints=1)
+    link.secondary.receive_data(encode_frame(InitialChunk(b"again")))
+    with pytest.raises(ProtocolError) as info:
+        link.secondary.next_event()
+    assert f"secondary in {state.name} (receiving)" in str(info.value)
+    assert info.value.got == "initial-chunk from the primary"
+    assert_stuck_in_error(link.secondary)
+    with pytest.raises(ProtocolError, match=f"primary in {state.name} .*got initial-size"):
+        link.primary.send(InitialSize(0))
+
+
+def test_initial_copy_larger_than_the_bound_is_refused() -> None:
+    link = Link(max_state_bytes=10)
+    link.step(P, InitialChunk(b"x" * 6))
+    link.step(P, InitialChunk(b"x" * 4))
+    link.secondary.receive_data(encode_frame(InitialChunk(b"y")))
+    with pytest.raises(ProtocolError) as info:
+        link.secondary.next_event()
+    assert info.value.expected == "at most 10 bytes of initial state"
+    assert info.value.got == "11 bytes of initial-chunk"
+    assert_stuck_in_error(link.secondary)
+    with pytest.raises(ProtocolError, match="expected at most 10 bytes of initial state, got 11"):
+        link.primary.send(InitialChunk(b"y"))
+
+
+def test_the_initial_copy_bound_is_separate_from_each_checkpoints() -> None:
+    link = Link(max_state_bytes=10)
+    for who, msg in [*initial_copy(b"0123456789"), (S, CheckpointReady(1))]:
+        link.step(who, msg)
+    for who, msg in one_checkpoint(1, b"0123456789"):  # a full bound again, per epoch
+        link.step(who, msg)
+    assert link.states() == (State.IDLE, State.IDLE)
+
+
+# -- the rest ------------------------------------------------------------------------------------
 
 
 def test_duplicate_checkpoint_ready() -> None:
@@ -500,6 +715,26 @@ def test_auth_messages_are_not_part_of_the_protocol() -> None:
     link.primary.receive_data(encode_frame(AuthChallenge("secondary", bytes(NONCE_SIZE))))
     with pytest.raises(ProtocolError, match="expected checkpoint-request .* got auth-challenge"):
         link.primary.next_event()
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        NodeHello("primary", {}),
+        Input(1, 2, 3, b"x"),
+        Commit(1, 0, 0),
+        Protection(ProtectionState.PROTECTED),
+        StatusRequest(),
+    ],
+    ids=lambda m: m.NAME,
+)
+def test_gateway_and_control_messages_are_not_part_of_the_protocol(msg: Message) -> None:
+    link = drive_to(State.IDLE)
+    with pytest.raises(ProtocolError, match=f"expected checkpoint-request .* got {msg.NAME}"):
+        link.primary.send(msg)
+    link.secondary.receive_data(encode_frame(msg))
+    with pytest.raises(ProtocolError, match=f"got {msg.NAME}"):
+        link.secondary.next_event()
 
 
 def test_bad_frame_puts_the_side_in_error() -> None:

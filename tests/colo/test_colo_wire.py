@@ -21,6 +21,8 @@ from colo.messages import (
     CheckpointRequest,
     ErrorMessage,
     Heartbeat,
+    InitialChunk,
+    InitialSize,
     Message,
     Trigger,
     VmstateChunk,
@@ -46,6 +48,8 @@ SETTINGS = settings(database=None, deadline=None, max_examples=200)
 
 epochs = st.integers(min_value=1, max_value=2**63 - 1)
 messages: st.SearchStrategy[Message] = st.one_of(
+    st.builds(InitialChunk, st.binary(max_size=2000)),
+    st.builds(InitialSize, st.integers(min_value=0, max_value=2**64 - 1)),
     st.builds(CheckpointReady, epochs),
     st.builds(CheckpointRequest, epochs, st.sampled_from(Trigger)),
     st.builds(CheckpointReply, epochs),
@@ -161,6 +165,11 @@ def test_bad_header_fields() -> None:
         ({"msg": "checkpoint-ready", "epoch": 0}, "'epoch' must be an int >= 1, got 0"),
         ({"msg": "vmstate-size", "epoch": 1, "size": -5}, "'size' must be an int >= 0"),
         ({"msg": "vmstate-chunk", "epoch": 1, "data": "text"}, "'data' must be bytes, got str"),
+        ({"msg": "initial-chunk", "data": "text"}, "initial-chunk: field 'data' must be bytes"),
+        ({"msg": "initial-chunk", "epoch": 1, "data": b""}, "bad fields: unexpected 'epoch'"),
+        ({"msg": "initial-size", "size": -1}, "initial-size: field 'size' must be an int >= 0"),
+        ({"msg": "initial-size", "size": 1.0}, "'size' must be an int >= 0, got 1.0"),
+        ({"msg": "initial-size"}, "initial-size: bad fields: missing size"),
         ({"msg": "checkpoint-request", "epoch": 1, "trigger": "cron"}, "'trigger' must be one of"),
         ({"msg": "checkpoint-request", "epoch": 1, "trigger": [1]}, "'trigger' must be one of"),
         ({"msg": "error", "reason": b"bytes"}, "'reason' must be a str, got bytes"),
