@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 
 from colo.link import Closed, Event, Link, ProtocolLink, Tracer, authenticate, connect
+from colo.memory import keep_buffers_on_heap
 from colo.messages import (CheckpointNow, Fence, Heartbeat, Input, Message, NodeHello, NodeStatus, Output,
                            Trigger)
 from colo.protocol import ConnectionClosed
@@ -110,6 +111,7 @@ class Node:
         self._stop_heartbeat = threading.Event()
         self.state_log = StateLog()
         sys.setswitchinterval(0.0005)  # hand the GIL over fast: link threads must not wait 5 ms to run
+        keep_buffers_on_heap()
 
     # -- links ------------------------------------------------------------------------------------------
     def connect_gateway(self) -> None:

@@ -4,7 +4,7 @@ A checkpoint's state is one blob, sent as vmstate-chunk (or initial-chunk) frame
 
     b"CVS1" | CRC-32 of the body, 4 bytes big-endian | body: a msgpack map
       format, version, epoch, full (bool: the initial copy, or re-protection)
-      vm:       the machine state without RAM (CPU, devices, machine): toyvm's versioned state
+      vm:       the machine state without RAM (CPU, devices, machine): toyvm's versioned state, msgpack bytes
       batches:  [{"index": u32 page numbers, "zero": packed bits (1 = the page is all zero, not sent),
                   "data": lz4 block of the non-zero pages in index order, "raw": its uncompressed size}]
       outputs:  network outputs produced since the previous checkpoint, [[seq, kind, conn, data], ...]
@@ -45,42 +45,61 @@ class EncodeStats:
     zero_pages: int = 0
     raw_bytes: int = 0  # pages + machine state, before compression
     wire_bytes: int = 0  # the blob
-    collect_s: float = 0.0  # gather pages and machine state
-    compress_s: float = 0.0
+    collect_s: float = 0.0  # find the pages, save the machine state
+    compress_s: float = 0.0  # lz4, framing, checksum
 
 
-def _compress(block: bytes) -> bytes:
+def _compress(block: memoryview) -> bytes:
     return lz4.block.compress(block, store_size=False)
+
+
+def _batches(ram_pages: npt.NDArray[np.uint8], idx: npt.NDArray[np.uint32]) -> list[tuple[Any, Any, Any]]:
+    """Split the pages into batches of (indices, zero flags, non-zero pages as one C-contiguous array).
+    A run of consecutive pages is a view of guest RAM (no copy: the VM is stopped for the whole checkpoint);
+    scattered pages are gathered, one batch at a time."""
+    out = []
+    for lo in range(0, len(idx), BATCH_PAGES):
+        bidx = idx[lo:lo + BATCH_PAGES]
+        first, last = int(bidx[0]), int(bidx[-1])
+        pages = ram_pages[first:last + 1] if last - first + 1 == len(bidx) else ram_pages[bidx]
+        nonzero = pages.view(np.uint64).any(axis=1)
+        if not nonzero.all():
+            pages = pages[nonzero]
+        out.append((bidx, ~nonzero, pages))
+    return out
 
 
 def encode(vm: Machine, pages: npt.NDArray[np.int64], *, epoch: int, full: bool,
            outputs: list[list[Any]] | None = None) -> tuple[bytes, EncodeStats]:
-    """The checkpoint blob for `pages` of vm's RAM plus its CPU and device state. The VM must be stopped."""
+    """The checkpoint blob for `pages` of vm's RAM plus its CPU and device state. The VM must stay stopped
+    until the blob is built (its RAM is read in place)."""
     st = EncodeStats(dirty_pages=len(pages))
     t0 = time.perf_counter()
     idx = np.asarray(pages, dtype=np.uint32)
-    gathered = vm.ram.pages[idx]  # one copy: the VM may run again while we compress
-    nonzero = gathered.view(np.uint64).any(axis=1) if len(idx) else np.zeros(0, bool)
-    machine_state = vm.save_state(include_ram=False)
+    machine_state = msgpack.packb(vm.save_state(include_ram=False), use_bin_type=True)
+    parts = _batches(vm.ram.pages, idx)
     st.collect_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    parts = []
-    for lo in range(0, len(idx), BATCH_PAGES):
-        nz = nonzero[lo:lo + BATCH_PAGES]
-        parts.append((idx[lo:lo + BATCH_PAGES], nz, gathered[lo:lo + BATCH_PAGES][nz].tobytes()))
-    compressed = list(_pool.map(_compress, [p[2] for p in parts])) if len(parts) > 1 else \
-        [_compress(p[2]) for p in parts]
-    batches = [{"index": i.tobytes(), "zero": np.packbits(~nz).tobytes(), "data": c, "raw": len(raw)}
-               for (i, nz, raw), c in zip(parts, compressed)]
+    blocks = [memoryview(p).cast("B") for _, _, p in parts]
+    compressed = list(_pool.map(_compress, blocks)) if len(blocks) > 1 else [_compress(b) for b in blocks]
+    batches = [{"index": i.tobytes(), "zero": np.packbits(z).tobytes(), "data": c, "raw": len(b)}
+               for (i, z, _), b, c in zip(parts, blocks, compressed)]
     body = msgpack.packb({"format": FORMAT, "version": VERSION, "epoch": epoch, "full": full,
                           "vm": machine_state, "batches": batches, "outputs": outputs or []},
                          use_bin_type=True)
     blob = _HEAD.pack(MAGIC, zlib.crc32(body)) + body
     st.compress_s = time.perf_counter() - t1
-    st.zero_pages = int(len(idx) - np.count_nonzero(nonzero))
-    st.raw_bytes = len(idx) * PAGE_SIZE + len(msgpack.packb(machine_state, use_bin_type=True))
+    st.zero_pages = sum(int(np.count_nonzero(z)) for _, z, _ in parts)
+    st.raw_bytes = len(idx) * PAGE_SIZE + len(machine_state)
     st.wire_bytes = len(blob)
     return blob, st
+
+
+@dataclass
+class Batch:
+    index: npt.NDArray[np.uint32]  # the pages this batch carries
+    zero: npt.NDArray[np.bool_]  # which of them are all zero
+    data: npt.NDArray[np.uint8]  # the non-zero ones, (n, 4096), in index order
 
 
 @dataclass
@@ -90,9 +109,7 @@ class StagedCheckpoint:
     epoch: int
     full: bool
     vm_state: dict[str, Any]
-    index: npt.NDArray[np.uint32]  # every page the checkpoint carries
-    zero: npt.NDArray[np.bool_]  # which of them are all zero
-    data: npt.NDArray[np.uint8]  # the non-zero ones, (n, 4096), in index order
+    batches: list[Batch]
     outputs: list[list[Any]] = field(default_factory=list)
 
     @property
@@ -104,78 +121,80 @@ class StagedCheckpoint:
         return int(self.vm_state["devices"]["net"]["last_output_seq"])
 
 
+def _fail(epoch: int, text: str) -> StateError:
+    return StateError(f"checkpoint {epoch}: {text}")
+
+
 def decode(blob: bytes, vm: Machine, *, epoch: int) -> StagedCheckpoint:
     """Check everything in `blob` against `vm` and stage it; StateError names what is wrong."""
     if len(blob) < _HEAD.size:
-        raise StateError(f"checkpoint {epoch}: state of {len(blob)} bytes is too short to be one")
+        raise _fail(epoch, f"state of {len(blob)} bytes is too short to be one")
     magic, crc = _HEAD.unpack_from(blob)
     if magic != MAGIC:
-        raise StateError(f"checkpoint {epoch}: bad state magic {magic!r}, expected {MAGIC!r}")
+        raise _fail(epoch, f"bad state magic {magic!r}, expected {MAGIC!r}")
     body = memoryview(blob)[_HEAD.size:]
     if zlib.crc32(body) != crc:
-        raise StateError(f"checkpoint {epoch}: checksum mismatch: the state is corrupt")
+        raise _fail(epoch, "checksum mismatch: the state is corrupt")
     try:
         m = msgpack.unpackb(body, raw=False, strict_map_key=False)
     except (msgpack.UnpackException, ValueError, TypeError) as e:
-        raise StateError(f"checkpoint {epoch}: state is not valid msgpack ({e})") from None
+        raise _fail(epoch, f"state is not valid msgpack ({e})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise StateError(f"checkpoint {epoch}: not a colo state")
+        raise _fail(epoch, "not a colo state")
     if m.get("version") != VERSION:
-        raise StateError(f"checkpoint {epoch}: state version {m.get('version')!r} is not supported "
-                         f"(this colo reads version {VERSION})")
+        raise _fail(epoch, f"state version {m.get('version')!r} is not supported (this colo reads version "
+                           f"{VERSION})")
     if m.get("epoch") != epoch:
-        raise StateError(f"checkpoint {epoch}: the state says it is for epoch {m.get('epoch')!r}")
+        raise _fail(epoch, f"the state says it is for epoch {m.get('epoch')!r}")
     try:
-        vm_state, batches, outputs, full = m["vm"], m["batches"], m["outputs"], bool(m["full"])
-        if "ram" in vm_state:
-            raise StateError(f"checkpoint {epoch}: machine state must not carry RAM")
+        vm_state = msgpack.unpackb(m["vm"], raw=False, strict_map_key=False)
+        if not isinstance(vm_state, dict) or "ram" in vm_state:
+            raise _fail(epoch, "the machine state must be a map without RAM")
         vm.check_state(vm_state)
-        indexes, zeros, datas = [], [], []
         npages = vm.ram.npages
-        for b in batches:
+        batches = []
+        for b in m["batches"]:
             index = np.frombuffer(b["index"], dtype="<u4")
             zero = np.unpackbits(np.frombuffer(b["zero"], dtype=np.uint8), count=len(index)).astype(bool)
             if len(index) and int(index.max()) >= npages:
-                raise StateError(f"checkpoint {epoch}: page index {int(index.max())} is outside guest RAM "
-                                 f"({npages} pages)")
+                raise _fail(epoch, f"page index {int(index.max())} is outside guest RAM ({npages} pages)")
             want = int(np.count_nonzero(~zero)) * PAGE_SIZE
             if b["raw"] != want:
-                raise StateError(f"checkpoint {epoch}: batch claims {b['raw']} bytes for {want // PAGE_SIZE} "
-                                 "non-zero pages")
+                raise _fail(epoch, f"batch claims {b['raw']} bytes for {want // PAGE_SIZE} non-zero pages")
             raw = lz4.block.decompress(b["data"], uncompressed_size=want) if want else b""
             if len(raw) != want:
-                raise StateError(f"checkpoint {epoch}: batch decompressed to {len(raw)} bytes, expected {want}")
-            indexes.append(index)
-            zeros.append(zero)
-            datas.append(np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE))
+                raise _fail(epoch, f"batch decompressed to {len(raw)} bytes, expected {want}")
+            batches.append(Batch(index, zero, np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)))
+        outputs = m["outputs"]
         if not isinstance(outputs, list):
-            raise StateError(f"checkpoint {epoch}: outputs must be a list")
+            raise _fail(epoch, "outputs must be a list")
+        return StagedCheckpoint(epoch, bool(m["full"]), vm_state, batches, outputs)
     except StateError:
         raise
-    except (KeyError, TypeError, ValueError, lz4.block.LZ4BlockError) as e:
-        raise StateError(f"checkpoint {epoch}: malformed state ({e!r})") from None
-    return StagedCheckpoint(
-        epoch=epoch, full=full, vm_state=vm_state, outputs=outputs,
-        index=np.concatenate(indexes) if indexes else np.zeros(0, np.uint32),
-        zero=np.concatenate(zeros) if zeros else np.zeros(0, bool),
-        data=np.concatenate(datas) if datas else np.zeros((0, PAGE_SIZE), np.uint8))
+    except (KeyError, TypeError, ValueError, msgpack.UnpackException, lz4.block.LZ4BlockError) as e:
+        raise _fail(epoch, f"malformed state ({e!r})") from None
 
 
 def apply(vm: Machine, staged: StagedCheckpoint) -> None:
-    """Make `vm` the checkpointed VM: RAM pages, then CPU and devices (already checked by decode)."""
-    ram = vm.ram
+    """Make `vm` the checkpointed VM: RAM pages, then CPU and devices (all checked by decode)."""
+    pages = vm.ram.pages
     if staged.full:
-        ram.clear()
-    ram.pages[staged.index[~staged.zero]] = staged.data
-    ram.pages[staged.index[staged.zero]] = 0
-    vm.restore_state(staged.vm_state)  # flushes translated code and the TLB, starts a new dirty epoch
+        vm.ram.clear()
+    for b in staged.batches:
+        first, last = int(b.index[0]), int(b.index[-1])
+        if not b.zero.any() and last - first + 1 == len(b.index):
+            pages[first:last + 1] = b.data  # a run of pages: one copy
+        else:
+            pages[b.index[~b.zero]] = b.data
+            pages[b.index[b.zero]] = 0
+    vm.restore_state(staged.vm_state, checked=True)  # flushes translated code and the TLB
 
 
 def peek_ram_size(blob: bytes) -> int:
     """The RAM size a (full) checkpoint blob is for, so the secondary can build a matching VM first."""
     try:
         m = msgpack.unpackb(memoryview(blob)[_HEAD.size:], raw=False, strict_map_key=False)
-        size = int(m["vm"]["machine"]["ram_size"])
+        size = int(msgpack.unpackb(m["vm"], raw=False)["machine"]["ram_size"])
     except Exception as e:  # noqa: BLE001 - any malformation is reported the same way
         raise StateError(f"initial state: cannot read the RAM size ({e!r})") from None
     return size
