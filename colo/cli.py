@@ -68,11 +68,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ready-file", help=argparse.SUPPRESS)  # `colo up` learns the chosen ports from it
 
 
+def _mode_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=("periodic", "hybrid"), default="periodic",
+                   help="periodic: checkpoint every --interval, the secondary VM waits; hybrid (COLO): both VMs "
+                        "run, outputs are compared, a mismatch triggers a checkpoint (default periodic)")
+
+
 def _vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ram", default="64M", help="guest RAM, e.g. 64M or 1G (default 64M)")
     p.add_argument("--cmdline", default="", help="command line passed to the guest")
     p.add_argument("--interval", type=float, default=100.0, metavar="MS",
-                   help="checkpoint interval in milliseconds (default 100)")
+                   help="periodic mode: checkpoint interval in milliseconds (default 100)")
+    p.add_argument("--backstop", type=float, default=2000.0, metavar="MS",
+                   help="hybrid mode: checkpoint at least this often, in milliseconds (default 2000)")
+    _mode_option(p)
     p.add_argument("--stats", metavar="FILE", help="append one JSON line per checkpoint to FILE")
     p.add_argument("--hooks", choices=("auto", "python", "native"), default=None,
                    help="toyvm hook engine (default: native when a C compiler exists)")
@@ -90,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where nodes and control commands connect (default 127.0.0.1:0)")
     g.add_argument("--service", type=_address, default=("127.0.0.1", 0), metavar="HOST:PORT",
                    help="where clients of the guest connect (default 127.0.0.1:0)")
+    g.add_argument("--compare-timeout", type=float, default=200.0, metavar="MS",
+                   help="hybrid mode: output left unmatched this long triggers a checkpoint (default 200)")
+    _mode_option(g)
     _common(g)
 
     p = sub.add_parser("primary", help="run the primary VM and checkpoint it to the secondary",
@@ -108,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the primary connects (default 127.0.0.1:0)")
     s.add_argument("--gateway", type=_address, required=True, metavar="HOST:PORT", help="the gateway's --listen")
     s.add_argument("--hooks", choices=("auto", "python", "native"), default=None, help="toyvm hook engine")
+    _mode_option(s)
     _common(s)
 
     u = sub.add_parser("up", help="start gateway, secondary and primary locally; Ctrl-C stops them",
@@ -175,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from colo.gateway import Gateway, GatewayConfig
-    gw = Gateway(GatewayConfig(_key(args), args.listen, args.service, args.heartbeat_timeout, args.trace))
+    gw = Gateway(GatewayConfig(_key(args), args.listen, args.service, args.heartbeat_timeout, args.trace,
+                               mode=args.mode, compare_timeout=args.compare_timeout / 1000))
     _on_term(lambda *_: gw.stop())
     print(f"colo gateway: nodes and control on {gw.listen_address[0]}:{gw.listen_address[1]}, "
           f"clients on {gw.service_address[0]}:{gw.service_address[1]}", file=sys.stderr, flush=True)
@@ -189,16 +203,14 @@ def cmd_primary(args: argparse.Namespace) -> int:
     from colo.primary import PrimaryConfig, PrimaryNode
     cfg = PrimaryConfig(key=_key(args), gateway=args.gateway, heartbeat_timeout=args.heartbeat_timeout,
                         trace=args.trace, hooks=args.hooks, guest=args.guest, ram=parse_size(args.ram),
-                        cmdline=args.cmdline, secondary=args.secondary, interval=args.interval / 1000,
-                        stats=args.stats)
+                        cmdline=args.cmdline, secondary=args.secondary,
+                        interval=(args.backstop if args.mode == "hybrid" else args.interval) / 1000,
+                        stats=args.stats, mode=args.mode)
     if cfg.interval <= 0:
         raise ValueError("--interval must be positive")
     node = PrimaryNode(cfg)
-    _on_term(lambda *_: _raise_stop())
-    try:
-        return node.run()
-    except KeyboardInterrupt:
-        return 0
+    _on_term(lambda *_: node.request_shutdown())
+    return node.run()
 
 
 def cmd_secondary(args: argparse.Namespace) -> int:
@@ -209,17 +221,11 @@ def cmd_secondary(args: argparse.Namespace) -> int:
         _write_ready(args.ready_file, {"listen": list(address), "pid": os.getpid()})
 
     cfg = SecondaryConfig(key=_key(args), gateway=args.gateway, heartbeat_timeout=args.heartbeat_timeout,
-                          trace=args.trace, hooks=args.hooks, listen=args.listen, on_listening=ready)
+                          trace=args.trace, hooks=args.hooks, listen=args.listen, on_listening=ready,
+                          mode=args.mode)
     node = SecondaryNode(cfg)
-    _on_term(lambda *_: _raise_stop())
-    try:
-        return node.run()
-    except KeyboardInterrupt:
-        return 0
-
-
-def _raise_stop() -> None:
-    raise KeyboardInterrupt
+    _on_term(lambda *_: node.request_shutdown())
+    return node.run()
 
 
 # -- control commands ----------------------------------------------------------------------------------------
@@ -275,7 +281,8 @@ def format_status(info: dict[str, Any]) -> str:
         triggers = ", ".join(f"{k} {v}" for k, v in sorted(n.get("triggers", {}).items()))
         lines.append(f"{role:<10} {n.get('pid', '?'):>7}  {n.get('address', '?'):<21} {state:<24} "
                      f"{n.get('epoch', 0):>6} {n.get('checkpoints', '-'):>11}  {triggers}")
-    lines.append(f"gateway: {g['clients']} clients, input seq {g['input_seq']}, output released up to "
+    lines.append(f"gateway: {g.get('mode', 'periodic')} mode, {g['clients']} clients, input seq {g['input_seq']}, "
+                 f"output released up to "
                  f"{g['released_output_seq']}, {g['held_outputs']} held, {g['logged_inputs']} inputs logged")
     for ev in info.get("events", [])[-5:]:
         details = ", ".join(f"{k}={v}" for k, v in ev.items() if k not in ("time", "event"))
@@ -301,7 +308,7 @@ class LocalCluster:
                  service: tuple[str, int] = ("127.0.0.1", 0), stats: str | None = None, trace: bool = False,
                  heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT, hooks: str | None = None,
                  directory: Path | None = None, env: dict[str, dict[str, str]] | None = None,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, mode: str = "periodic", backstop_ms: float = 2000.0) -> None:
         self.dir = directory or Path(tempfile.mkdtemp(prefix="colo-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.key_file = self.dir / "key"
@@ -313,6 +320,7 @@ class LocalCluster:
         self.heartbeat_timeout = heartbeat_timeout
         self.env = env or {}
         self.verbose = verbose
+        self.mode, self.backstop_ms = mode, backstop_ms
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.gateway: tuple[str, int] = ("", 0)
         self.service_address: tuple[str, int] = ("", 0)
@@ -320,7 +328,7 @@ class LocalCluster:
 
     def _spawn(self, role: str, *args: str, stderr: Any = None) -> subprocess.Popen[bytes]:
         common = ["--key-file", str(self.key_file), "--heartbeat-timeout", str(self.heartbeat_timeout),
-                  "--ready-file", str(self.dir / f"{role}.json")]
+                  "--ready-file", str(self.dir / f"{role}.json"), "--mode", self.mode]
         if self.trace:
             common.append("--trace")
         if self.verbose:
@@ -355,7 +363,7 @@ class LocalCluster:
         self._spawn("secondary", *sec, stderr=stderr)
         self.secondary_address = tuple(self._wait_ready("secondary")["listen"])  # type: ignore[assignment]
         prim = [self.guest, "--gateway", gw, "--secondary", "%s:%d" % self.secondary_address, "--ram", self.ram,
-                "--cmdline", self.cmdline, "--interval", str(self.interval_ms)]
+                "--cmdline", self.cmdline, "--interval", str(self.interval_ms), "--backstop", str(self.backstop_ms)]
         if self.stats:
             prim += ["--stats", self.stats]
         if self.hooks:
@@ -386,16 +394,19 @@ class LocalCluster:
         self.procs[role].send_signal(sig)
 
     def stop(self, timeout: float = 5.0) -> dict[str, int | None]:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+        """SIGTERM the nodes, then the gateway (stopped first, it would make the nodes stop as cut off)."""
         codes: dict[str, int | None] = {}
-        for role, p in self.procs.items():
-            try:
-                codes[role] = p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                codes[role] = p.wait()
+        for group in (("primary", "secondary"), ("gateway",)):
+            procs = {r: p for r, p in self.procs.items() if r in group}
+            for p in procs.values():
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for role, p in procs.items():
+                try:
+                    codes[role] = p.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    codes[role] = p.wait()
         return codes
 
 
@@ -405,7 +416,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     cluster = LocalCluster(args.guest, ram=args.ram, cmdline=args.cmdline, interval_ms=args.interval,
                            service=args.service, stats=args.stats, trace=args.trace,
                            heartbeat_timeout=args.heartbeat_timeout, hooks=args.hooks, directory=d,
-                           verbose=args.verbose)
+                           verbose=args.verbose, mode=args.mode, backstop_ms=args.backstop)
     stopping: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -419,7 +430,8 @@ def cmd_up(args: argparse.Namespace) -> int:
               "stats": args.stats}
         _write_ready(str(d / "up.json"), up)
         host, port = cluster.service_address
-        print(f"colo up: {Path(args.guest).name} is replicated; clients connect to {host}:{port}\n"
+        print(f"colo up: {Path(args.guest).name} is replicated ({args.mode} mode); clients connect to "
+              f"{host}:{port}\n"
               f"  e.g. redis-cli -p {port} PING      (kvstore)\n"
               f"  colo status   shows the roles; colo failover forces a failover; Ctrl-C stops everything",
               flush=True)

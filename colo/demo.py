@@ -1,12 +1,13 @@
 """`colo demo` (`make demo`): the key-value guest, replicated, survives a SIGKILLed primary without losing a write.
 
 It starts the gateway, the secondary and the primary as three local processes (LocalCluster) running
-guests/kvstore.bin, lets a few clients write to it over TCP while it is checkpointed every 100 ms, kills the
-primary with SIGKILL part-way through, shows the gateway promoting the secondary, and then reads back every
-write that was acknowledged. It exits 0 only if every acknowledged write is still there.
+guests/kvstore.bin checkpointed every 100 ms, lets a few clients write to it over TCP, kills the primary with
+SIGKILL part-way through, shows the gateway promoting the secondary, and then reads back every write that was
+acknowledged. It exits 0 only if the secondary took over and every acknowledged write is still there (and no
+client lost its connection).
 
-The clients speak the Redis protocol (RESP) directly over one persistent socket each: the point is that their
-TCP connections, which the gateway owns, survive the failover.
+The clients speak the Redis protocol (RESP) directly, over one persistent socket each: the point is that their
+TCP connections, which the gateway owns, outlive the primary.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,13 +33,15 @@ from colo.cli import LocalCluster
 from colo.errors import ColoError
 from colo.stats import read_records
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository: colo/ sits at its top
 IMAGE = ROOT / "guests" / "kvstore.bin"
 INTERVAL_MS = 100.0
 KILL_AT = 0.4  # kill the primary this far into the workload
 TICK = 0.5  # seconds between live lines
-REPLY_TIMEOUT = 10.0  # a reply may wait for a failover; nothing waits longer than this
-READBACK_BATCH = 256
+REPLY_TIMEOUT = 10.0  # a reply may wait for a failover, but never longer than this
+READBACK_BATCH = 256  # GETs per pipelined batch
+INDENT = " " * 11  # continuation lines under "  12.3 s  "
+WIDTH = 104
 
 
 def say(text: str = "") -> None:
@@ -46,11 +50,11 @@ def say(text: str = "") -> None:
 
 # -- a tiny Redis client ----------------------------------------------------------------------------------------
 class RespError(Exception):
-    """The server answered with an error reply, or something that is not RESP."""
+    """The server answered with an error reply (the connection is still fine)."""
 
 
 class Resp:
-    """One TCP connection speaking RESP2: commands out as arrays of bulk strings, replies parsed one by one."""
+    """One TCP connection speaking RESP2: commands go out as arrays of bulk strings, replies are parsed in order."""
 
     def __init__(self, address: tuple[str, int], timeout: float = REPLY_TIMEOUT) -> None:
         self.sock = socket.create_connection(address, timeout=timeout)
@@ -58,10 +62,10 @@ class Resp:
         self.buf = bytearray()
 
     @staticmethod
-    def encode(*args: str | bytes) -> bytes:
+    def encode(*args: str) -> bytes:
         out = [b"*%d\r\n" % len(args)]
         for a in args:
-            b = a.encode() if isinstance(a, str) else a
+            b = a.encode()
             out.append(b"$%d\r\n%s\r\n" % (len(b), b))
         return b"".join(out)
 
@@ -69,22 +73,20 @@ class Resp:
         self.sock.sendall(b"".join(commands))
 
     def _fill(self) -> None:
-        data = self.sock.recv(65536)
+        data = self.sock.recv(65536)  # raises socket.timeout (an OSError) after REPLY_TIMEOUT
         if not data:
             raise ConnectionError("the server closed the connection")
         self.buf += data
 
     def _line(self) -> bytes:
-        while True:
-            end = self.buf.find(b"\r\n")
-            if end >= 0:
-                line = bytes(self.buf[:end])
-                del self.buf[:end + 2]
-                return line
+        while (end := self.buf.find(b"\r\n")) < 0:
             self._fill()
+        line = bytes(self.buf[:end])
+        del self.buf[:end + 2]
+        return line
 
     def reply(self) -> bytes | int | None:
-        """The next reply: simple strings and bulk strings as bytes, integers as int, a nil bulk as None."""
+        """The next reply: a simple or bulk string as bytes, an integer as int, a nil bulk string as None."""
         line = self._line()
         kind, rest = line[:1], line[1:]
         if kind == b"+":
@@ -102,9 +104,9 @@ class Resp:
             data = bytes(self.buf[:n])
             del self.buf[:n + 2]
             return data
-        raise RespError(f"unexpected reply {line[:40]!r}")
+        raise ConnectionError(f"not a RESP reply: {line[:40]!r}")
 
-    def call(self, *args: str | bytes) -> bytes | int | None:
+    def call(self, *args: str) -> bytes | int | None:
         self.send(self.encode(*args))
         return self.reply()
 
@@ -114,26 +116,33 @@ class Resp:
 
 # -- the workload ---------------------------------------------------------------------------------------------
 @dataclass
+class Ack:
+    key: str
+    value: str
+    sent: float  # time.monotonic()
+    acked: float
+
+
+@dataclass
 class Writer:
-    """One client: its own connection, its own keys, and the ledger of what the server acknowledged."""
+    """One client: its own connection and keys, and the ledger of the writes the server acknowledged."""
     cid: int
     address: tuple[str, int]
     stop: threading.Event
     uses_counter: bool
-    ledger: list[tuple[str, str]] = field(default_factory=list)  # (key, value), appended only on "+OK"
-    acks: list[tuple[float, float]] = field(default_factory=list)  # (sent, acknowledged), monotonic
-    counter_key: str = ""
-    counter_last: int | None = None  # the last value INCR returned
-    counter_acks: int = 0
-    counter_unacked: int = 0  # INCRs sent whose reply never came (a broken connection): may have happened
-    broken: int = 0  # connections that broke and were reopened
+    ledger: list[Ack] = field(default_factory=list)  # SETs answered +OK, in order
+    incr_acks: list[tuple[float, float]] = field(default_factory=list)  # (sent, acked) of each answered INCR
+    counter_last: int | None = None  # what the last answered INCR returned
+    counter_unanswered: int = 0  # INCRs lost with a broken connection: they may or may not have happened
+    broken: int = 0  # connections that broke (and were reopened)
     errors: list[str] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.counter_key = f"demo:counter:{self.cid}"
+    @property
+    def counter_key(self) -> str:
+        return f"demo:counter:{self.cid}"
 
     def run(self) -> None:
-        tag = secrets.token_hex(3)  # a fresh value each run: a stale copy of an old run cannot pass the check
+        tag = secrets.token_hex(3)  # fresh values each run: a leftover of another run cannot pass the check
         conn: Resp | None = None
         n = 0
         while not self.stop.is_set():
@@ -144,20 +153,20 @@ class Writer:
                 key, value = f"demo:c{self.cid}:{n}", f"{tag}-{self.cid}-{n}"
                 sent = time.monotonic()
                 if conn.call("SET", key, value) == b"OK":
-                    self.ledger.append((key, value))
-                    self.acks.append((sent, time.monotonic()))
+                    self.ledger.append(Ack(key, value, sent, time.monotonic()))
                 if self.uses_counter and n % 2 == 0:
                     sent = time.monotonic()
-                    self.counter_unacked += 1
+                    self.counter_unanswered += 1
                     got = conn.call("INCR", self.counter_key)
-                    self.counter_unacked -= 1
+                    self.counter_unanswered -= 1
                     if isinstance(got, int):
                         self.counter_last = got
-                        self.counter_acks += 1
-                        self.acks.append((sent, time.monotonic()))
-            except (OSError, ConnectionError, RespError) as e:  # socket.timeout is an OSError
+                        self.incr_acks.append((sent, time.monotonic()))
+            except RespError as e:
+                self.errors.append(f"error reply: {e}")
+            except OSError as e:  # ConnectionError and socket.timeout are OSErrors
                 self.broken += 1
-                self.errors.append(f"{type(e).__name__}: {e}")
+                self.errors.append(f"connection broke: {type(e).__name__}: {e}")
                 if conn is not None:
                     conn.close()
                 conn = None
@@ -165,8 +174,47 @@ class Writer:
         if conn is not None:
             conn.close()
 
+    def ack_times(self) -> list[tuple[float, float]]:
+        return [(a.sent, a.acked) for a in self.ledger] + self.incr_acks
 
-# -- status helpers -------------------------------------------------------------------------------------------
+
+def read_back(address: tuple[str, int], writers: list[Writer]) -> tuple[int, int, list[str]]:
+    """GET every acknowledged key (pipelined) and every counter: (values checked, lost or wrong, examples)."""
+    conn = Resp(address)
+    checked = bad = 0
+    examples: list[str] = []
+
+    def wrong(text: str) -> None:
+        nonlocal bad
+        bad += 1
+        if len(examples) < 5:
+            examples.append(text)
+
+    try:
+        entries = [a for w in writers for a in w.ledger]
+        for lo in range(0, len(entries), READBACK_BATCH):
+            batch = entries[lo:lo + READBACK_BATCH]
+            conn.send(*(Resp.encode("GET", a.key) for a in batch))
+            for a in batch:
+                got = conn.reply()
+                checked += 1
+                if got != a.value.encode():
+                    wrong(f"{a.key}: acknowledged {a.value!r}, now {got!r}")
+        for w in writers:
+            if w.counter_last is None:
+                continue
+            got = conn.call("GET", w.counter_key)
+            checked += 1
+            value = int(got) if isinstance(got, bytes) and got.isdigit() else None
+            # Each client is its counter's only writer and has stopped: the value is its last INCR's reply.
+            if value is None or not w.counter_last <= value <= w.counter_last + w.counter_unanswered:
+                wrong(f"{w.counter_key}: the last INCR returned {w.counter_last}, GET gives {got!r}")
+    finally:
+        conn.close()
+    return checked, bad, examples
+
+
+# -- helpers -----------------------------------------------------------------------------------------------------
 def active_role(info: dict[str, Any]) -> str:
     for role in ("primary", "secondary"):
         if info["nodes"].get(role, {}).get("active"):
@@ -174,11 +222,15 @@ def active_role(info: dict[str, Any]) -> str:
     return "none (failing over)"
 
 
-def find_event(info: dict[str, Any], name: str, role: str | None = None) -> dict[str, Any] | None:
+def find_event(info: dict[str, Any], name: str, role: str) -> dict[str, Any] | None:
     for ev in info.get("events", []):
-        if ev.get("event") == name and (role is None or ev.get("role") == role):
+        if ev.get("event") == name and ev.get("role") == role:
             return ev
     return None
+
+
+def longest_gap_ms(times: list[float]) -> float:
+    return max((b - a for a, b in zip(times, times[1:])), default=0.0) * 1e3
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -186,55 +238,24 @@ def percentile(values: list[float], p: float) -> float:
     return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
 
 
-def describe_code(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
+def describe_code(role: str, code: int | None) -> str:
+    if code == -signal.SIGKILL and role == "primary":
+        return f"{code} (SIGKILL: the one we killed)"
+    if code == 3:  # colo.node.GatewayLost: the gateway went first, and a node without it stops serving
+        return "3 (saw the gateway stop first)"
+    if code is not None and code < 0:
         try:
-            return f"{code} ({signal.Signals(-code).name})"
+            return f"{code} ({signal.Signals(-code).name}" + (", ours)" if code == -signal.SIGTERM else ")")
         except ValueError:
-            return str(code)
+            pass
     return str(code)
 
 
-# -- read-back --------------------------------------------------------------------------------------------------
-def read_back(address: tuple[str, int], writers: list[Writer]) -> tuple[int, int, list[str]]:
-    """GET every acknowledged key (pipelined) and every counter; returns (checked, lost or wrong, examples)."""
-    conn = Resp(address)
-    checked = bad = 0
-    examples: list[str] = []
-    try:
-        entries = [kv for w in writers for kv in w.ledger]
-        for lo in range(0, len(entries), READBACK_BATCH):
-            batch = entries[lo:lo + READBACK_BATCH]
-            conn.send(*(Resp.encode("GET", k) for k, _ in batch))
-            for key, want in batch:
-                got = conn.reply()
-                checked += 1
-                if got != want.encode():
-                    bad += 1
-                    if len(examples) < 5:
-                        examples.append(f"{key}: wanted {want!r}, got {got!r}")
-        for w in writers:
-            if w.counter_last is None:
-                continue
-            got = conn.call("GET", w.counter_key)
-            checked += 1
-            value = int(got) if isinstance(got, bytes) and got.lstrip(b"-").isdigit() else None
-            # An INCR whose reply was lost with a broken connection may or may not have happened.
-            if value is None or not w.counter_last <= value <= w.counter_last + w.counter_unacked:
-                bad += 1
-                if len(examples) < 5:
-                    examples.append(f"{w.counter_key}: last INCR returned {w.counter_last}, GET gives {got!r}")
-    finally:
-        conn.close()
-    return checked, bad, examples
-
-
 def redis_cli_get(port: int, key: str) -> None:
+    """Optional: the same read through the real redis-cli, when Debian's redis-tools is installed."""
     if shutil.which("redis-cli") is None:
         return
-    say(f"  the same through the real redis-cli:  $ redis-cli -p {port} GET {key}")
+    say(f"  $ redis-cli -p {port} GET {key}")
     try:
         p = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(port), "GET", key], capture_output=True,
                            text=True, timeout=10)
@@ -244,6 +265,168 @@ def redis_cli_get(port: int, key: str) -> None:
 
 
 # -- the demo ---------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What happened, for the summary and the verdict."""
+    writers: list[Writer] = field(default_factory=list)
+    t0: float = 0.0
+    killed_at: float | None = None
+    detect_ms: float | None = None  # from the kill to the gateway noticing
+    promoted: dict[str, Any] | None = None
+    stuck: int = 0
+    checked: int = 0
+    bad: int = 0
+
+    @property
+    def sets(self) -> int:
+        return sum(len(w.ledger) for w in self.writers)
+
+    @property
+    def incrs(self) -> int:
+        return sum(len(w.incr_acks) for w in self.writers)
+
+    @property
+    def broken(self) -> int:
+        return sum(w.broken for w in self.writers)
+
+
+def start(cluster: LocalCluster, logs: Any, started: float) -> dict[str, Any]:
+    # The roles' stderr (their logs) and stdout (the guest's serial console) go to the log file, not into
+    # this narration. LocalCluster passes on only stderr; children inherit fd 1, so point it there meanwhile.
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(logs.fileno(), 1)
+    try:
+        cluster.start(stderr=logs)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    host, port = cluster.service_address
+    pids = {role: p.pid for role, p in cluster.procs.items()}
+    say(f"  gateway    pid {pids['gateway']:<7}  owns the clients' connections: they connect to {host}:{port}")
+    say(f"  secondary  pid {pids['secondary']:<7}  waits for the primary on %s:%d" % cluster.secondary_address)
+    say(f"  primary    pid {pids['primary']:<7}  boots the guest and copies the whole VM to the secondary")
+    info = cluster.wait_protected()
+    say(f"  protected: the secondary has the whole VM ({time.monotonic() - started:.1f} s after start); from now "
+        "on only changes travel")
+    return info
+
+
+def workload(cluster: LocalCluster, run: Run, seconds: float, nclients: int, info: dict[str, Any]) -> None:
+    stop = threading.Event()
+    run.writers = [Writer(i + 1, cluster.service_address, stop, uses_counter=i % 2 == 1) for i in range(nclients)]
+    counters = sum(w.uses_counter for w in run.writers)
+    say(f"Workload: {nclients} clients, one TCP connection each, for {seconds:g} s. Each SETs keys of its own "
+        "(demo:c<client>:<n>),")
+    say(f"{counters} of them also INCR a counter of their own. A write is *acknowledged* when its reply arrives;")
+    say("only then does it go into the ledger that is checked at the end.")
+    threads = [threading.Thread(target=w.run, name=f"client-{w.cid}", daemon=True) for w in run.writers]
+    run.t0 = t0 = time.monotonic()
+    for t in threads:
+        t.start()
+
+    killed_wall = 0.0
+    checkpoints = info["nodes"]["primary"].get("checkpoints", 0)
+    next_line = t0 + TICK
+    while (now := time.monotonic()) < t0 + seconds:
+        if run.killed_at is None and now >= t0 + KILL_AT * seconds:
+            pid = cluster.procs["primary"].pid
+            killed_wall, run.killed_at = time.time(), time.monotonic()
+            cluster.kill("primary")
+            say(f"  {now - t0:5.1f} s  killing the primary (pid {pid}) with SIGKILL")
+        failing_over = run.killed_at is not None and run.promoted is None
+        if failing_over or now >= next_line:
+            info = cluster.status()
+            checkpoints = info["nodes"]["primary"].get("checkpoints", checkpoints)
+        if failing_over and (promoted := find_event(info, "promoted", "secondary")) is not None:
+            run.promoted = promoted
+            lost = find_event(info, "lost", "primary")
+            if lost is not None:
+                run.detect_ms = max(0.0, (lost["time"] - killed_wall) * 1e3)
+                seen = (f"the gateway lost the primary ({lost['reason']}) {run.detect_ms:.0f} ms after the kill "
+                        "and promoted")
+            else:
+                seen = "the gateway promoted"
+            text = (f"failover: {seen} the secondary, which resumed from checkpoint {promoted['epoch']} in "
+                    f"{promoted['failover_ms']} ms; the {promoted['replayed']} client inputs that came after that "
+                    "checkpoint were replayed to it. It now serves alone (unprotected): replies no longer wait "
+                    "for a checkpoint, so they come much faster.")
+            say(textwrap.fill(text, WIDTH, initial_indent=f"  {time.monotonic() - t0:5.1f} s  ",
+                              subsequent_indent=INDENT))
+        if now >= next_line:
+            acked = sum(len(w.ledger) + len(w.incr_acks) for w in run.writers)
+            say(f"  {now - t0:5.1f} s  writes acknowledged {acked:6d}   checkpoints {checkpoints:4d}   "
+                f"active: {active_role(info)}")
+            next_line += TICK * max(1, math.ceil((time.monotonic() - next_line) / TICK))
+        time.sleep(0.02)
+    stop.set()
+    for t in threads:
+        t.join(REPLY_TIMEOUT + 1)
+    run.stuck = sum(t.is_alive() for t in threads)
+    say(f"  {time.monotonic() - t0:5.1f} s  workload stopped: {run.sets + run.incrs} writes acknowledged, "
+        f"{run.broken} connections broken")
+    for w in run.writers:
+        for e in w.errors[:3]:
+            say(f"{INDENT}client {w.cid}: {e}")
+    if run.promoted is None and run.killed_at is not None:  # the run ended first: one last look
+        run.promoted = find_event(cluster.status(), "promoted", "secondary")
+
+
+def check(cluster: LocalCluster, run: Run) -> None:
+    counters = sum(1 for w in run.writers if w.counter_last is not None)
+    say(f"Reading back all {run.sets} acknowledged SETs (pipelined GETs) and {counters} counters from the "
+        "survivor:")
+    run.checked, run.bad, examples = read_back(cluster.service_address, run.writers)
+    say(f"  {run.checked} values checked, {run.bad} lost or wrong")
+    for e in examples:
+        say(f"    {e}")
+    if run.killed_at is not None:
+        before = [a for w in run.writers for a in w.ledger if a.acked < run.killed_at]
+        if before and shutil.which("redis-cli"):
+            last = max(before, key=lambda a: a.acked)
+            say(f"  {last.key} was the last write acknowledged before the kill; through the real redis-cli:")
+            redis_cli_get(cluster.service_address[1], last.key)
+
+
+def summary(run: Run, stats_path: Path) -> None:
+    recs = read_records(stats_path) if stats_path.exists() else []
+    pauses = [r["pause_ms"] for r in recs]
+    sizes = [r["bytes_wire"] for r in recs]
+    rows = [("checkpoints taken", f"{len(recs)} (one every {INTERVAL_MS:.0f} ms while the primary lived)")]
+    if recs:
+        rows += [("checkpoint pause", f"median {statistics.median(pauses):.1f} ms, p99 {percentile(pauses, 99):.1f} ms"
+                                      " (the VM stands still meanwhile)"),
+                 ("bytes per checkpoint", f"median {statistics.median(sizes) / 1024:.1f} KiB on the wire "
+                                          "(dirty pages, lz4)")]
+    p = run.promoted
+    if p is None:
+        rows.append(("failover", "did NOT happen"))
+    else:
+        rows.append(("failover", f"{p['failover_ms']} ms in the gateway to promote the secondary, {p['replayed']} "
+                                 "inputs replayed"))
+        if run.detect_ms is not None:
+            rows.append(("", f"(after {run.detect_ms:.0f} ms to notice that the primary was gone)"))
+    if run.killed_at is not None:
+        acks = sorted(a for w in run.writers for _, a in w.ack_times())
+        gap = longest_gap_ms([a for a in acks if a >= run.killed_at - 1.0])
+        usual = longest_gap_ms([a for a in acks if run.t0 + 1.0 <= a < run.killed_at - 0.2])
+        in_flight = sum(1 for w in run.writers for s, a in w.ack_times() if s < run.killed_at < a)
+        rows += [("client-visible gap", f"{gap:.0f} ms with no write acknowledged around the kill (up to "
+                                        f"{usual:.0f} ms before it,"),
+                 ("", f"as replies leave once per checkpoint); {in_flight} writes in flight at the kill were "
+                      "answered")]
+    before = "" if run.killed_at is None else \
+        f", {sum(1 for w in run.writers for _, a in w.ack_times() if a < run.killed_at)} of them before the kill"
+    rows += [("writes acknowledged", f"{run.sets + run.incrs} ({run.sets} SETs, {run.incrs} INCRs){before}"),
+             ("writes lost", f"{run.bad}" + (" (every acknowledged value read back as written)" if not run.bad
+                                             else "  <-- should be 0")),
+             ("connections broken", f"{run.broken}" + (" (the clients' TCP connections outlived the primary)"
+                                                       if not run.broken else "  <-- should be 0"))]
+    say("Summary")
+    for name, value in rows:
+        say(f"  {name:<21} {value}")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     seconds = float(getattr(args, "seconds", 12.0))
     nclients = int(getattr(args, "clients", 8))
@@ -255,184 +438,61 @@ def run_demo(args: argparse.Namespace) -> int:
         return 2
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="colo-demo-"))
-    stats_path = work / "checkpoints.jsonl"
-    logs_path = work / "roles.log"
+    stats_path, logs_path = work / "checkpoints.jsonl", work / "roles.log"
 
     say("=" * 78)
     say("colo demo: a replicated key-value store survives the loss of its primary")
     say("=" * 78)
-    say(f"guests/kvstore.bin, a Redis-compatible server, runs inside a toyvm VM on a *primary* process. Every")
-    say(f"{INTERVAL_MS:.0f} ms the primary pauses the VM and sends what changed to a *secondary* process; a reply")
+    say("guests/kvstore.bin, a Redis-compatible server, runs in a toyvm VM on a *primary* process. Every")
+    say(f"{INTERVAL_MS:.0f} ms the primary pauses the VM and sends what changed to a *secondary* process, and a reply")
     say("reaches a client only once the secondary holds the state that produced it. A *gateway* process owns")
-    say("the clients' TCP connections. We write to the store, kill the primary with SIGKILL mid-run, and")
-    say("then read back every write the store acknowledged.")
+    say("the clients' TCP connections. Clients write to the store, the primary is killed with SIGKILL")
+    say("mid-run, and then every write the store acknowledged is read back.")
     say()
-
+    say("Starting three local processes (their logs and the checkpoint records go to")
+    say(f"{work}, which is kept only if something fails):")
     cluster = LocalCluster(str(IMAGE), interval_ms=INTERVAL_MS, stats=str(stats_path), directory=work / "run")
-    logs = open(logs_path, "wb")
-    codes: dict[str, int | None] = {}
-    try:
-        say(f"Starting three local processes (logs and checkpoint records in {work}):")
-        # The roles' stderr (their logs) and stdout (the guest's serial console) go to a file, not over our
-        # narration: children inherit fd 1, so point it at the file while they start.
-        sys.stdout.flush()
-        saved_stdout = os.dup(1)
-        os.dup2(logs.fileno(), 1)
+    # The roles run in sessions of their own: on Ctrl-C or SIGTERM we stop them ourselves.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    run = Run()
+    failed = ""
+    with open(logs_path, "wb") as logs:
         try:
-            cluster.start(stderr=logs)
+            info = start(cluster, logs, started)
+            say()
+            workload(cluster, run, seconds, nclients, info)
+            say()
+            check(cluster, run)
+            say()
+            summary(run, stats_path)
+        except (ColoError, OSError) as e:
+            failed = f"{type(e).__name__}: {e}"
+            say(f"colo demo: error: {failed}")
+        except KeyboardInterrupt:
+            failed = "interrupted"
+            say("\ncolo demo: interrupted")
         finally:
-            os.dup2(saved_stdout, 1)
-            os.close(saved_stdout)
-        host, port = cluster.service_address
-        pids = {role: p.pid for role, p in cluster.procs.items()}
-        say(f"  gateway    pid {pids['gateway']:<7} clients connect to {host}:{port}")
-        say(f"  secondary  pid {pids['secondary']:<7} waits for the primary on %s:%d" % cluster.secondary_address)
-        say(f"  primary    pid {pids['primary']:<7} boots the guest and copies the whole VM to the secondary")
-        info = cluster.wait_protected()
-        say(f"  protected: the secondary has the whole VM ({time.monotonic() - started:.1f} s after start); "
-            f"from now on only changes travel")
-        say()
+            codes = cluster.stop()
+            signal.signal(signal.SIGTERM, previous)
+    say("  stopped               " + ", ".join(f"{role} {describe_code(role, c)}" for role, c in codes.items()))
+    say(f"  whole demo took       {time.monotonic() - started:.1f} s")
 
-        stop = threading.Event()
-        writers = [Writer(i + 1, cluster.service_address, stop, uses_counter=(i % 2 == 1)) for i in range(nclients)]
-        counters = sum(w.uses_counter for w in writers)
-        say(f"Workload: {nclients} clients, one TCP connection each, for {seconds:g} s. Each SETs keys of its own "
-            f"(demo:c<client>:<n>)")
-        say(f"and {counters} of them also INCR a counter of their own. A write is *acknowledged* when its reply "
-            "arrives;")
-        say("only then does it go into the ledger we check at the end.")
-        threads = [threading.Thread(target=w.run, name=f"client-{w.cid}", daemon=True) for w in writers]
-        t0 = time.monotonic()
-        for t in threads:
-            t.start()
-
-        kill_at = t0 + KILL_AT * seconds
-        killed_at: float | None = None
-        killed_wall = 0.0
-        promoted: dict[str, Any] | None = None
-        checkpoints = info["nodes"]["primary"].get("checkpoints", 0)
-        next_line = t0 + TICK
-        while True:
-            now = time.monotonic()
-            if now >= t0 + seconds:
-                break
-            if killed_at is None and now >= kill_at:
-                pid = cluster.procs["primary"].pid
-                killed_wall, killed_at = time.time(), time.monotonic()
-                cluster.kill("primary")
-                say(f"  {now - t0:5.1f} s  killing the primary (pid {pid}) with SIGKILL")
-            if killed_at is not None and promoted is None or now >= next_line:
-                info = cluster.status()
-                checkpoints = info["nodes"]["primary"].get("checkpoints", checkpoints)
-                if killed_at is not None and promoted is None:
-                    promoted = find_event(info, "promoted", "secondary")
-                    if promoted is not None:
-                        lost = find_event(info, "lost", "primary")
-                        seen = (f"the gateway lost the primary ({lost['reason']}) "
-                                f"{(lost['time'] - killed_wall) * 1e3:.0f} ms after the kill and promoted the"
-                                if lost else "the gateway promoted the")
-                        say(f"  {time.monotonic() - t0:5.1f} s  failover: {seen} secondary,")
-                        say(f"           which resumed from checkpoint {promoted.get('epoch')} in "
-                            f"{promoted.get('failover_ms')} ms; the {promoted.get('replayed')} client inputs "
-                            "that came after")
-                        say("           that checkpoint were replayed to it. From now on it serves alone "
-                            "(unprotected), so")
-                        say("           replies no longer wait for a checkpoint and come much faster.")
-                if now >= next_line:
-                    acked = sum(len(w.acks) for w in writers)
-                    say(f"  {now - t0:5.1f} s  writes acknowledged {acked:6d}   checkpoints {checkpoints:5d}   "
-                        f"active: {active_role(info)}")
-                    next_line += TICK * max(1, math.ceil((time.monotonic() - next_line) / TICK))
-            time.sleep(0.02)
-        stop.set()
-        for t in threads:
-            t.join(REPLY_TIMEOUT + 1)
-        stuck = sum(t.is_alive() for t in threads)
-        acked = sum(len(w.ledger) for w in writers)
-        incrs = sum(1 for w in writers if w.counter_last is not None)
-        incr_acks = sum(w.counter_acks for w in writers)
-        broken = sum(w.broken for w in writers)
-        say(f"  {time.monotonic() - t0:5.1f} s  workload stopped: {acked + incr_acks} writes acknowledged, "
-            f"{broken} connections broken")
-        if promoted is None:  # the run ended first: one last look
-            promoted = find_event(cluster.status(), "promoted", "secondary")
-        say()
-
-        # Client-visible downtime: the longest stretch with no acknowledged write, from just before the kill.
-        acks = sorted(a for w in writers for _, a in w.acks)
-        gap_ms = usual_ms = 0.0
-        in_flight = 0
-        if killed_at is not None:
-            window = [a for a in acks if a >= killed_at - 1.0]
-            gap_ms = max((b - a for a, b in zip(window, window[1:])), default=0.0) * 1e3
-            before = [a for a in acks if t0 + 1.0 <= a < killed_at - 0.2]
-            usual_ms = max((b - a for a, b in zip(before, before[1:])), default=0.0) * 1e3
-            in_flight = sum(1 for w in writers for s, a in w.acks if s < killed_at < a)
-
-        say(f"Reading back all {acked} acknowledged SETs (pipelined GETs) and {incrs} counters from the "
-            "survivor:")
-        checked, bad, examples = read_back(cluster.service_address, writers)
-        say(f"  {checked} values checked, {bad} lost or wrong")
-        for e in examples:
-            say(f"    {e}")
-        if killed_at is not None:
-            before = [(a, k) for w in writers for (_, a), k in zip(w.acks, w.ledger) if a < killed_at]
-            if before:
-                key = max(before)[1][0]
-                redis_cli_get(port, key)
-                say(f"  ({key} was one of the last writes acknowledged before the kill)")
-        say()
-
-        recs = read_records(stats_path) if stats_path.exists() else []
-        pauses = [r["pause_ms"] for r in recs]
-        sizes = [r["bytes_wire"] for r in recs]
-        say("Summary")
-        rows: list[tuple[str, str]] = [
-            ("checkpoints taken", f"{len(recs)} (every {INTERVAL_MS:.0f} ms while the primary lived)"),
-        ]
-        if recs:
-            rows += [("checkpoint pause", f"median {statistics.median(pauses):.1f} ms, p99 "
-                                          f"{percentile(pauses, 99):.1f} ms (the VM is stopped meanwhile)"),
-                     ("bytes per checkpoint", f"median {statistics.median(sizes) / 1024:.1f} KiB on the wire "
-                                              f"(dirty pages, lz4)")]
-        rows += [
-            ("failover", f"{promoted['failover_ms']} ms in the gateway (promote to promoted), "
-                         f"{promoted['replayed']} inputs replayed" if promoted else "did NOT happen"),
-            ("client-visible gap", f"{gap_ms:.0f} ms with no write acknowledged around the kill (before it: "
-                                   f"up to {usual_ms:.0f} ms,"),
-            ("", "as replies are released once per checkpoint); "
-                 f"{in_flight} writes in flight at the kill were answered"),
-            ("writes acknowledged", f"{acked + incr_acks} ({acked} SETs, {incr_acks} INCRs on {incrs} counters)"),
-            ("writes lost", f"{bad}"),
-            ("connections broken", f"{broken}" + (" (clients keep their TCP connections across the failover)"
-                                                  if broken == 0 else "  <-- should be 0")),
-        ]
-        for name, value in rows:
-            say(f"  {name:<22} {value}")
-    except (ColoError, OSError) as e:
-        say(f"colo demo: error: {e}")
-        say(f"  the roles' logs are in {logs_path}")
-        promoted, acked, bad, broken, stuck = None, 0, 1, 0, 0
-    finally:
-        codes = cluster.stop()
-        logs.close()
-    say(f"  stopped: " + ", ".join(f"{role} {describe_code(c)}" for role, c in codes.items())
-        + (" (the primary was the one we killed)" if codes.get("primary") == -signal.SIGKILL else ""))
-    say(f"  whole demo took {time.monotonic() - started:.1f} s")
-
-    problems = []
-    if promoted is None:
+    problems = [failed] if failed else []
+    if failed:
+        pass
+    elif run.promoted is None:
         problems.append("the secondary was never promoted")
-    if acked == 0:
+    if run.sets + run.incrs == 0:
         problems.append("no write was acknowledged")
-    if bad:
-        problems.append(f"{bad} acknowledged writes were lost or wrong")
-    if broken:
-        problems.append(f"{broken} client connections broke")
-    if stuck:
-        problems.append(f"{stuck} clients never finished")
+    if run.bad:
+        problems.append(f"{run.bad} acknowledged writes were lost or wrong")
+    if run.broken:
+        problems.append(f"{run.broken} client connections broke")
+    if run.stuck:
+        problems.append(f"{run.stuck} clients never finished")
     if problems:
-        say(f"colo demo: FAILED: {'; '.join(problems)} (the roles' logs: {logs_path})")
+        say(f"colo demo: FAILED: {'; '.join(problems)}. The roles' logs: {logs_path}")
         return 1
-    say("colo demo: OK: the primary was killed, the secondary took over, and no acknowledged write was lost")
+    shutil.rmtree(work, ignore_errors=True)  # kept only when something went wrong
+    say("colo demo: OK: the primary was killed, the secondary took over, and no acknowledged write was lost.")
     return 0

@@ -22,9 +22,10 @@ from typing import Any
 
 from colo.errors import AuthError, ColoError
 from colo.link import Closed, Event, Link, Tracer, authenticate
-from colo.messages import (Commit, CommandResult, FailoverCommand, FailoverRequest, Fence, Heartbeat, Input,
+from colo.compare import Action, NeedCheckpoint, OutputComparer, Release, ReleaseClose
+from colo.messages import (CheckpointNow, Commit, CommandResult, FailoverCommand, FailoverRequest, Fence, Heartbeat, Input,
                            NodeHello, NodeStatus, Output, Promote, Promoted, Protection, ProtectionState,
-                           StatusReply, StatusRequest)
+                           StatusReply, StatusRequest, Trigger, Message)
 from colo.node import DEFAULT_HEARTBEAT_TIMEOUT
 from colo.protocol import ConnectionClosed
 from toyvm.devices.net import CLOSE, DATA, OPEN
@@ -33,6 +34,8 @@ log = logging.getLogger("colo.gateway")
 READ_CHUNK = 64 << 10
 MAX_LOG_BYTES = 64 << 20  # unacknowledged input the gateway holds before it stops reading clients
 PEER_ROLES = ("primary", "secondary", "control")
+COMPARE_TIMEOUT = 0.2  # hybrid: output unmatched this long (s) triggers a checkpoint
+MAX_PENDING = 1 << 20  # hybrid: held bytes per connection and side before a checkpoint is forced
 
 
 class WakingQueue(queue.Queue[tuple[Link, Event]]):
@@ -65,6 +68,9 @@ class GatewayConfig:
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     trace: bool = False
     max_log_bytes: int = MAX_LOG_BYTES
+    mode: str = "periodic"  # "hybrid": both VMs run; their outputs are compared
+    compare_timeout: float = COMPARE_TIMEOUT
+    max_pending: int = MAX_PENDING
 
 
 class Gateway:
@@ -101,6 +107,13 @@ class Gateway:
         self.events: list[dict[str, Any]] = []  # failovers, fencing: shown by `colo status`
         self._stop = threading.Event()
         self._last_heartbeat = 0.0
+        self.hybrid = cfg.mode == "hybrid"
+        self.comparer = OutputComparer(timeout=cfg.compare_timeout, max_pending=cfg.max_pending)
+        self.mirror: Link | None = None  # hybrid: the secondary, once it runs a copy of the VM
+        self.synced_epoch = -1  # hybrid: the checkpoint the secondary said it loaded last
+        self.primary_committed = 0  # the last checkpoint the primary said is complete
+        self.sec_queue: collections.deque[Message] = collections.deque()
+        self.checkpoint_asked = False
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -159,9 +172,15 @@ class Gateway:
                 link, ev = self.inbox.get_nowait()
             except queue.Empty:
                 break
-            self._on_link_event(link, ev)
+            try:
+                self._on_link_event(link, ev)
+            except Exception:  # noqa: BLE001 - the witness must outlive any one bad event: log it, drop the link
+                log.exception("gateway: error handling %r from the %s: dropping that connection", ev, link.name)
+                self._node_lost(link, "error while handling its message")
         self._check_liveness()
         now = time.monotonic()
+        if self._comparing():
+            self._act(self.comparer.poll(now))
         if now - self._last_heartbeat >= self.cfg.heartbeat_timeout / 4:
             self._last_heartbeat = now
             for link in list(self.nodes.values()):
@@ -241,13 +260,20 @@ class Gateway:
     def _input(self, kind: int, conn: int, data: bytes = b"") -> None:
         self.input_seq += 1
         ev = (self.input_seq, kind, conn, data)
-        if self.protected or self.active is None or self.promoting is not None:
+        if self._logging():
             self.log.append(ev)  # kept until a checkpoint covers it: a failover replays it
             self.log_bytes += len(data)
             if self.log_bytes > self.cfg.max_log_bytes and self.reading:
                 self._set_reading(False)  # push back on the clients: nothing is dropped
         if self.active is not None and self.promoting is None:
             self._send_input(self.active, ev)
+            if self.mirror is not None:
+                self._send_input(self.mirror, ev)  # hybrid: the secondary runs on the same inputs
+
+    def _logging(self) -> bool:
+        """Inputs are logged whenever a failover could need them: while a secondary exists or may take over."""
+        return (self.protected or "secondary" in self.nodes or self.active is None
+                or self.promoting is not None)
 
     def _send_input(self, link: Link, ev: tuple[int, int, int, bytes]) -> None:
         if not link.try_send(Input(*ev)):
@@ -267,12 +293,31 @@ class Gateway:
 
     # -- outputs -----------------------------------------------------------------------------------------------
     def _output(self, ev: Output) -> None:
+        if self._comparing():
+            self._act(self.comparer.primary_output(ev.seq, ev.kind, ev.conn, ev.data, time.monotonic()))
+            self.released_seq = max(self.released_seq, self.comparer.released_seq)
+            return
         if ev.seq <= self.released_seq or ev.seq in self.held:
             return  # already released (a promoted secondary repeating itself) or already held
         if self.protected:
             self.held[ev.seq] = (ev.kind, ev.conn, ev.data)
         else:
             self._release(ev.seq, ev.kind, ev.conn, ev.data)
+
+    def _comparing(self) -> bool:
+        """Hybrid mode with a running secondary: outputs are released when both VMs produced them."""
+        return self.hybrid and self.mirror is not None
+
+    def _act(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, Release):
+                self._to_client(a.conn, DATA, a.data)
+            elif isinstance(a, ReleaseClose):
+                self._to_client(a.conn, CLOSE, b"")
+            elif isinstance(a, NeedCheckpoint) and self.active is not None and not self.checkpoint_asked:
+                self.checkpoint_asked = True
+                self._record("checkpoint-asked", trigger=str(a.trigger), reason=a.reason)
+                self.active.try_send(CheckpointNow(Trigger(a.trigger)))
 
     def _release_upto(self, seq: int) -> None:
         for s in sorted(k for k in self.held if k <= seq):
@@ -281,6 +326,9 @@ class Gateway:
 
     def _release(self, seq: int, kind: int, conn: int, data: bytes) -> None:
         self.released_seq = max(self.released_seq, seq)
+        self._to_client(conn, kind, data)
+
+    def _to_client(self, conn: int, kind: int, data: bytes) -> None:
         c = self.clients.get(conn)
         if c is None:
             return  # the client is gone
@@ -305,27 +353,91 @@ class Gateway:
             return  # a fenced or refused node: ignore it
         elif isinstance(ev, NodeStatus):
             self.node_info[role] = dict(ev.info)
+        elif self.hybrid and role == "secondary" and isinstance(ev, (Output, Commit, Promoted)):
+            self.sec_queue.append(ev)  # in order: a resync marker may have to wait for the primary's commit
+            self._drain_secondary(link)
         elif isinstance(ev, Output) and link is self.active:
             self._output(ev)
         elif isinstance(ev, Commit) and link is self.active:
+            self.primary_committed = ev.epoch
+            if self._comparing():
+                self._act(self.comparer.checkpoint_committed(ev.output_seq))
+                self.released_seq = max(self.released_seq, self.comparer.released_seq)
+                self.checkpoint_asked = False
             self._release_upto(ev.output_seq)
             self._trim_log(ev.input_seq)
+            sec = self.nodes.get("secondary")
+            if self.hybrid and sec is not None:
+                self._drain_secondary(sec)
         elif isinstance(ev, Protection) and link is self.active:
             self.protected = ev.state == ProtectionState.PROTECTED
             if not self.protected:
-                self._release_upto(1 << 62)
-                self._trim_log(1 << 62)
+                self._unprotected()
             self._record("protected" if self.protected else "unprotected", role=role)
         elif isinstance(ev, FailoverRequest) and role == "secondary":
             self._record("failover-request", reason=ev.reason)
             if self.failover_requested_at is None:
                 self.failover_requested_at = time.monotonic()
         elif isinstance(ev, Promoted) and link is self.promoting:
-            self._on_promoted(link, ev)
+            self._on_promoted(link, ev)  # periodic mode (hybrid: through the secondary's queue)
         elif isinstance(ev, Heartbeat):
             pass
         else:
             log.warning("gateway: unexpected %r from the %s", ev, role)
+
+    def _drain_secondary(self, link: Link) -> None:
+        """Hybrid: handle the secondary's events in order. Its marker "I loaded checkpoint E" (a commit from the
+        secondary) waits until the primary's commit of E has been handled: output it sends after the marker
+        belongs to the new state and must not be dropped with the old."""
+        while self.sec_queue:
+            ev = self.sec_queue[0]
+            if isinstance(ev, Commit) and 0 < ev.epoch and ev.epoch > self.primary_committed:
+                promoted = next((e for e in self.sec_queue if isinstance(e, Promoted)), None)
+                if self.promoting is None or promoted is None:
+                    return  # wait for the primary's commit of this epoch (or for the promotion report)
+                # The primary died before committing E, but the secondary holds E: clients must see exactly
+                # the primary's output up to E (the primary never ran past E: it resumes after the commit).
+                self.sec_queue.popleft()
+                self._act(self.comparer.failover_rollback(ev.output_seq, promoted.events))
+                self.mirror = None
+                continue
+            self.sec_queue.popleft()
+            if isinstance(ev, Commit):
+                self._secondary_synced(link, ev)
+            elif isinstance(ev, Promoted):
+                if link is self.promoting:
+                    self._on_promoted(link, ev)
+            elif self._comparing() and link is self.mirror:
+                self._act(self.comparer.secondary_output(ev.kind, ev.conn, ev.data, time.monotonic()))
+            elif link is self.active:
+                self._output(ev)  # promoted, on its own now
+
+    def _secondary_synced(self, link: Link, ev: Commit) -> None:
+        """Hybrid: the secondary's VM now equals checkpoint `epoch`. Its earlier output is from a run that no
+        longer exists; it needs every input after input_seq (the first time: it starts receiving inputs)."""
+        self.synced_epoch = ev.epoch
+        if ev.epoch > 0:
+            self.comparer.secondary_resynced()
+        first = self.mirror is not link
+        self.mirror = link
+        for logged in self.log:
+            if logged[0] > ev.input_seq:
+                self._send_input(link, logged)
+        if first:
+            self._record("mirroring", role="secondary", epoch=ev.epoch, input_seq=ev.input_seq)
+            held, self.held = self.held, {}
+            for seq in sorted(held):  # the primary's output since the copy: the secondary will produce it too
+                kind, conn, data = held[seq]
+                self._act(self.comparer.primary_output(seq, kind, conn, data, time.monotonic()))
+
+    def _unprotected(self) -> None:
+        """The active node goes on alone: release everything held, stop comparing and mirroring."""
+        if self._comparing():
+            self._act(self.comparer.checkpoint_committed(1 << 62))  # the primary's held output, all of it
+        self._release_upto(1 << 62)
+        self.mirror = None
+        if "secondary" not in self.nodes:
+            self._trim_log(1 << 62)
 
     def _on_hello(self, link: Link, ev: NodeHello) -> None:
         role = link.peer_role
@@ -365,6 +477,10 @@ class Gateway:
             log.error("gateway: the secondary died while taking over: the service is down")
         elif role == "secondary":
             self.failover_requested_at = None
+            if link is self.mirror:
+                self.mirror = None
+            if not self.protected:
+                self._trim_log(1 << 62)
 
     def _active_lost(self, why: str) -> None:
         self.active = None
@@ -388,11 +504,24 @@ class Gateway:
         link.close()
 
     def _on_promoted(self, link: Link, ev: Promoted) -> None:
-        # Outputs the surviving state covers: fill in any we never got, release them all, in order.
-        for seq, kind, conn, data in ev.events:
-            if seq > self.released_seq and seq <= ev.output_seq and seq not in self.held:
-                self.held[seq] = (kind, conn, data)
-        self._release_upto(ev.output_seq)
+        if self.hybrid and self.mirror is None and self.comparer.failed_over:
+            pass  # already rolled back to the checkpoint it holds (see _drain_secondary)
+        elif self.hybrid and self.mirror is link:
+            if ev.epoch > self.synced_epoch:
+                # It loaded a checkpoint that arrived complete as the primary died: clients must see exactly
+                # the primary's output up to that checkpoint, nothing of either VM beyond it.
+                self._act(self.comparer.failover_rollback(ev.output_seq, ev.events))
+            else:
+                # It goes on from its own running state, which produced everything clients saw: release the
+                # output it has that the comparer still holds.
+                self._act(self.comparer.failover_continue())
+            self.mirror = None
+        else:
+            # Outputs the surviving state covers: fill in any we never got, release them all, in order.
+            for seq, kind, conn, data in ev.events:
+                if seq > self.released_seq and seq <= ev.output_seq and seq not in self.held:
+                    self.held[seq] = (kind, conn, data)
+            self._release_upto(ev.output_seq)
         self.held.clear()  # beyond the checkpoint: never seen by a client; the secondary will redo it
         self.promoting = None
         self.active = link
@@ -467,7 +596,8 @@ class Gateway:
                         "service": "%s:%d" % self.service_address, "clients": len(self.clients),
                         "input_seq": self.input_seq, "released_output_seq": self.released_seq,
                         "held_outputs": len(self.held), "logged_inputs": len(self.log),
-                        "protected": self.protected},
+                        "protected": self.protected, "mode": self.cfg.mode,
+                        "compare_held_bytes": self.comparer.held_total() if self.hybrid else 0},
             "nodes": nodes,
             "events": self.events[-20:],
         }

@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import TextIO
 
 from colo.auth import Handshake
@@ -121,9 +121,13 @@ class Link:
         while (msg := self._decoder.next_message()) is not None:
             self._deliver(msg)
 
+    on_arrival: Callable[[Event], None] | None = None  # called in the reader thread, before queueing
+
     def _deliver(self, msg: Event) -> None:
         if self._tracer is not None and isinstance(msg, Message):
             self._tracer("<-", self.name, msg)
+        if self.on_arrival is not None:
+            self.on_arrival(msg)  # e.g. stop the running VM now: a checkpoint request must not wait a slice
         if self.inbox is not None:
             self.inbox.put((self, msg))
         else:

@@ -74,7 +74,7 @@ class ProtectionState(enum.StrEnum):
 # thing everywhere. A rule returns None when the value is fine, else what is wrong with it.
 # `type(v) is int` on purpose: bool is a subclass of int and True is not an epoch.
 def _epoch_rule(v: object) -> str | None:
-    return None if type(v) is int and v >= 1 else f"must be an int >= 1, got {v!r}"
+    return None if type(v) is int and v >= 0 else f"must be an int >= 0, got {v!r}"
 
 
 def _size_rule(v: object) -> str | None:

@@ -27,7 +27,7 @@ from colo.messages import (CheckpointNow, Fence, Heartbeat, Input, Message, Node
                            Trigger)
 from colo.protocol import ConnectionClosed
 from toyvm import Machine, StopReason
-from toyvm.devices.net import QueueFull, SequenceError
+from toyvm.devices.net import QueueFull
 
 log = logging.getLogger("colo.node")
 
@@ -104,12 +104,13 @@ class Node:
         self.gw: Link | None = None
         self.repl: ProtocolLink | None = None
         self.vm: Machine | None = None
-        self.backlog: collections.deque[Input] = collections.deque()
+        self.backlog: dict[int, Input] = {}  # inputs not yet in the VM, by seq: replays may arrive out of order
         self.epoch_outputs: list[list[Any]] = []  # outputs since the last checkpoint: the next one carries them
         self.requested_trigger: Trigger | None = None
         self.state = "starting"
         self._stop_heartbeat = threading.Event()
         self.state_log = StateLog()
+        self.shutdown_requested = False
         sys.setswitchinterval(0.0005)  # hand the GIL over fast: link threads must not wait 5 ms to run
         keep_buffers_on_heap()
 
@@ -152,7 +153,15 @@ class Node:
                 return None
             return link, ev
 
+    def request_shutdown(self) -> None:
+        """From a signal handler: stop at the next exact point and leave cleanly."""
+        self.shutdown_requested = True
+        if self.vm is not None:
+            self.vm.request_stop()
+
     def check_gateway(self) -> None:
+        if self.shutdown_requested:
+            raise NodeStop("stopped by a signal", 0)
         gw = self.gw
         if gw is not None and not gw.alive(self.cfg.heartbeat_timeout):
             raise GatewayLost("connection closed" if gw.closed else
@@ -160,7 +169,7 @@ class Node:
 
     def on_gateway_event(self, ev: Event) -> None:
         if isinstance(ev, Input):
-            self.backlog.append(ev)
+            self.backlog[ev.seq] = ev
         elif isinstance(ev, Fence):
             raise Fenced(ev.reason)
         elif isinstance(ev, CheckpointNow):
@@ -178,15 +187,19 @@ class Node:
     # -- serving the guest ------------------------------------------------------------------------------
     def deliver_inputs(self) -> None:
         assert self.vm is not None
+        net = self.vm.net
         while self.backlog:
-            ev = self.backlog[0]
+            seq = net.state.last_input_seq + 1
+            for old in [s for s in self.backlog if s < seq]:
+                del self.backlog[old]  # the VM has it already (a replay, or a state that went past it)
+            ev = self.backlog.get(seq)
+            if ev is None:
+                return  # a gap: the gateway sends the missing input (replay after a rollback) next
             try:
-                self.vm.net.deliver(ev.kind, ev.conn, ev.data, seq=ev.seq)
+                net.deliver(ev.kind, ev.conn, ev.data, seq=ev.seq)
             except QueueFull:
                 return  # the guest has not caught up: hold the rest (the gateway holds what we do not read)
-            except SequenceError as e:
-                raise NodeStop(f"input stream out of order: {e}", 5) from None
-            self.backlog.popleft()
+            del self.backlog[seq]
 
     def forward_outputs(self) -> None:
         assert self.vm is not None and self.gw is not None
@@ -203,6 +216,7 @@ class Node:
         assert vm is not None
         deadline = time.monotonic() + seconds
         while self.requested_trigger is None:
+            self.check_gateway()
             left = deadline - time.monotonic()
             if left <= 0:
                 return

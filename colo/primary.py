@@ -18,7 +18,7 @@ from colo import vmstate
 from colo.errors import ColoError
 from colo.faults import FaultPlan
 from colo.link import Closed, Event, Link, ProtocolLink, authenticate, connect
-from colo.messages import (CheckpointReady, CheckpointReply, CheckpointRequest, Commit, ErrorMessage, Heartbeat,
+from colo.messages import (CheckpointNow, CheckpointReady, CheckpointReply, CheckpointRequest, Commit, ErrorMessage, Heartbeat,
                            InitialChunk, InitialSize, Message, Protection, ProtectionState, Trigger, VmstateChunk,
                            VmstateLoaded, VmstateReceived, VmstateSend, VmstateSize)
 from colo.node import GuestExited, Node, NodeConfig, NodeStop
@@ -42,8 +42,9 @@ class PrimaryConfig(NodeConfig):
     ram: int = 64 << 20
     cmdline: str = ""
     secondary: tuple[str, int] | None = None
-    interval: float = 0.1
+    interval: float = 0.1  # periodic: the checkpoint interval; hybrid: the backstop interval
     stats: str | None = None
+    mode: str = "periodic"
 
 
 class PrimaryNode(Node):
@@ -64,7 +65,7 @@ class PrimaryNode(Node):
         info = super().status_info()
         info.update(epoch=self.epoch - 1, checkpoints=self.checkpoints, triggers=dict(self.triggers),
                     protected=self.protected, last_pause_ms=round(self.last_pause_ms, 3),
-                    interval_ms=round(self.pcfg.interval * 1e3, 3))
+                    interval_ms=round(self.pcfg.interval * 1e3, 3), mode=self.pcfg.mode)
         return info
 
     # -- start ------------------------------------------------------------------------------------------
@@ -73,6 +74,8 @@ class PrimaryNode(Node):
         self.vm = Machine(cfg.ram, hooks=cfg.hooks)
         self.vm.boot(Path(cfg.guest), cfg.cmdline)
         self.connect_gateway()
+        assert self.gw is not None
+        self.gw.on_arrival = self._stop_vm_for_request
         self.state = "unprotected"
         if cfg.secondary is not None:
             self.protect(cfg.secondary)
@@ -97,6 +100,15 @@ class PrimaryNode(Node):
         finally:
             self.stats.close()
             self.stop()
+
+    def held_inputs(self) -> list[list[Any]]:
+        return [[e.seq, e.kind, e.conn, e.data] for _, e in sorted(self.backlog.items())]
+
+    def _stop_vm_for_request(self, ev: Event) -> None:
+        """Reader thread: the gateway asks for a checkpoint (hybrid mismatch, timeout, manual): stop the VM at
+        its next exact point instead of finishing the slice."""
+        if isinstance(ev, CheckpointNow) and self.vm is not None:
+            self.vm.request_stop()
 
     def protect(self, address: tuple[str, int]) -> None:
         """Connect to the secondary and give it the whole VM; on success checkpoints start."""
@@ -132,7 +144,7 @@ class PrimaryNode(Node):
         self.forward_outputs()  # what the guest said before protection belongs to the unprotected past
         self.epoch_outputs.clear()
         vm.collect_dirty()
-        blob, _ = vmstate.encode(vm, vm.ram.nonzero_pages(), epoch=0, full=True)
+        blob, _ = vmstate.encode(vm, vm.ram.nonzero_pages(), epoch=0, full=True, inputs=self.held_inputs())
         self.state_log.write(vm, 0)
         for lo in range(0, len(blob), DEFAULT_CHUNK_SIZE):
             self.repl.send(InitialChunk(blob[lo:lo + DEFAULT_CHUNK_SIZE]))
@@ -157,11 +169,12 @@ class PrimaryNode(Node):
             outputs = self.epoch_outputs
             self.epoch_outputs = []
             pages = vm.collect_dirty()
-            blob, st = vmstate.encode(vm, pages, epoch=epoch, full=False, outputs=outputs)
+            blob, st = vmstate.encode(vm, pages, epoch=epoch, full=False, outputs=outputs,
+                                      inputs=self.held_inputs())
             self.state_log.write(vm, epoch)
-            clock.phases["collect"] = st.collect_s * 1e3
-            clock.mark("compress")
-            clock.phases["compress"] -= clock.phases["collect"]
+            clock.mark("compress")  # collect (dirty log, page runs, machine state) + compress: split them
+            clock.phases["collect"] = clock.phases["compress"] - st.compress_s * 1e3
+            clock.phases["compress"] = st.compress_s * 1e3
             repl.send(VmstateSend(epoch))
             chunks = range(0, len(blob), DEFAULT_CHUNK_SIZE)
             for n, lo in enumerate(chunks):

@@ -17,7 +17,7 @@ from colo import vmstate
 from colo.errors import AuthError, ColoError
 from colo.faults import FaultPlan
 from colo.link import Closed, Event, Link, ProtocolLink, authenticate
-from colo.messages import (CheckpointReady, CheckpointReply, CheckpointRequest, ErrorMessage, FailoverRequest,
+from colo.messages import (CheckpointReady, Commit, Input, CheckpointReply, CheckpointRequest, ErrorMessage, FailoverRequest,
                            Heartbeat, InitialChunk, InitialSize, Promote, Promoted, VmstateChunk, VmstateLoaded,
                            VmstateReceived, VmstateSend, VmstateSize)
 from colo.node import Node, NodeConfig, NodeStop
@@ -32,6 +32,7 @@ log = logging.getLogger("colo.secondary")
 class SecondaryConfig(NodeConfig):
     listen: tuple[str, int] = ("127.0.0.1", 0)
     on_listening: Any = field(default=None, repr=False)  # callback(address) once the port is open
+    mode: str = "periodic"  # "hybrid": the secondary VM runs too, on the same inputs as the primary
 
 
 class PrimaryLost(Exception):
@@ -48,6 +49,9 @@ class SecondaryNode(Node):
         self.complete: vmstate.StagedCheckpoint | None = None  # received and verified, not yet applied
         self.applied: vmstate.StagedCheckpoint | None = None  # the checkpoint the VM holds now
         self.promoted = False
+        self.hybrid = cfg.mode == "hybrid"
+        self.cache: Any = None  # hybrid: the primary's memory as of the last checkpoint
+        self.in_checkpoint = False
         self._chunks: list[bytes] = []
         self._pending: list[tuple[socket.socket, Any]] = []
         self._pending_lock = threading.Lock()
@@ -69,7 +73,10 @@ class SecondaryNode(Node):
             self.connect_gateway()
             self.state = "waiting for the primary"
             while not self.promoted:
-                self.step()
+                if self.hybrid and self.repl is not None and self.applied is not None:
+                    self.run_hybrid()
+                else:
+                    self.step()
             return self.serve_forever()
         except NodeStop as e:
             log.warning("secondary: %s", e)
@@ -105,8 +112,14 @@ class SecondaryNode(Node):
                 continue
             self.repl = ProtocolLink(sock, SecondaryProtocol(hs), name="primary", tracer=self.tracer,
                                      inbox=self.inbox)
+            self.repl.on_arrival = self._stop_vm_for_checkpoint
             self._chunks = []
             self.state = "receiving the initial copy"
+
+    def _stop_vm_for_checkpoint(self, ev: Event) -> None:
+        """Reader thread: a checkpoint request stops our running VM at its next exact point (hybrid)."""
+        if isinstance(ev, CheckpointRequest) and self.vm is not None:
+            self.vm.request_stop()
 
     # -- the main loop ----------------------------------------------------------------------------------
     def step(self) -> None:
@@ -128,6 +141,30 @@ class SecondaryNode(Node):
         except (StateError, ToyVMError, ColoError) as e:
             self.drop_primary(f"bad state from the primary: {e}")
 
+    def run_hybrid(self) -> None:
+        """Hybrid mode between checkpoints: run our own VM on the mirrored inputs, as the primary does."""
+        try:
+            self.serve(0.05, lambda link, ev: self.on_replication(ev) if link is self.repl else None)
+            repl = self.repl
+            if repl is not None and not repl.alive(self.cfg.heartbeat_timeout) and not repl.closed:
+                raise PrimaryLost(f"the primary was silent for more than {self.cfg.heartbeat_timeout} s")
+        except PrimaryLost as e:
+            self.primary_lost(str(e))
+        except (StateError, ToyVMError, ColoError) as e:
+            self.drop_primary(f"bad state from the primary: {e}")
+
+    def _finish_checkpoint(self) -> None:
+        """Hybrid: after checkpoint-reply our VM stays stopped; take the rest of the checkpoint here."""
+        while self.in_checkpoint:
+            repl = self.repl
+            if repl is None:
+                return
+            if not repl.alive(self.cfg.heartbeat_timeout):
+                raise PrimaryLost("the primary went silent during a checkpoint")
+            got = self.next_event(self.cfg.heartbeat_timeout)
+            if got is not None and got[0] is repl:
+                self.on_replication(got[1])
+
     def on_replication(self, ev: Event) -> None:
         repl = self.repl
         assert repl is not None
@@ -139,12 +176,17 @@ class SecondaryNode(Node):
         elif isinstance(ev, InitialSize):
             self.load_initial(b"".join(self._chunks))
             self._chunks = []
+            if self.hybrid:
+                self.resync()
             repl.send(CheckpointReady(proto.epoch))
-            self.state = "secondary"
+            self.state = "secondary (hybrid: running)" if self.hybrid else "secondary"
         elif isinstance(ev, CheckpointRequest):
             self.faults.reach("after-request", ev.epoch)
+            self.in_checkpoint = True  # hybrid: our VM is stopped (between slices) until vmstate-loaded
             repl.send(CheckpointReply(ev.epoch))
             self.faults.reach("after-reply", ev.epoch)
+            if self.hybrid:
+                self._finish_checkpoint()
         elif isinstance(ev, VmstateSend):
             self._chunks = []
         elif isinstance(ev, VmstateSize):
@@ -155,6 +197,9 @@ class SecondaryNode(Node):
             repl.send(VmstateReceived(ev.epoch))
             self.faults.reach("after-received", ev.epoch)
             self.apply_complete()
+            self.in_checkpoint = False
+            if self.hybrid:
+                self.resync()
             repl.send(VmstateLoaded(ev.epoch))
             self.faults.reach("after-loaded", ev.epoch)
         elif isinstance(ev, Heartbeat):
@@ -172,13 +217,29 @@ class SecondaryNode(Node):
         vmstate.apply(vm, staged)
         self.vm, self.applied, self.complete = vm, staged, None
         self.epoch_outputs = []
+        self.backlog = {e[0]: Input(*e) for e in staged.inputs}
+        if self.hybrid:
+            self.cache = vm.ram.view.copy()
         self.state_log.write(vm, 0)
 
     def apply_complete(self) -> None:
         if self.complete is not None and self.vm is not None:
-            vmstate.apply(self.vm, self.complete)
+            if self.hybrid:
+                vmstate.apply_hybrid(self.vm, self.cache, self.complete)
+            else:
+                vmstate.apply(self.vm, self.complete)
+                self.backlog = {e[0]: Input(*e) for e in self.complete.inputs}
             self.applied, self.complete = self.complete, None
             self.state_log.write(self.vm, self.applied.epoch)
+
+    def resync(self) -> None:
+        """Hybrid: tell the gateway our VM now equals checkpoint `epoch`: our output before this point is from
+        a run that no longer exists (drop it), and inputs after input_seq are what we need next."""
+        staged = self.applied
+        assert staged is not None and self.gw is not None and self.vm is not None
+        self.vm.take_serial()
+        self.vm.net.take_output()  # produced by the discarded run: never sent
+        self.gw.send(Commit(staged.epoch, staged.input_seq, staged.output_seq))
 
     def drop_primary(self, why: str) -> None:
         """Bad input: drop the connection, keep the last complete checkpoint, wait for a primary again."""
@@ -219,13 +280,19 @@ class SecondaryNode(Node):
         if self.repl is not None:
             self.repl.close()
             self.repl = None
+        rollback = self.complete is not None or not self.hybrid
         self.apply_complete()  # a complete checkpoint not yet applied: the primary may have released its output
         staged = self.applied
-        assert staged is not None and self.gw is not None
+        assert staged is not None and self.gw is not None and self.vm is not None
         self.promoted = True
         self.state = "active (unprotected)"
-        self.gw.send(Promoted(max(staged.epoch, 1), staged.input_seq, staged.output_seq,
-                              [list(e) for e in staged.outputs]))
+        if rollback:  # we resume from checkpoint `epoch`: the gateway replays what came after it
+            self.gw.send(Promoted(staged.epoch, staged.input_seq, staged.output_seq,
+                                  [list(e) for e in staged.outputs]))
+        else:  # hybrid: we go on from our own running state, which produced everything clients saw
+            net = self.vm.net.state
+            self.gw.send(Promoted(staged.epoch, net.last_input_seq, net.last_output_seq,
+                                  [list(e) for e in staged.outputs]))
         log.warning("secondary: promoted (%s): resuming from checkpoint %d in %.1f ms", why, staged.epoch,
                     (time.perf_counter() - started) * 1e3)
 

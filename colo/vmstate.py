@@ -8,6 +8,8 @@ A checkpoint's state is one blob, sent as vmstate-chunk (or initial-chunk) frame
       batches:  [{"index": u32 page numbers, "zero": packed bits (1 = the page is all zero, not sent),
                   "data": lz4 block of the non-zero pages in index order, "raw": its uncompressed size}]
       outputs:  network outputs produced since the previous checkpoint, [[seq, kind, conn, data], ...]
+      inputs:   inputs the primary holds that its VM has not accepted yet (same shape): a secondary that
+                takes over must not lose them
 
 The secondary decodes and checks all of it (CRC, structure, page numbers inside RAM, every batch
 decompresses to the size it claims, the machine state fits the VM) before it says vmstate-received;
@@ -70,7 +72,8 @@ def _batches(ram_pages: npt.NDArray[np.uint8], idx: npt.NDArray[np.uint32]) -> l
 
 
 def encode(vm: Machine, pages: npt.NDArray[np.int64], *, epoch: int, full: bool,
-           outputs: list[list[Any]] | None = None) -> tuple[bytes, EncodeStats]:
+           outputs: list[list[Any]] | None = None,
+           inputs: list[list[Any]] | None = None) -> tuple[bytes, EncodeStats]:
     """The checkpoint blob for `pages` of vm's RAM plus its CPU and device state. The VM must stay stopped
     until the blob is built (its RAM is read in place)."""
     st = EncodeStats(dirty_pages=len(pages))
@@ -85,7 +88,8 @@ def encode(vm: Machine, pages: npt.NDArray[np.int64], *, epoch: int, full: bool,
     batches = [{"index": i.tobytes(), "zero": np.packbits(z).tobytes(), "data": c, "raw": len(b)}
                for (i, z, _), b, c in zip(parts, blocks, compressed)]
     body = msgpack.packb({"format": FORMAT, "version": VERSION, "epoch": epoch, "full": full,
-                          "vm": machine_state, "batches": batches, "outputs": outputs or []},
+                          "vm": machine_state, "batches": batches, "outputs": outputs or [],
+                          "inputs": inputs or []},
                          use_bin_type=True)
     blob = _HEAD.pack(MAGIC, zlib.crc32(body)) + body
     st.compress_s = time.perf_counter() - t1
@@ -111,6 +115,7 @@ class StagedCheckpoint:
     vm_state: dict[str, Any]
     batches: list[Batch]
     outputs: list[list[Any]] = field(default_factory=list)
+    inputs: list[list[Any]] = field(default_factory=list)
 
     @property
     def input_seq(self) -> int:
@@ -165,10 +170,13 @@ def decode(blob: bytes, vm: Machine, *, epoch: int) -> StagedCheckpoint:
             if len(raw) != want:
                 raise _fail(epoch, f"batch decompressed to {len(raw)} bytes, expected {want}")
             batches.append(Batch(index, zero, np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)))
-        outputs = m["outputs"]
-        if not isinstance(outputs, list):
-            raise _fail(epoch, "outputs must be a list")
-        return StagedCheckpoint(epoch, bool(m["full"]), vm_state, batches, outputs)
+        outputs, inputs = m["outputs"], m["inputs"]
+        for name, events in (("outputs", outputs), ("inputs", inputs)):
+            if not isinstance(events, list) or not all(
+                    isinstance(e, list) and len(e) == 4 and all(isinstance(v, int) for v in e[:3])
+                    and isinstance(e[3], bytes) for e in events):
+                raise _fail(epoch, f"{name} must be a list of [seq, kind, conn, data] events")
+        return StagedCheckpoint(epoch, bool(m["full"]), vm_state, batches, outputs, inputs)
     except StateError:
         raise
     except (KeyError, TypeError, ValueError, msgpack.UnpackException, lz4.block.LZ4BlockError) as e:
@@ -198,3 +206,20 @@ def peek_ram_size(blob: bytes) -> int:
     except Exception as e:  # noqa: BLE001 - any malformation is reported the same way
         raise StateError(f"initial state: cannot read the RAM size ({e!r})") from None
     return size
+
+
+def apply_hybrid(vm: Machine, cache: npt.NDArray[np.uint8], staged: StagedCheckpoint) -> int:
+    """Hybrid mode (QEMU's colo_flush_ram_cache): the secondary VM ran too, so besides the pages the primary
+    changed, every page the secondary wrote itself must go back to the primary's version. `cache` holds the
+    primary's memory as of the last checkpoint; the checkpoint's pages update it first. Returns the number of
+    pages copied into the VM."""
+    cache_pages = cache.reshape(-1, PAGE_SIZE)
+    touched = [vm.collect_dirty().astype(np.uint32)]  # what the secondary's own run wrote
+    for b in staged.batches:
+        cache_pages[b.index[~b.zero]] = b.data
+        cache_pages[b.index[b.zero]] = 0
+        touched.append(b.index)
+    idx = np.unique(np.concatenate(touched))
+    vm.ram.pages[idx] = cache_pages[idx]
+    vm.restore_state(staged.vm_state, checked=True)
+    return len(idx)

@@ -61,9 +61,10 @@ def test_messages_are_frozen() -> None:
         msg.epoch = 2  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("bad", [0, -1, True, 1.0, "1", None])
-def test_epoch_must_be_a_positive_int(bad: object) -> None:
-    with pytest.raises(WireError, match="checkpoint-ready: field 'epoch' must be an int >= 1"):
+@pytest.mark.parametrize("bad", [-1, True, 1.0, "1", None])
+def test_epoch_must_be_a_non_negative_int(bad: object) -> None:
+    """Epoch 0 is the initial full copy; the protocol, not the field rule, decides which epoch is expected."""
+    with pytest.raises(WireError, match="checkpoint-ready: field 'epoch' must be an int >= 0"):
         CheckpointReady(bad)  # type: ignore[arg-type]
 
 
