@@ -163,8 +163,8 @@ class Handshake:
             if not isinstance(msg, AuthChallenge):
                 self._fail(f"expected auth-challenge, got {describe(msg)}")
             if msg.role not in self._accepted:
-                wanted = " or ".join(repr(r) for r in sorted(self._accepted))
-                self._fail(f"peer says it is {msg.role!r}, expected {wanted}")
+                roles = " or ".join(repr(r) for r in sorted(self._accepted))
+                self._fail(f"peer says it is {msg.role!r}, expected {roles}")
             self.peer_role = msg.role
             if hmac.compare_digest(msg.nonce, self._nonce):
                 self._fail("peer sent our own nonce back (reflected challenge)")

@@ -407,6 +407,8 @@ class Gateway:
             elif isinstance(ev, Promoted):
                 if link is self.promoting:
                     self._on_promoted(link, ev)
+            elif not isinstance(ev, Output):
+                continue
             elif self._comparing() and link is self.mirror:
                 self._act(self.comparer.secondary_output(ev.kind, ev.conn, ev.data, time.monotonic()))
             elif link is self.active:

@@ -38,7 +38,7 @@ SLICE = 0.01
 def state_digest(vm: Machine) -> dict[str, str]:
     """Hashes of the whole VM state (RAM, CPU, devices): equal digests mean equal VMs."""
     st = vm.save_state(include_ram=False)
-    return {"ram": hashlib.sha256(vm.ram.view).hexdigest(),
+    return {"ram": hashlib.sha256(memoryview(vm.ram.view)).hexdigest(),
             "cpu": hashlib.sha256(msgpack.packb(st["cpu"], use_bin_type=True)).hexdigest(),
             "devices": hashlib.sha256(msgpack.packb(st["devices"], use_bin_type=True)).hexdigest()}
 

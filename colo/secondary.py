@@ -58,8 +58,8 @@ class SecondaryNode(Node):
 
     def status_info(self) -> dict[str, Any]:
         info = super().status_info()
-        info.update(epoch=self.applied.epoch if self.applied else 0,
-                    complete_epoch=(self.complete or self.applied).epoch if (self.complete or self.applied) else 0)
+        latest = self.complete or self.applied
+        info.update(epoch=self.applied.epoch if self.applied else 0, complete_epoch=latest.epoch if latest else 0)
         return info
 
     # -- start ------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ _offset: int | None = None
 
 def _words(uc: Uc) -> ctypes.Array[ctypes.c_uint64]:
     addr = ctypes.cast(uc._uch, ctypes.c_void_p).value
-    return (ctypes.c_uint64 * _SCAN_WORDS).from_address(addr)  # type: ignore[operator]
+    assert addr is not None
+    return (ctypes.c_uint64 * _SCAN_WORDS).from_address(addr)
 
 
 def _run(nops: int, count: int) -> Uc:

@@ -22,7 +22,8 @@ def state_from_dict(cls: type[S], name: str, data: Any) -> S:
         raise StateError(f"device {name}: state fields {sorted(data)} do not match {sorted(fields)}")
     for key, value in data.items():
         expected = fields[key].type
-        kinds = {"int": int, "bytes": bytes, "bool": bool, "list": list, "int | None": (int, type(None))}
+        kinds: dict[str, type | tuple[type, ...]] = {"int": int, "bytes": bytes, "bool": bool, "list": list,
+                                                     "int | None": (int, type(None))}
         kind = kinds.get(str(expected).replace("builtins.", ""))
         if kind is not None and not isinstance(value, kind):
             raise StateError(f"device {name}: field {key} should be {expected}, got {type(value).__name__}")
