@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench guests guests-check clean
+.PHONY: setup test test-fast demo demo-kvstore bench bench-checkpoint guests guests-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,12 +20,21 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
+# The replicated key-value guest survives a SIGKILLed primary; it uses redis-cli only if it is installed.
 demo: $(STAMP)
+	$(PY) -m colo demo
+
+# The key-value guest alone, with the real redis-cli and redis-benchmark.
+demo-kvstore: $(STAMP)
 	@scripts/need-redis-tools
 	$(PY) scripts/kvstore_demo.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/guest_speed.py
+
+# Checkpoint pause through a real local cluster against the copy + lz4 floor (about 70 s); results: BENCHMARKS.md.
+bench-checkpoint: $(STAMP)
+	$(PY) benchmarks/checkpoint_cost.py
 
 guests:
 	$(MAKE) -C guests

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup_logging(args: argparse.Namespace, role: str) -> None:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format=f"colo {role}: %(message)s", stream=sys.stderr)
+                        format="colo %(message)s", stream=sys.stderr)  # messages start with the role
 
 
 def _on_term(handler: Any) -> None:

@@ -241,8 +241,8 @@ def percentile(values: list[float], p: float) -> float:
 def describe_code(role: str, code: int | None) -> str:
     if code == -signal.SIGKILL and role == "primary":
         return f"{code} (SIGKILL: the one we killed)"
-    if code == 3:  # colo.node.GatewayLost: the gateway went first, and a node without it stops serving
-        return "3 (saw the gateway stop first)"
+    if code == 3:  # colo.node.GatewayLost: a node cut off from the gateway stops serving
+        return "3 (it lost the gateway)"
     if code is not None and code < 0:
         try:
             return f"{code} ({signal.Signals(-code).name}" + (", ours)" if code == -signal.SIGTERM else ")")
@@ -478,18 +478,17 @@ def run_demo(args: argparse.Namespace) -> int:
     say(f"  whole demo took       {time.monotonic() - started:.1f} s")
 
     problems = [failed] if failed else []
-    if failed:
-        pass
-    elif run.promoted is None:
-        problems.append("the secondary was never promoted")
-    if run.sets + run.incrs == 0:
-        problems.append("no write was acknowledged")
-    if run.bad:
-        problems.append(f"{run.bad} acknowledged writes were lost or wrong")
-    if run.broken:
-        problems.append(f"{run.broken} client connections broke")
-    if run.stuck:
-        problems.append(f"{run.stuck} clients never finished")
+    if not failed:
+        if run.promoted is None:
+            problems.append("the secondary was never promoted")
+        if run.sets + run.incrs == 0:
+            problems.append("no write was acknowledged")
+        if run.bad:
+            problems.append(f"{run.bad} acknowledged writes were lost or wrong")
+        if run.broken:
+            problems.append(f"{run.broken} client connections broke")
+        if run.stuck:
+            problems.append(f"{run.stuck} clients never finished")
     if problems:
         say(f"colo demo: FAILED: {'; '.join(problems)}. The roles' logs: {logs_path}")
         return 1

@@ -490,7 +490,8 @@ class Gateway:
         if self.protected and sec is not None and not sec.closed:
             self._promote(sec, f"the primary was lost: {why}")
         else:
-            log.error("gateway: the active node was lost (%s) and no ready secondary can take over", why)
+            log.warning("gateway: the active node is gone (%s) and no ready secondary can take over: the service "
+                        "waits for a node", why)
 
     def _promote(self, sec: Link, why: str) -> None:
         self.failover_started = time.monotonic()

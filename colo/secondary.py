@@ -139,7 +139,7 @@ class SecondaryNode(Node):
         except PrimaryLost as e:
             self.primary_lost(str(e))
         except (StateError, ToyVMError, ColoError) as e:
-            self.drop_primary(f"bad state from the primary: {e}")
+            self._bad_input_or_loss(e)
 
     def run_hybrid(self) -> None:
         """Hybrid mode between checkpoints: run our own VM on the mirrored inputs, as the primary does."""
@@ -151,7 +151,7 @@ class SecondaryNode(Node):
         except PrimaryLost as e:
             self.primary_lost(str(e))
         except (StateError, ToyVMError, ColoError) as e:
-            self.drop_primary(f"bad state from the primary: {e}")
+            self._bad_input_or_loss(e)
 
     def _finish_checkpoint(self) -> None:
         """Hybrid: after checkpoint-reply our VM stays stopped; take the rest of the checkpoint here."""
@@ -240,6 +240,14 @@ class SecondaryNode(Node):
         self.vm.take_serial()
         self.vm.net.take_output()  # produced by the discarded run: never sent
         self.gw.send(Commit(staged.epoch, staged.input_seq, staged.output_seq))
+
+    def _bad_input_or_loss(self, e: Exception) -> None:
+        """A protocol error on a link that has closed is the primary dying mid-conversation, not bad input."""
+        repl = self.repl
+        if repl is not None and (repl.closed or repl.proto.state.name == "CLOSED"):
+            self.primary_lost(f"the connection closed mid-checkpoint ({e})")
+        else:
+            self.drop_primary(f"bad state from the primary: {e}")
 
     def drop_primary(self, why: str) -> None:
         """Bad input: drop the connection, keep the last complete checkpoint, wait for a primary again."""
