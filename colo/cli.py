@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(args: argparse.Namespace, role: str) -> None:
+def _setup_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="colo %(message)s", stream=sys.stderr)  # messages start with the role
 
@@ -163,7 +163,7 @@ def _on_term(handler: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args, args.command)
+    _setup_logging(args)
     try:
         if args.command == "gateway":
             return cmd_gateway(args)
