@@ -409,10 +409,12 @@ class Gateway:
                     self._on_promoted(link, ev)
             elif not isinstance(ev, Output):
                 continue
-            elif self._comparing() and link is self.mirror:
+            elif (self._comparing() and link is self.mirror) or (self.comparer.failed_over and link is self.active):
+                # Compared with the primary's; after a failover the comparer passes the survivor's output
+                # straight through (its output numbers are its own, not the primary's).
                 self._act(self.comparer.secondary_output(ev.kind, ev.conn, ev.data, time.monotonic()))
             elif link is self.active:
-                self._output(ev)  # promoted, on its own now
+                self._output(ev)
 
     def _secondary_synced(self, link: Link, ev: Commit) -> None:
         """Hybrid: the secondary's VM now equals checkpoint `epoch`. Its earlier output is from a run that no
