@@ -91,6 +91,7 @@ class Machine:
         self._hook_rip: int | None = None
         self._unmapped: tuple[str, int, int] | None = None
         self._power_rip: int | None = None
+        self._probe_uc: Uc | None = None
         self._power_count = 0
         self._stop_requested = threading.Event()
         self._ips = 50e6  # counted slices: instructions per second, learned as the guest runs
@@ -403,8 +404,9 @@ class Machine:
             probe = type(dev).__new__(type(dev))
             probe.__dict__.update(dev.__dict__)
             probe.restore(devices[dev.name])
-        probe_uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        restore_cpu(probe_uc, payload["cpu"])
+        if self._probe_uc is None:  # a scratch CPU, kept: a replica checks a state at every checkpoint
+            self._probe_uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        restore_cpu(self._probe_uc, payload["cpu"])
         return pages
 
     def restore_state(self, payload: dict[str, Any], *, checked: bool = False) -> None:
