@@ -86,21 +86,25 @@ class SecondaryNode(Node):
             self.listener.close()
 
     def _accept_loop(self) -> None:
-        """Authenticate every incoming connection; only a primary that proves the key becomes our peer."""
+        """Authenticate every incoming connection, each in its own thread (a silent peer must not delay the
+        real primary); only a primary that proves the key becomes our peer."""
         while True:
             try:
                 sock, peer = self.listener.accept()
             except OSError:
                 return
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                hs = authenticate(sock, self.cfg.key, "secondary", "primary")
-            except (AuthError, ColoError, OSError) as e:
-                log.error("secondary: refused a connection from %s:%d: %s", peer[0], peer[1], e)
-                sock.close()
-                continue
-            with self._pending_lock:
-                self._pending.append((sock, hs))
+            threading.Thread(target=self._authenticate, args=(sock, peer), daemon=True).start()
+
+    def _authenticate(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            hs = authenticate(sock, self.cfg.key, "secondary", "primary")
+        except (AuthError, ColoError, OSError) as e:
+            log.error("secondary: refused a connection from %s:%d: %s", peer[0], peer[1], e)
+            sock.close()
+            return
+        with self._pending_lock:
+            self._pending.append((sock, hs))
 
     def _adopt_primary(self) -> None:
         with self._pending_lock:

@@ -160,9 +160,13 @@ def decode(blob: bytes, vm: Machine, *, epoch: int) -> StagedCheckpoint:
         batches = []
         for b in m["batches"]:
             index = np.frombuffer(b["index"], dtype="<u4")
+            if len(index) == 0:
+                raise _fail(epoch, "a page batch with no pages")
+            if len(index) > 1 and not bool(np.all(np.diff(index.astype(np.int64)) > 0)):
+                raise _fail(epoch, "page indices in a batch must be strictly increasing")
             zero = np.unpackbits(np.frombuffer(b["zero"], dtype=np.uint8), count=len(index)).astype(bool)
-            if len(index) and int(index.max()) >= npages:
-                raise _fail(epoch, f"page index {int(index.max())} is outside guest RAM ({npages} pages)")
+            if int(index[-1]) >= npages:
+                raise _fail(epoch, f"page index {int(index[-1])} is outside guest RAM ({npages} pages)")
             want = int(np.count_nonzero(~zero)) * PAGE_SIZE
             if b["raw"] != want:
                 raise _fail(epoch, f"batch claims {b['raw']} bytes for {want // PAGE_SIZE} non-zero pages")

@@ -1,0 +1,520 @@
+"""Helpers for the end-to-end tests of colo: processes, status, state logs, Redis clients and a write ledger.
+
+Everything here is bounded in time: every wait has a deadline and every socket a timeout, so a broken
+replication layer makes a test fail, never hang.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from colo.auth import generate_key, load_key
+from colo.link import Link, authenticate, connect
+from colo.messages import StatusReply, StatusRequest
+from conftest import ROOT
+
+T = TypeVar("T")
+HOST = "127.0.0.1"
+START_TIMEOUT = 30.0
+
+
+# -- waiting ---------------------------------------------------------------------------------------------------
+def wait_for(pred: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll `pred` until it returns something truthy (returned) or fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            got = pred()
+            if got:
+                return got
+        except Exception as e:  # noqa: BLE001 - a transient failure of the probe: keep polling
+            last_exc = e
+        if time.monotonic() >= deadline:
+            extra = f" (last error: {last_exc!r})" if last_exc else ""
+            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("COLO_FAULT", None)
+    env.pop("COLO_STATE_LOG", None)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra or {})
+    return env
+
+
+def status_of(gateway: tuple[str, int], key: bytes, timeout: float = 5.0) -> dict[str, Any]:
+    """The gateway's status dict, asked over an authenticated control link (what `colo status` does)."""
+    sock = connect(gateway, timeout=timeout)
+    try:
+        link = Link(sock, authenticate(sock, key, "control", "gateway"), name="gateway")
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        link.send(StatusRequest())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ev = link.get(timeout=max(0.01, deadline - time.monotonic()))
+            if isinstance(ev, StatusReply):
+                return dict(ev.info)
+            if ev is not None and not hasattr(ev, "NAME"):
+                raise ConnectionError(f"the gateway closed the control connection: {ev!r}")
+        raise TimeoutError(f"no status reply within {timeout} s")
+    finally:
+        link.close()
+
+
+def events_named(status: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    return [e for e in status.get("events", []) if e.get("event") == name]
+
+
+# -- processes -------------------------------------------------------------------------------------------------
+class Procs:
+    """The colo roles as local processes, each with its own stdout and stderr file, as `LocalCluster` starts them
+    (`python -m colo ROLE ...`), but any subset of them, so a test can play a role itself."""
+
+    def __init__(self, directory: Path, *, heartbeat_timeout: float = 0.8, env: dict[str, dict[str, str]] | None = None,
+                 key: bytes | None = None) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.key_file = self.dir / "key"
+        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key or generate_key())
+        self.key = load_key(self.key_file)
+        self.heartbeat_timeout = heartbeat_timeout
+        self.env = env or {}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._files: list[Any] = []
+        self.gateway: tuple[str, int] = ("", 0)
+        self.service: tuple[str, int] = ("", 0)
+        self.secondary: tuple[str, int] = ("", 0)
+
+    def spawn(self, role: str, *args: str) -> subprocess.Popen[bytes]:
+        out = open(self.dir / f"{role}.out", "wb")
+        err = open(self.dir / f"{role}.err", "wb")
+        self._files += [out, err]
+        (self.dir / f"{role}.json").unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "colo", role, *args, "--key-file", str(self.key_file),
+               "--heartbeat-timeout", str(self.heartbeat_timeout), "--ready-file", str(self.dir / f"{role}.json")]
+        proc = subprocess.Popen(cmd, env=child_env(self.env.get(role)), cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=err, start_new_session=True)
+        self.procs[role] = proc
+        return proc
+
+    def wait_ready(self, role: str, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+        path = self.dir / f"{role}.json"
+
+        def ready() -> dict[str, Any] | None:
+            if path.exists():
+                return dict(json.loads(path.read_text()))
+            if self.procs[role].poll() is not None:
+                raise AssertionError(f"the {role} exited with {self.procs[role].returncode} while starting:\n"
+                                     f"{self.stderr(role)}")
+            return None
+        return wait_for(ready, timeout, f"the {role} to start")
+
+    def start_gateway(self) -> None:
+        self.spawn("gateway", "--listen", f"{HOST}:0", "--service", f"{HOST}:0")
+        g = self.wait_ready("gateway")
+        self.gateway, self.service = tuple(g["listen"]), tuple(g["service"])  # type: ignore[assignment]
+
+    def start_secondary(self) -> None:
+        self.spawn("secondary", "--gateway", "%s:%d" % self.gateway, "--listen", f"{HOST}:0")
+        self.secondary = tuple(self.wait_ready("secondary")["listen"])  # type: ignore[assignment]
+
+    def start_primary(self, guest: str | Path, *, ram: str = "16M", cmdline: str = "", interval_ms: float = 30,
+                      protected: bool = True, extra: tuple[str, ...] = ()) -> None:
+        args = [str(guest), "--gateway", "%s:%d" % self.gateway, "--ram", ram, "--cmdline", cmdline,
+                "--interval", str(interval_ms), *extra]
+        if protected:
+            args += ["--secondary", "%s:%d" % self.secondary]
+        self.spawn("primary", *args)
+
+    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        return status_of(self.gateway, self.key, timeout)
+
+    def cli_status(self, timeout: float = 20.0) -> dict[str, Any]:
+        """`colo status --json` as an operator runs it, against this gateway."""
+        r = subprocess.run([sys.executable, "-m", "colo", "status", "--json", "--gateway", "%s:%d" % self.gateway,
+                            "--key-file", str(self.key_file)], cwd=ROOT, env=child_env(), capture_output=True,
+                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, f"colo status failed ({r.returncode}): {r.stderr}"
+        return dict(json.loads(r.stdout))
+
+    def alive(self, role: str) -> bool:
+        return self.procs[role].poll() is None
+
+    def stdout(self, role: str) -> bytes:
+        return (self.dir / f"{role}.out").read_bytes()
+
+    def stderr(self, role: str) -> str:
+        return (self.dir / f"{role}.err").read_text(errors="replace")
+
+    def stop(self, timeout: float = 5.0) -> dict[str, int | None]:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes: dict[str, int | None] = {}
+        for role, p in self.procs.items():
+            try:
+                codes[role] = p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes[role] = p.wait(timeout)
+        for f in self._files:
+            f.close()
+        self._files.clear()
+        return codes
+
+
+# -- state logs (COLO_STATE_LOG) -------------------------------------------------------------------------------
+def read_state_log(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            out.append(json.loads(line))
+    return out
+
+
+def digest_of(entry: dict[str, Any]) -> tuple[str, str, str]:
+    return entry["ram"], entry["cpu"], entry["devices"]
+
+
+def by_epoch(entries: list[dict[str, Any]]) -> dict[Any, tuple[str, str, str]]:
+    """epoch -> digest; fails if one epoch was logged twice with different digests."""
+    out: dict[Any, tuple[str, str, str]] = {}
+    for e in entries:
+        d = digest_of(e)
+        assert out.setdefault(e["epoch"], d) == d, f"epoch {e['epoch']} logged twice with different digests"
+    return out
+
+
+# -- a small RESP client ---------------------------------------------------------------------------------------
+class RespError(Exception):
+    """An error reply (-ERR ...)."""
+
+
+class Resp:
+    """One persistent connection speaking RESP2, one request at a time, every read bounded by `timeout`."""
+
+    def __init__(self, address: tuple[str, int], timeout: float = 15.0) -> None:
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.timeout = timeout
+        self.buf = bytearray()
+
+    @staticmethod
+    def encode(*args: str | bytes | int) -> bytes:
+        parts = [b"*%d\r\n" % len(args)]
+        for a in args:
+            b = a if isinstance(a, bytes) else str(a).encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        return b"".join(parts)
+
+    def call(self, *args: str | bytes | int) -> Any:
+        self.sock.sendall(self.encode(*args))
+        return self.read_reply()
+
+    def pipeline(self, commands: list[tuple[str | bytes | int, ...]], batch: int = 200) -> list[Any]:
+        """Send many requests at once and read their replies in order (errors are returned, not raised): one
+        round trip per `batch`, which matters when every reply waits for a checkpoint to commit it."""
+        replies: list[Any] = []
+        for lo in range(0, len(commands), batch):
+            part = commands[lo:lo + batch]
+            self.sock.sendall(b"".join(self.encode(*c) for c in part))
+            for _ in part:
+                try:
+                    replies.append(self.read_reply())
+                except RespError as e:
+                    replies.append(e)
+        return replies
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("the server closed the connection")
+        self.buf += data
+
+    def _line(self) -> bytes:
+        while True:
+            i = self.buf.find(b"\r\n")
+            if i >= 0:
+                line = bytes(self.buf[:i])
+                del self.buf[:i + 2]
+                return line
+            self._fill()
+
+    def read_reply(self) -> Any:
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RespError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            while len(self.buf) < n + 2:
+                self._fill()
+            data = bytes(self.buf[:n])
+            del self.buf[:n + 2]
+            return data
+        if kind == b"*":
+            return [self.read_reply() for _ in range(int(rest))]
+        raise AssertionError(f"not a RESP reply: {line!r}")
+
+    def pending_bytes(self, wait: float = 0.3) -> bytes:
+        """Whatever arrives within `wait` seconds without a request (must be nothing: no reply twice)."""
+        extra = bytes(self.buf)
+        self.sock.settimeout(wait)
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                extra += data
+        except (TimeoutError, socket.timeout):
+            pass
+        finally:
+            self.sock.settimeout(self.timeout)
+        return extra
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def redis_cli(address: tuple[str, int], *args: str, timeout: float = 20.0) -> tuple[int, str]:
+    """One `redis-cli` process, one command (a fresh connection each time); (exit code, stripped stdout)."""
+    p = subprocess.run(["redis-cli", "-h", address[0], "-p", str(address[1]), *args], capture_output=True,
+                       timeout=timeout, stdin=subprocess.DEVNULL)
+    return p.returncode, p.stdout.decode(errors="replace").strip()
+
+
+# -- the write workload and its ledger -------------------------------------------------------------------------
+@dataclass
+class ClientRecord:
+    name: str
+    persistent: bool
+    sets: dict[str, str] = field(default_factory=dict)  # acknowledged SETs: key -> value
+    incr_key: str = ""
+    incr_replies: list[int] = field(default_factory=list)  # every INCR reply seen, in order
+    incr_times: list[float] = field(default_factory=list)  # when each arrived (time.monotonic)
+    unacked_incrs: int = 0  # INCRs sent whose reply never came (redis-cli clients only)
+    unacked_after_last_ack: int = 0
+    big: bool = False  # pipelines large incompressible SETs: checkpoints of several chunks
+    errors: list[str] = field(default_factory=list)  # violations and broken connections
+    soft_failures: list[str] = field(default_factory=list)  # redis-cli runs that got no reply
+    conn: Resp | None = None
+
+
+class Workload:
+    """Client threads that keep writing through the gateway and record every write that got its reply.
+
+    Persistent clients keep one TCP connection for the whole test (they must never need to reconnect) and
+    alternate `SET <unique key> <unique value>` and `INCR <own counter>`: each INCR reply must be exactly the
+    previous one plus 1 (nothing lost, nothing answered twice). redis-cli clients run one real `redis-cli`
+    process per command (a new connection each time) and do the same.
+    """
+
+    def __init__(self, address: tuple[str, int], *, persistent: int = 2, cli: int = 2, big: int = 0,
+                 tag: str = "") -> None:
+        self.address = address
+        self.tag = tag or uuid.uuid4().hex[:8]
+        self.clients = [ClientRecord(f"p{i}", True) for i in range(persistent)] + \
+            [ClientRecord(f"c{i}", False) for i in range(cli)] + \
+            [ClientRecord(f"b{i}", True, big=True) for i in range(big)]
+        for c in self.clients:
+            c.incr_key = f"{self.tag}:ctr:{c.name}"
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> Workload:
+        for c in self.clients:
+            run = self._run_big if c.big else self._run_persistent if c.persistent else self._run_cli
+            t = threading.Thread(target=run, args=(c,),
+                                 name=f"client-{c.name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.1, deadline - time.monotonic()))
+        hung = [t.name for t in self._threads if t.is_alive()]
+        assert not hung, f"client threads did not finish: {hung}"
+
+    def acks(self, since: float = 0.0) -> int:
+        return sum(1 for c in self.clients for t in c.incr_times if t >= since)
+
+    def acks_by(self, since: float = 0.0) -> dict[str, int]:
+        return {c.name: sum(1 for t in c.incr_times if t >= since) for c in self.clients}
+
+    def errors(self) -> list[str]:
+        return [f"{c.name}: {e}" for c in self.clients for e in c.errors]
+
+    def _run_persistent(self, c: ClientRecord) -> None:
+        try:
+            c.conn = Resp(self.address, timeout=20.0)
+        except OSError as e:
+            c.errors.append(f"cannot connect: {e!r}")
+            return
+        n = 0
+        try:
+            while not self._stop.is_set():
+                n += 1
+                key, value = f"{self.tag}:{c.name}:{n}", f"v{n}-{uuid.uuid4().hex}"
+                reply = c.conn.call("SET", key, value)
+                if reply != "OK":
+                    c.errors.append(f"SET {key} answered {reply!r}")
+                    return
+                c.sets[key] = value
+                got = c.conn.call("INCR", c.incr_key)
+                want = (c.incr_replies[-1] if c.incr_replies else 0) + 1
+                c.incr_replies.append(got)
+                c.incr_times.append(time.monotonic())
+                if got != want:
+                    c.errors.append(f"INCR {c.incr_key} #{len(c.incr_replies)} answered {got!r}, expected {want} "
+                                    f"(previous replies ...{c.incr_replies[-5:-1]})")
+                    return
+        except (OSError, ConnectionError, RespError, ValueError) as e:
+            c.errors.append(f"persistent connection broke after {len(c.incr_replies)} INCRs: {e!r}")
+
+    BIG_VALUE = 256 << 10
+    BIG_BATCH = 4
+    BIG_KEYS = 8
+
+    def _run_big(self, c: ClientRecord) -> None:
+        """Pipelines BIG_BATCH SETs of BIG_VALUE random bytes (over BIG_KEYS keys, so memory stays bounded), then an
+        INCR; the ledger keeps the last acknowledged value of each key (hex of the random bytes)."""
+        try:
+            c.conn = Resp(self.address, timeout=20.0)
+        except OSError as e:
+            c.errors.append(f"cannot connect: {e!r}")
+            return
+        n = 0
+        try:
+            while not self._stop.is_set():
+                batch = []
+                for _ in range(self.BIG_BATCH):
+                    n += 1
+                    batch.append((f"{self.tag}:{c.name}:{n % self.BIG_KEYS}", os.urandom(self.BIG_VALUE // 2).hex()))
+                replies = c.conn.pipeline([("SET", k, v) for k, v in batch] + [("INCR", c.incr_key)])
+                for (k, v), r in zip(batch, replies):
+                    if r != "OK":
+                        c.errors.append(f"SET {k} (big) answered {r!r}")
+                        return
+                    c.sets[k] = v
+                got, want = replies[-1], (c.incr_replies[-1] if c.incr_replies else 0) + 1
+                c.incr_replies.append(got)
+                c.incr_times.append(time.monotonic())
+                if got != want:
+                    c.errors.append(f"INCR {c.incr_key} answered {got!r}, expected {want}")
+                    return
+        except (OSError, ConnectionError, RespError, ValueError) as e:
+            c.errors.append(f"persistent connection broke after {len(c.incr_replies)} batches: {e!r}")
+
+    def _run_cli(self, c: ClientRecord) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            key, value = f"{self.tag}:{c.name}:{n}", f"v{n}-{uuid.uuid4().hex}"
+            try:
+                code, out = redis_cli(self.address, "SET", key, value)
+            except subprocess.TimeoutExpired:
+                c.soft_failures.append(f"SET {key}: redis-cli timed out")
+                continue
+            if code == 0 and out == "OK":
+                c.sets[key] = value
+            else:
+                c.soft_failures.append(f"SET {key}: exit {code}, {out!r}")
+            try:
+                code, out = redis_cli(self.address, "INCR", c.incr_key)
+            except subprocess.TimeoutExpired:
+                code, out = -1, "timeout"
+            if code == 0 and out.lstrip("-").isdigit():
+                got = int(out)
+                last = c.incr_replies[-1] if c.incr_replies else 0
+                # Each redis-cli waits for its reply before the next one starts: replies only grow, by one more
+                # than the INCRs that went unanswered in between (they may or may not have been applied).
+                if not last < got <= last + 1 + c.unacked_after_last_ack:
+                    c.errors.append(f"INCR {c.incr_key} answered {got}, previous reply {last}, "
+                                    f"{c.unacked_after_last_ack} unanswered in between")
+                c.incr_replies.append(got)
+                c.incr_times.append(time.monotonic())
+                c.unacked_after_last_ack = 0
+            else:
+                c.unacked_incrs += 1
+                c.unacked_after_last_ack += 1
+                c.soft_failures.append(f"INCR {c.incr_key}: exit {code}, {out!r}")
+
+    def close(self) -> None:
+        for c in self.clients:
+            if c.conn is not None:
+                c.conn.close()
+
+
+def verify_ledger(w: Workload, address: tuple[str, int], *, allow_cli_failures: bool = False) -> dict[str, int]:
+    """After the workload stopped: every acknowledged write is readable, every counter is where its replies say,
+    and the persistent connections are still open with nothing extra queued on them. Returns counts."""
+    problems = list(w.errors())
+    if not allow_cli_failures:
+        problems += [f"{c.name}: {f}" for c in w.clients for f in c.soft_failures]
+    for c in w.clients:
+        if c.persistent and c.conn is not None and not c.errors:
+            try:
+                extra = c.conn.pending_bytes(0.2)
+                if extra:
+                    problems.append(f"{c.name}: unexpected bytes after its last reply (a reply twice?): {extra[:80]!r}")
+                pong = c.conn.call("PING")
+                if pong != "PONG":
+                    problems.append(f"{c.name}: PING on the old connection answered {pong!r}")
+            except (OSError, ConnectionError, RespError) as e:
+                problems.append(f"{c.name}: persistent connection unusable at the end: {e!r}")
+    checker = Resp(address, timeout=20.0)
+    keys = [(c, key, value) for c in w.clients for key, value in c.sets.items()]
+    try:
+        got_sets = checker.pipeline([("GET", key) for _, key, _ in keys])
+        got_ctrs = checker.pipeline([("GET", c.incr_key) for c in w.clients])
+    finally:
+        checker.close()
+    for (c, key, value), got in zip(keys, got_sets):
+        if got != value.encode():
+            problems.append(f"acknowledged SET {key}={value} reads back {got!r}")
+    for c, final in zip(w.clients, got_ctrs):
+        final_n = int(final) if final is not None else 0
+        last = c.incr_replies[-1] if c.incr_replies else 0
+        if c.persistent:
+            if final_n != last:
+                problems.append(f"{c.incr_key}: final value {final_n}, but the last INCR reply on the persistent "
+                                f"connection was {last}")
+        else:
+            if not last <= final_n <= last + c.unacked_after_last_ack:
+                problems.append(f"{c.incr_key}: final value {final_n}, last acknowledged reply {last}, "
+                                f"{c.unacked_after_last_ack} unanswered after it")
+            if final_n < len(c.incr_replies):
+                problems.append(f"{c.incr_key}: final value {final_n} < {len(c.incr_replies)} acknowledged INCRs")
+    sets = len(keys)
+    assert not problems, "ledger violations:\n  " + "\n  ".join(problems[:40])
+    return {"sets": sets, "incrs": sum(len(c.incr_replies) for c in w.clients)}

@@ -1,0 +1,185 @@
+"""Failures that are not a clean crash: a frozen primary (detected by heartbeat silence, not by a closed socket),
+a lost gateway, and a cut replication link. In every case exactly one node serves (no split brain) and clients
+keep every acknowledged write.
+"""
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from colo_e2e.helpers import HOST, Procs, Workload, events_named, verify_ledger, wait_for
+from conftest import guest
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-cli") is None, reason="needs redis-cli (Debian redis-tools)")
+
+RAM = "16M"
+INTERVAL_MS = 30
+
+
+class Blackhole:
+    """A TCP relay between the primary and the secondary that can be cut like a network partition: after `cut()`
+    it forwards nothing more but keeps both connections open, so each side only sees silence."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.server = socket.create_server((HOST, 0))
+        self.address = self.server.getsockname()[:2]
+        self.cut_event = threading.Event()
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                a, _ = self.server.accept()
+            except OSError:
+                return
+            b = socket.create_connection(self.upstream)
+            self.socks += [a, b]
+            for src, dst in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if not self.cut_event.is_set():
+                    dst.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        self.cut_event.set()
+
+    def close(self) -> None:
+        self.server.close()
+        for s in self.socks:
+            s.close()
+
+
+def start(procs: Procs, secondary: tuple[str, int] | None = None) -> None:
+    procs.start_gateway()
+    procs.start_secondary()
+    real = procs.secondary
+    if secondary is not None:
+        procs.secondary = secondary
+    procs.start_primary(guest("kvstore"), ram=RAM, interval_ms=INTERVAL_MS)
+    procs.secondary = real
+
+    def protected() -> bool:
+        s = procs.status()
+        return bool(s["gateway"]["protected"] and s["nodes"]["primary"].get("checkpoints", 0) >= 3)
+    wait_for(protected, 30, "the primary to be protected")
+
+
+def wait_exit(procs: Procs, role: str, timeout: float = 10.0) -> int:
+    try:
+        return procs.procs[role].wait(timeout)
+    except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired: say what it was doing
+        raise AssertionError(f"the {role} did not stop within {timeout} s:\n{procs.stderr(role)[-2000:]}") from None
+
+
+@pytest.mark.slow
+def test_a_frozen_primary_is_replaced_and_stops_when_it_wakes(tmp_path: Path) -> None:
+    procs = Procs(tmp_path / "c")
+    w: Workload | None = None
+    try:
+        start(procs)
+        w = Workload(procs.service, persistent=2, cli=1).start()
+        wait_for(lambda: min(w.acks_by().values()) >= 3, 20, "replies before the freeze")
+        primary = procs.procs["primary"]
+        primary.send_signal(signal.SIGSTOP)  # alive, sockets open, silent: only heartbeats can tell
+        try:
+            wait_for(lambda: events_named(procs.status(), "promoted"), 15, "the secondary to be promoted")
+            since = time.monotonic()
+            wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, f"replies from the secondary ({w.errors()})")
+        finally:
+            primary.send_signal(signal.SIGCONT)
+        # The old primary wakes up cut off from the gateway: it must stop, never serve again.
+        code = wait_exit(procs, "primary")
+        assert code in (3, 4), f"the woken primary exited with {code}:\n{procs.stderr('primary')[-2000:]}"
+        since = time.monotonic()
+        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, f"replies after the old primary woke ({w.errors()})")
+        w.stop()
+        verify_ledger(w, procs.service)
+        st = procs.status()
+        assert st["nodes"]["secondary"]["active"] and not st["nodes"]["primary"]["connected"], st
+        lost = [e for e in events_named(st, "lost") if e.get("role") == "primary"]
+        assert lost and "silent" in lost[0]["reason"], st["events"]
+    finally:
+        if w is not None:
+            w.stop()
+            w.close()
+        if procs.procs.get("primary") is not None and procs.alive("primary"):
+            procs.procs["primary"].send_signal(signal.SIGCONT)
+        procs.stop()
+
+
+@pytest.mark.slow
+def test_nodes_stop_when_the_gateway_is_lost(tmp_path: Path) -> None:
+    procs = Procs(tmp_path / "c")
+    try:
+        start(procs)
+        procs.procs["gateway"].send_signal(signal.SIGKILL)
+        for role in ("primary", "secondary"):
+            code = wait_exit(procs, role)
+            assert code == 3, f"the {role} exited with {code}:\n{procs.stderr(role)[-2000:]}"
+            assert "lost the gateway" in procs.stderr(role), procs.stderr(role)
+    finally:
+        procs.stop()
+
+
+@pytest.mark.slow
+def test_a_cut_replication_link_leaves_one_active_node(tmp_path: Path) -> None:
+    """Primary and secondary lose each other but both still reach the gateway: the primary goes on unprotected;
+    the secondary asks to be promoted, but the gateway still hears the primary, so it fences the secondary."""
+    procs = Procs(tmp_path / "c")
+    hole: Blackhole | None = None
+    w: Workload | None = None
+    try:
+        procs.start_gateway()
+        procs.start_secondary()
+        hole = Blackhole(procs.secondary)
+        procs.start_primary(guest("kvstore"), ram=RAM, interval_ms=INTERVAL_MS, protected=False,
+                            extra=("--secondary", "%s:%d" % hole.address))
+
+        def protected() -> bool:
+            s = procs.status()
+            return bool(s["gateway"]["protected"] and s["nodes"]["primary"].get("checkpoints", 0) >= 3)
+        wait_for(protected, 30, "the primary to be protected through the relay")
+        w = Workload(procs.service, persistent=2, cli=1).start()
+        wait_for(lambda: min(w.acks_by().values()) >= 3, 20, "replies before the partition")
+        hole.cut()
+
+        def settled() -> dict[str, Any] | None:
+            s = procs.status()
+            done = (not s["gateway"]["protected"] and not s["nodes"]["secondary"]["connected"]
+                    and events_named(s, "fenced"))
+            return s if done else None
+        st = wait_for(settled, 20, "the primary to go on alone and the secondary to be fenced")
+        assert st["nodes"]["primary"]["active"], st
+        assert not events_named(st, "promote") and not events_named(st, "promoted"), st["events"]
+        assert [e["role"] for e in events_named(st, "fenced")] == ["secondary"], st["events"]
+        code = wait_exit(procs, "secondary")
+        assert code == 4, f"the fenced secondary exited with {code}:\n{procs.stderr('secondary')[-2000:]}"
+        since = time.monotonic()
+        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, f"replies after the partition ({w.errors()})")
+        w.stop()
+        verify_ledger(w, procs.service)
+        assert procs.alive("primary") and procs.alive("gateway")
+    finally:
+        if w is not None:
+            w.stop()
+            w.close()
+        procs.stop()
+        if hole is not None:
+            hole.close()
