@@ -494,6 +494,8 @@ class Gateway:
         else:
             log.warning("gateway: the active node is gone (%s) and no ready secondary can take over: the service "
                         "waits for a node", why)
+            if sec is not None:  # it holds no state it may serve from: let it go instead of waiting forever
+                self._fence(sec, "the primary is gone and was not protected: there is nothing to take over")
 
     def _promote(self, sec: Link, why: str) -> None:
         self.failover_started = time.monotonic()
