@@ -333,6 +333,7 @@ class LocalCluster:
             common.append("--trace")
         if self.verbose:
             common.append("-v")
+        (self.dir / f"{role}.json").unlink(missing_ok=True)  # a ready file from an earlier run is stale
         env = dict(os.environ)
         env.pop("COLO_FAULT", None)
         env.update(self.env.get(role, {}))

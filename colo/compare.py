@@ -271,6 +271,11 @@ class OutputComparer:
         self.awaiting_resync = True
         return actions
 
+    @property
+    def last_primary_seq(self) -> int:
+        """The last primary output event received (all of it may be released once the secondary is gone)."""
+        return self._last_seq
+
     def secondary_resynced(self) -> None:
         """The secondary has loaded the committed checkpoint: compare its output again."""
         self._check_live("secondary_resynced")

@@ -436,8 +436,9 @@ class Gateway:
 
     def _unprotected(self) -> None:
         """The active node goes on alone: release everything held, stop comparing and mirroring."""
-        if self._comparing():
-            self._act(self.comparer.checkpoint_committed(1 << 62))  # the primary's held output, all of it
+        if self._comparing() and not self.comparer.failed_over:
+            # The primary goes on alone: everything it produced that we held may go now.
+            self._act(self.comparer.checkpoint_committed(self.comparer.last_primary_seq))
         self._release_upto(1 << 62)
         self.mirror = None
         if "secondary" not in self.nodes:
