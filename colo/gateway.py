@@ -309,6 +309,8 @@ class Gateway:
         return self.hybrid and self.mirror is not None
 
     def _act(self, actions: list[Action]) -> None:
+        if actions:
+            self.released_seq = max(self.released_seq, self.comparer.released_seq)
         for a in actions:
             if isinstance(a, Release):
                 self._to_client(a.conn, DATA, a.data)
@@ -409,7 +411,8 @@ class Gateway:
                     self._on_promoted(link, ev)
             elif not isinstance(ev, Output):
                 continue
-            elif (self._comparing() and link is self.mirror) or (self.comparer.failed_over and link is self.active):
+            elif (self._comparing() and link is self.mirror) or (
+                    self.comparer.failed_over and link in (self.active, self.promoting)):
                 # Compared with the primary's; after a failover the comparer passes the survivor's output
                 # straight through (its output numbers are its own, not the primary's).
                 self._act(self.comparer.secondary_output(ev.kind, ev.conn, ev.data, time.monotonic()))
@@ -434,13 +437,16 @@ class Gateway:
                 kind, conn, data = held[seq]
                 self._act(self.comparer.primary_output(seq, kind, conn, data, time.monotonic()))
 
+    def _stop_comparing(self) -> None:
+        """Hybrid, the secondary is gone: the primary's output the comparer holds may go now; compare no more."""
+        if self._comparing() and not self.comparer.failed_over:
+            self._act(self.comparer.checkpoint_committed(self.comparer.last_primary_seq))
+        self.mirror = None
+
     def _unprotected(self) -> None:
         """The active node goes on alone: release everything held, stop comparing and mirroring."""
-        if self._comparing() and not self.comparer.failed_over:
-            # The primary goes on alone: everything it produced that we held may go now.
-            self._act(self.comparer.checkpoint_committed(self.comparer.last_primary_seq))
+        self._stop_comparing()
         self._release_upto(1 << 62)
-        self.mirror = None
         if "secondary" not in self.nodes:
             self._trim_log(1 << 62)
 
@@ -483,7 +489,7 @@ class Gateway:
         elif role == "secondary":
             self.failover_requested_at = None
             if link is self.mirror:
-                self.mirror = None
+                self._stop_comparing()  # held replies of the primary must not wait for a peer that is gone
             if not self.protected:
                 self._trim_log(1 << 62)
 

@@ -141,13 +141,16 @@ class Node:
         (the caller re-checks its own state); any other event is returned."""
         deadline = time.monotonic() + timeout
         while True:
-            self.check_gateway()
-            try:
-                link, ev = self.inbox.get(timeout=max(0.0, min(deadline - time.monotonic(), 0.05)))
+            try:  # what already arrived first (a fence before the gateway's close), then liveness
+                link, ev = self.inbox.get_nowait()
             except queue.Empty:
-                if time.monotonic() >= deadline:
-                    return None
-                continue
+                self.check_gateway()
+                try:
+                    link, ev = self.inbox.get(timeout=max(0.0, min(deadline - time.monotonic(), 0.05)))
+                except queue.Empty:
+                    if time.monotonic() >= deadline:
+                        return None
+                    continue
             if link is self.gw:
                 self.on_gateway_event(ev)
                 return None

@@ -84,6 +84,7 @@ class PrimaryNode(Node):
                 started = time.perf_counter()
                 self.serve(cfg.interval)
                 if self.repl is None:
+                    self.requested_trigger = None  # nobody to checkpoint to: a late request means nothing
                     continue
                 trigger = self.requested_trigger or Trigger.TIMER
                 self.requested_trigger = None
@@ -218,7 +219,7 @@ class PrimaryNode(Node):
             left = deadline - time.monotonic()
             if left <= 0 or not repl.alive(self.cfg.heartbeat_timeout):
                 raise SecondaryLost(f"no {cls.NAME} from the secondary within {limit:.1f} s")
-            got = self.next_event(left)
+            got = self.next_event(min(left, self.cfg.heartbeat_interval))  # wake to notice silence
             if got is None:
                 continue
             link, ev = got
