@@ -355,7 +355,7 @@ def markdown(info: dict[str, Any], args: argparse.Namespace, results: list[tuple
                   + ": those checkpoints carried fewer pages than N (the floor is timed on all N)."]
     busy = [(cfg, s["cpus_busy_other"]) for cfg, s in results if s.get("cpus_busy_other", 0) > BUSY_WARNING]
     if busy:
-        lines += ["", f"**Warning:** other work kept the machine busy during "
+        lines += ["", "**Warning:** other work kept the machine busy during "
                   + ", ".join(f"{c.name} ({b:.2f} CPUs on average)" for c, b in busy)
                   + f" of {info['nproc']} CPUs (other load: CPUs busy with work other than this benchmark "
                   "and its cluster, from /proc/stat): those rows are not a quiet-machine measurement."]

@@ -20,12 +20,30 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from colo.compare import Action, NeedCheckpoint, OutputComparer, Release, ReleaseClose
 from colo.errors import AuthError, ColoError
 from colo.link import Closed, Event, Link, Tracer, authenticate
-from colo.compare import Action, NeedCheckpoint, OutputComparer, Release, ReleaseClose
-from colo.messages import (CheckpointNow, Commit, CommandResult, FailoverCommand, FailoverRequest, Fence, Heartbeat, Input,
-                           NodeHello, NodeStatus, Output, Promote, Promoted, Protection, ProtectionState,
-                           StatusReply, StatusRequest, Trigger, Message)
+from colo.messages import (
+    CheckpointNow,
+    CommandResult,
+    Commit,
+    FailoverCommand,
+    FailoverRequest,
+    Fence,
+    Heartbeat,
+    Input,
+    Message,
+    NodeHello,
+    NodeStatus,
+    Output,
+    Promote,
+    Promoted,
+    Protection,
+    ProtectionState,
+    StatusReply,
+    StatusRequest,
+    Trigger,
+)
 from colo.node import DEFAULT_HEARTBEAT_TIMEOUT
 from colo.protocol import ConnectionClosed
 from toyvm.devices.net import CLOSE, DATA, OPEN

@@ -6,7 +6,6 @@ so the peers can tell a live node from a dead one even while the main thread is 
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import logging
@@ -23,8 +22,16 @@ import msgpack
 
 from colo.link import Closed, Event, Link, ProtocolLink, Tracer, authenticate, connect
 from colo.memory import keep_buffers_on_heap
-from colo.messages import (CheckpointNow, Fence, Heartbeat, Input, Message, NodeHello, NodeStatus, Output,
-                           Trigger)
+from colo.messages import (
+    CheckpointNow,
+    Fence,
+    Heartbeat,
+    Input,
+    NodeHello,
+    NodeStatus,
+    Output,
+    Trigger,
+)
 from colo.protocol import ConnectionClosed
 from toyvm import Machine, StopReason
 from toyvm.devices.net import QueueFull

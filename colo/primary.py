@@ -18,9 +18,26 @@ from colo import vmstate
 from colo.errors import ColoError
 from colo.faults import FaultPlan
 from colo.link import Closed, Event, Link, ProtocolLink, authenticate, connect
-from colo.messages import (CheckpointNow, CheckpointReady, CheckpointReply, CheckpointRequest, Commit, ErrorMessage, Heartbeat,
-                           InitialChunk, InitialSize, Message, Protection, ProtectionState, Trigger, VmstateChunk,
-                           VmstateLoaded, VmstateReceived, VmstateSend, VmstateSize)
+from colo.messages import (
+    CheckpointNow,
+    CheckpointReady,
+    CheckpointReply,
+    CheckpointRequest,
+    Commit,
+    ErrorMessage,
+    Heartbeat,
+    InitialChunk,
+    InitialSize,
+    Message,
+    Protection,
+    ProtectionState,
+    Trigger,
+    VmstateChunk,
+    VmstateLoaded,
+    VmstateReceived,
+    VmstateSend,
+    VmstateSize,
+)
 from colo.node import GuestExited, Node, NodeConfig, NodeStop
 from colo.protocol import ConnectionClosed, PrimaryProtocol
 from colo.stats import CheckpointRecord, PhaseClock, StatsWriter

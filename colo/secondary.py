@@ -16,10 +16,26 @@ from typing import Any
 from colo import vmstate
 from colo.errors import AuthError, ColoError
 from colo.faults import FaultPlan
-from colo.link import Closed, Event, Link, ProtocolLink, authenticate
-from colo.messages import (CheckpointReady, Commit, Input, CheckpointReply, CheckpointRequest, ErrorMessage, FailoverRequest,
-                           Heartbeat, InitialChunk, InitialSize, Promote, Promoted, VmstateChunk, VmstateLoaded,
-                           VmstateReceived, VmstateSend, VmstateSize)
+from colo.link import Closed, Event, ProtocolLink, authenticate
+from colo.messages import (
+    CheckpointReady,
+    CheckpointReply,
+    CheckpointRequest,
+    Commit,
+    ErrorMessage,
+    FailoverRequest,
+    Heartbeat,
+    InitialChunk,
+    InitialSize,
+    Input,
+    Promote,
+    Promoted,
+    VmstateChunk,
+    VmstateLoaded,
+    VmstateReceived,
+    VmstateSend,
+    VmstateSize,
+)
 from colo.node import Node, NodeConfig, NodeStop
 from colo.protocol import ConnectionClosed, SecondaryProtocol
 from toyvm import Machine

@@ -2,7 +2,6 @@
 uninterrupted run: same memory, registers, devices and serial output."""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 

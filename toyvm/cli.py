@@ -5,7 +5,6 @@ import argparse
 import logging
 import signal
 import sys
-from pathlib import Path
 from types import FrameType
 
 from . import state as state_file

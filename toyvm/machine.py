@@ -23,7 +23,7 @@ from unicorn.x86_const import UC_X86_INS_IN, UC_X86_INS_OUT
 
 from . import native
 from .bus import PortBus
-from .contract import DEFAULT_RAM, PAGE_SIZE
+from .contract import DEFAULT_RAM
 from .cpu import reg, restore_cpu, save_cpu, set_reg
 from .devices.clock import Clock
 from .devices.net import NetDevice
