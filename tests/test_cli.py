@@ -54,3 +54,11 @@ def test_sigterm_stops_exactly_and_saves(tmp_path: Path) -> None:
     assert b"state saved" in err and state.exists()
     r = toyvm_cli("resume", str(state), "--max-seconds", "0.3")
     assert r.returncode == 124
+
+
+def test_ram_from_2_mib_to_1_gib() -> None:
+    r = toyvm_cli("run", str(guest("hello")), "--ram", "2M")
+    assert r.returncode == 0 and r.stdout.startswith(b"Hello from a toyvm guest!"), r.stderr
+    r = toyvm_cli("run", str(guest("memtouch")), "--ram", "1G", "--cmdline", "pages=8 iters=1000")
+    assert r.returncode == 0, r.stderr
+    assert b"memtouch done: 1000 iterations, 8 pages" in r.stdout
