@@ -31,7 +31,6 @@ Usage: benchmarks/checkpoint_cost.py [--quick] [--checkpoints K] [--json FILE] [
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import hashlib
 import json
@@ -44,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,22 +93,6 @@ QUICK = [Config("64M", 16), Config("64M", 256)]
 
 # ---------------------------------------------------------------------------------------------------------------
 # the real path: a local cluster with a stats file
-
-@contextlib.contextmanager
-def stdout_to(path: Path) -> Iterator[None]:
-    """Point fd 1 at `path` while children are spawned: the primary copies the guest's serial console to its
-    stdout, which must not land in the Markdown this script prints."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.dup2(fd, 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(fd)
-
 
 def count_lines(path: Path) -> int:
     try:
@@ -167,8 +150,7 @@ def run_cluster(cfg: Config, checkpoints: int, hooks: str | None, workdir: Path,
     last_n, last_change = 0, t0
     with open(logfile, "ab") as err:
         try:
-            with stdout_to(logfile):
-                cluster.start(stderr=err)
+            cluster.start(stderr=err, stdout=err)  # the guest's serial console must not land in our Markdown
             while True:
                 time.sleep(0.1)
                 n = count_lines(stats)

@@ -48,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,22 +92,6 @@ CONFIGS = [Config("alone", "alone"), Config("periodic 20 ms", "periodic", 20.0),
 # ---------------------------------------------------------------------------------------------------------------
 # the services: the guest alone, or a local cluster
 
-@contextlib.contextmanager
-def stdout_to(path: Path) -> Iterator[None]:
-    """Point fd 1 at `path` while children are spawned: the primary copies the guest's serial console to its
-    stdout, which must not land in the Markdown this script prints."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.dup2(fd, 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(fd)
-
-
 class Service:
     """One guest serving clients on a local port, replicated or not. `log` collects every process's output."""
 
@@ -138,8 +122,8 @@ class Service:
         self.cluster = LocalCluster(self.guest, mode=self.cfg.mode, interval_ms=self.cfg.interval_ms or 100.0,
                                     backstop_ms=BACKSTOP_MS, stats=str(self.stats), hooks=self.hooks,
                                     directory=self.dir)
-        with open(self.log, "ab") as err, stdout_to(self.log):
-            self.cluster.start(stderr=err)
+        with open(self.log, "ab") as err:
+            self.cluster.start(stderr=err, stdout=err)  # the guest's serial console must not land in our Markdown
         self.cluster.wait_protected(timeout=60)  # hybrid: the first checkpoint comes after the 2 s backstop
         self.port = self.cluster.service_address[1]
 

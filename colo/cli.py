@@ -325,7 +325,7 @@ class LocalCluster:
         self.service_address: tuple[str, int] = ("", 0)
         self.secondary_address: tuple[str, int] = ("", 0)
 
-    def _spawn(self, role: str, *args: str, stderr: Any = None) -> subprocess.Popen[bytes]:
+    def _spawn(self, role: str, *args: str, stderr: Any = None, stdout: Any = None) -> subprocess.Popen[bytes]:
         common = ["--key-file", str(self.key_file), "--heartbeat-timeout", str(self.heartbeat_timeout),
                   "--ready-file", str(self.dir / f"{role}.json"), "--mode", self.mode]
         if self.trace:
@@ -337,7 +337,7 @@ class LocalCluster:
         env.pop("COLO_FAULT", None)
         env.update(self.env.get(role, {}))
         proc = subprocess.Popen([sys.executable, "-m", "colo", role, *args, *common], env=env, stderr=stderr,
-                                start_new_session=True)
+                                stdout=stdout, start_new_session=True)
         self.procs[role] = proc
         return proc
 
@@ -352,15 +352,17 @@ class LocalCluster:
             time.sleep(0.02)
         raise ColoError(f"the {role} did not start within {timeout:.0f} s")
 
-    def start(self, stderr: Any = None) -> None:
-        self._spawn("gateway", "--service", "%s:%d" % self.service, stderr=stderr)
+    def start(self, stderr: Any = None, stdout: Any = None) -> None:
+        """Start gateway, secondary, primary. `stderr` gets their logs, `stdout` the guest's serial console
+        (each node prints it); both default to ours."""
+        self._spawn("gateway", "--service", "%s:%d" % self.service, stderr=stderr, stdout=stdout)
         g = self._wait_ready("gateway")
         self.gateway, self.service_address = tuple(g["listen"]), tuple(g["service"])  # type: ignore[assignment]
         gw = "%s:%d" % self.gateway
         sec = ["--gateway", gw]
         if self.hooks:
             sec += ["--hooks", self.hooks]
-        self._spawn("secondary", *sec, stderr=stderr)
+        self._spawn("secondary", *sec, stderr=stderr, stdout=stdout)
         self.secondary_address = tuple(self._wait_ready("secondary")["listen"])  # type: ignore[assignment]
         prim = [self.guest, "--gateway", gw, "--secondary", "%s:%d" % self.secondary_address, "--ram", self.ram,
                 "--cmdline", self.cmdline, "--interval", str(self.interval_ms), "--backstop", str(self.backstop_ms)]
@@ -368,7 +370,7 @@ class LocalCluster:
             prim += ["--stats", self.stats]
         if self.hooks:
             prim += ["--hooks", self.hooks]
-        self._spawn("primary", *prim, stderr=stderr)
+        self._spawn("primary", *prim, stderr=stderr, stdout=stdout)
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         sock = connect(self.gateway)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import secrets
 import shutil
 import signal
@@ -292,15 +291,8 @@ class Run:
 
 def start(cluster: LocalCluster, logs: Any, started: float) -> dict[str, Any]:
     # The roles' stderr (their logs) and stdout (the guest's serial console) go to the log file, not into
-    # this narration. LocalCluster passes on only stderr; children inherit fd 1, so point it there meanwhile.
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(logs.fileno(), 1)
-    try:
-        cluster.start(stderr=logs)
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
+    # this narration.
+    cluster.start(stderr=logs, stdout=logs)
     host, port = cluster.service_address
     pids = {role: p.pid for role, p in cluster.procs.items()}
     say(f"  gateway    pid {pids['gateway']:<7}  owns the clients' connections: they connect to {host}:{port}")
