@@ -41,7 +41,7 @@ class HybridCluster(LocalCluster):
         self.extra = extra or {}
         self.freeze = freeze  # roles whose COLO_FAULT freezes them (SIGSTOP) instead of killing them
 
-    def _spawn(self, role: str, *args: str, stderr: Any = None) -> subprocess.Popen[bytes]:
+    def _spawn(self, role: str, *args: str, stderr: Any = None, stdout: Any = None) -> subprocess.Popen[bytes]:
         common = ["--key-file", str(self.key_file), "--heartbeat-timeout", str(self.heartbeat_timeout),
                   "--ready-file", str(self.dir / f"{role}.json"), "--mode", self.mode]
         if self.trace:
@@ -53,7 +53,8 @@ class HybridCluster(LocalCluster):
         env.update(self.env.get(role, {}))
         program = [str(FREEZE)] if role in self.freeze else ["-m", "colo"]
         proc = subprocess.Popen([sys.executable, *program, role, *args, *common, *self.extra.get(role, [])],
-                                env=env, stderr=stderr, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                env=env, stderr=stderr, stdout=subprocess.DEVNULL if stdout is None else stdout,
+                                stdin=subprocess.DEVNULL,
                                 cwd=ROOT, start_new_session=True)
         self.procs[role] = proc
         return proc
