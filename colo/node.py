@@ -200,11 +200,13 @@ class Node:
         net = self.vm.net
         while self.backlog:
             seq = net.state.last_input_seq + 1
-            for old in [s for s in self.backlog if s < seq]:
-                del self.backlog[old]  # the VM has it already (a replay, or a state that went past it)
             ev = self.backlog.get(seq)
             if ev is None:
-                return  # a gap: the gateway sends the missing input (replay after a rollback) next
+                # Drop what the VM has already (a replay, or a restored state that went past it); any other
+                # gap is filled by the gateway's replay next.
+                for old in [s for s in self.backlog if s < seq]:
+                    del self.backlog[old]
+                return
             try:
                 net.deliver(ev.kind, ev.conn, ev.data, seq=ev.seq)
             except QueueFull:
