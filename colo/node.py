@@ -22,8 +22,10 @@ import msgpack
 
 from colo.link import Closed, Event, Link, ProtocolLink, Tracer, authenticate, connect
 from colo.memory import keep_buffers_on_heap
+from colo.errors import ColoError
 from colo.messages import (
     CheckpointNow,
+    ErrorMessage,
     Fence,
     Heartbeat,
     Input,
@@ -249,6 +251,18 @@ class Node:
                 if got is not None and on_replication_event is not None:
                     on_replication_event(*got)
                 got = self.next_event(0.0)
+
+    def close_replication(self, why: str | None = None) -> None:
+        """Drop the replication link, telling the peer `why` first when there is a reason to give."""
+        repl, self.repl = self.repl, None
+        if repl is None:
+            return
+        if why is not None:
+            try:
+                repl.try_send(ErrorMessage(why))
+            except ColoError:
+                pass  # the protocol side is already in ERROR or CLOSED: nothing more to say
+        repl.close()
 
     def stop(self) -> None:
         self._stop_heartbeat.set()

@@ -269,13 +269,7 @@ class PrimaryNode(Node):
     def _unprotect(self, why: str) -> None:
         """Go on alone: the gateway releases what it held and everything from now on."""
         log.warning("primary: running unprotected: %s", why)
-        if self.repl is not None:
-            try:
-                self.repl.try_send(ErrorMessage(why))
-            except ColoError:
-                pass
-            self.repl.close()
-            self.repl = None
+        self.close_replication(why)
         self.protected = False
         self.state = "unprotected"
         self.epoch_outputs.clear()

@@ -272,22 +272,14 @@ class SecondaryNode(Node):
     def drop_primary(self, why: str) -> None:
         """Bad input: drop the connection, keep the last complete checkpoint, wait for a primary again."""
         log.error("secondary: %s", why)
-        if self.repl is not None:
-            try:
-                self.repl.try_send(ErrorMessage(why))
-            except ColoError:
-                pass
-            self.repl.close()
-            self.repl = None
+        self.close_replication(why)
         self._chunks = []
         self.state = "waiting for the primary"
 
     # -- failover -----------------------------------------------------------------------------------------
     def primary_lost(self, why: str) -> None:
         log.warning("secondary: primary lost (%s): asking the gateway to promote us", why)
-        if self.repl is not None:
-            self.repl.close()
-            self.repl = None
+        self.close_replication()
         self._chunks = []  # a partial state is discarded
         if self.applied is None:
             raise NodeStop("the primary was lost before the initial copy arrived: nothing to take over", 6)
@@ -305,9 +297,7 @@ class SecondaryNode(Node):
 
     def take_over(self, why: str) -> None:
         started = time.perf_counter()
-        if self.repl is not None:
-            self.repl.close()
-            self.repl = None
+        self.close_replication()
         rollback = self.complete is not None or not self.hybrid
         self.apply_complete()  # a complete checkpoint not yet applied: the primary may have released its output
         staged = self.applied
