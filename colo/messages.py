@@ -27,20 +27,31 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
 from colo.errors import WireError
+from colo.netevents import (
+    EVENT_KINDS,
+    KIND_CLOSE,
+    KIND_DATA,
+    KIND_OPEN,
+    MAX_CONN,
+    NetEvent,
+    conn_problem,
+    data_problem,
+    events_problem,
+    kind_problem,
+    seq_problem,
+)
 
 NONCE_SIZE = 32  # bytes of a handshake nonce
 MAC_SIZE = 32  # bytes of an HMAC-SHA256 proof
 MAX_ROLE_LENGTH = 32  # characters of a role name in auth-challenge
-MAX_CONN = 2**32 - 1  # connection ids the gateway assigns are u32
 MAX_EVENTS = 100_000  # events in one promoted message
 MAX_INFO_KEYS = 1000  # top-level keys of an info dict
 MAX_INFO_DEPTH = 64  # lists and maps nested inside one info value (msgpack's own limits are higher)
 
-# Network-device events, the `kind` of input, output and every element of `events`.
-KIND_OPEN = 1  # a client connection opened
-KIND_DATA = 2  # bytes on a connection
-KIND_CLOSE = 3  # a connection closed
-EVENT_KINDS = {KIND_OPEN: "open", KIND_DATA: "data", KIND_CLOSE: "close"}
+MAX_ID_LENGTH = 64  # characters of a node or gateway id
+MAX_ADDRESS_LENGTH = 300  # characters of a "host:port" address
+MAX_EXIT_CODE = 255
+__all__ = ["EVENT_KINDS", "KIND_CLOSE", "KIND_DATA", "KIND_OPEN", "MAX_CONN"]  # re-exported from colo.netevents
 
 
 class Role(enum.Enum):
@@ -81,10 +92,6 @@ def _size_rule(v: object) -> str | None:
     return None if type(v) is int and v >= 0 else f"must be an int >= 0, got {v!r}"
 
 
-def _bytes_rule(v: object) -> str | None:
-    return None if type(v) is bytes else f"must be bytes, got {type(v).__name__}"
-
-
 def _fixed_bytes_rule(size: int) -> Callable[[object], str | None]:
     def rule(v: object) -> str | None:
         if type(v) is bytes and len(v) == size:
@@ -109,20 +116,37 @@ def _role_rule(v: object) -> str | None:
     return None if ok else f"must be 1..{MAX_ROLE_LENGTH} printable ASCII characters, got {v!r}"
 
 
-def _seq_rule(v: object) -> str | None:
-    return None if type(v) is int and v >= 1 else f"must be an int >= 1, got {v!r}"
+def _id_rule(empty_ok: bool) -> Callable[[object], str | None]:
+    def rule(v: object) -> str | None:
+        ok = type(v) is str and (empty_ok or v) and len(v) <= MAX_ID_LENGTH and v.isascii() and (
+            v.isprintable())
+        what = "0" if empty_ok else "1"
+        return None if ok else f"must be {what}..{MAX_ID_LENGTH} printable ASCII characters, got {v!r}"
+
+    return rule
 
 
-def _kind_rule(v: object) -> str | None:
-    if type(v) is int and v in EVENT_KINDS:
+def _address_rule(v: object) -> str | None:
+    if type(v) is str and len(v) <= MAX_ADDRESS_LENGTH and v.isascii() and v.isprintable() and (
+            not v or (":" in v and v.rpartition(":")[2].isdigit())):
         return None
-    choices = ", ".join(f"{k} ({name})" for k, name in EVENT_KINDS.items())
-    return f"must be one of {choices}, got {v!r}"
+    return f"must be \"\" or a HOST:PORT address of at most {MAX_ADDRESS_LENGTH} characters, got {v!r}"
 
 
-def _conn_rule(v: object) -> str | None:
-    ok = type(v) is int and 0 <= v <= MAX_CONN
-    return None if ok else f"must be an int in 0..{MAX_CONN}, got {v!r}"
+def _conns_rule(v: object) -> str | None:
+    if type(v) is not list or len(v) > MAX_EVENTS:
+        got = f"{len(v)} items" if type(v) is list else type(v).__name__
+        return f"must be a list of at most {MAX_EVENTS} connection ids, got {got}"
+    for i, conn in enumerate(v):
+        problem = conn_problem(conn)
+        if problem is not None:
+            return f"has a bad connection id at index {i}: {problem}"
+    return None
+
+
+def _code_rule(v: object) -> str | None:
+    ok = type(v) is int and 0 <= v <= MAX_EXIT_CODE
+    return None if ok else f"must be an int in 0..{MAX_EXIT_CODE}, got {v!r}"
 
 
 def _protection_rule(v: object) -> str | None:
@@ -134,23 +158,8 @@ def _bool_rule(v: object) -> str | None:
     return None if type(v) is bool else f"must be a bool, got {v!r}"
 
 
-_EVENT_FIELDS = ("seq", "kind", "conn", "data")  # one element of `events`, in this order
-_EVENT_SHAPE = "[seq, kind, conn, data]"
-
-
 def _events_rule(v: object) -> str | None:
-    if type(v) is not list or len(v) > MAX_EVENTS:
-        got = f"{len(v)} events" if type(v) is list else type(v).__name__
-        return f"must be a list of at most {MAX_EVENTS} {_EVENT_SHAPE} lists, got {got}"
-    for i, event in enumerate(v):
-        if type(event) is not list or len(event) != len(_EVENT_FIELDS):
-            got = f"{len(event)} items" if type(event) is list else type(event).__name__
-            return f"has a bad event at index {i}: must be a {_EVENT_SHAPE} list, got {got}"
-        for name, value in zip(_EVENT_FIELDS, event):
-            problem = _FIELD_RULES[name](value)
-            if problem is not None:
-                return f"has a bad event at index {i}: {name!r} {problem}"
-    return None
+    return events_problem(v, MAX_EVENTS)
 
 
 _MSGPACK_INT = range(-(2**63), 2**64)  # what msgpack can encode
@@ -209,21 +218,29 @@ def _info_rule(v: object) -> str | None:
 _FIELD_RULES: dict[str, Callable[[object], str | None]] = {
     "epoch": _epoch_rule,
     "size": _size_rule,
-    "data": _bytes_rule,
+    "data": data_problem,
     "trigger": _trigger_rule,
     "reason": _text_rule,
     "role": _role_rule,
     "nonce": _fixed_bytes_rule(NONCE_SIZE),
     "mac": _fixed_bytes_rule(MAC_SIZE),
-    "seq": _seq_rule,
-    "kind": _kind_rule,
-    "conn": _conn_rule,
+    "seq": seq_problem,
+    "kind": kind_problem,
+    "conn": conn_problem,
     "input_seq": _size_rule,
     "output_seq": _size_rule,
     "events": _events_rule,
     "info": _info_rule,
     "state": _protection_rule,
     "ok": _bool_rule,
+    "generation": _size_rule,
+    "taken": _size_rule,
+    "node": _id_rule(empty_ok=False),
+    "gateway": _id_rule(empty_ok=True),
+    "peer": _id_rule(empty_ok=True),
+    "address": _address_rule,
+    "conns": _conns_rule,
+    "code": _code_rule,
 }
 
 # Fields whose values travel as strings but live as enums: from_fields converts them.
@@ -375,27 +392,62 @@ class AuthProof(Message):
     mac: bytes
 
 
-# -- the gateway links (gateway <-> primary, gateway <-> secondary) -------------------------------
+# -- the gateway links (gateway <-> node) --------------------------------------------------------
 # Network events are numbered: the gateway numbers input (`seq` of input), each node numbers the
-# output its VM produces (`seq` of output). Output commit is by these numbers: see
-# docs/protocol.md, "The gateway and control links".
+# output its VM produces (`seq` of output). Output commit is by these numbers. Every message a node
+# sends carries its `generation`: the witness obeys only the highest generation it has seen (a
+# fencing token, like a Raft term). See docs/protocol.md, "The gateway and control links".
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class NodeHello(Message):
-    """Node->gateway, first message after authentication: which node this is, and `info`."""
+    """Node->gateway, first message after authentication: who this node is and what it holds, so a
+    gateway that has just started can rebuild the cluster from its nodes.
+
+    `role` is the node's mode now (primary or secondary); `node` its id (stable for the life of the
+    process); `epoch` the last checkpoint it holds complete; `input_seq` the highest input it has
+    received; `output_seq` the last output its VM produced; `conns` the connections its VM has open;
+    `gateway` the id of the gateway it was last attached to ("" never); `address` where a secondary
+    can be reached by a primary ("" for a primary); `peer` the node it replicates with ("" none);
+    `info` anything else, for display only.
+    """
 
     NAME: ClassVar[str] = "node-hello"
     role: str
+    node: str
+    generation: int
+    epoch: int
+    input_seq: int
+    output_seq: int
+    conns: list[int]
+    gateway: str
+    address: str
+    peer: str
     info: dict[str, Any]
+
+    def __repr__(self) -> str:
+        return (f"NodeHello(role={self.role!r}, node={self.node!r}, generation={self.generation}, "
+                f"epoch={self.epoch}, input_seq={self.input_seq}, output_seq={self.output_seq}, "
+                f"conns=<{len(self.conns)}>, gateway={self.gateway!r}, address={self.address!r}, "
+                f"peer={self.peer!r})")
 
 
 @dataclass(frozen=True, slots=True)
 class NodeStatus(Message):
-    """Node->gateway, periodically: the node's state in `info`; doubles as its heartbeat."""
+    """Node->gateway, periodically: the node's state in `info` (for display); doubles as its heartbeat."""
 
     NAME: ClassVar[str] = "node-status"
+    generation: int
     info: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    """Gateway->node, the answer to node-hello: the gateway's id and the generation it obeys."""
+
+    NAME: ClassVar[str] = "welcome"
+    gateway: str
+    generation: int
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -408,8 +460,31 @@ class Input(Message):
     conn: int
     data: bytes
 
+    @property
+    def event(self) -> NetEvent:
+        return NetEvent(self.seq, self.kind, self.conn, self.data)
+
     def __repr__(self) -> str:
         return _event_repr(self, self.seq, self.kind, self.conn, self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class InputFloor(Message):
+    """Gateway->node: inputs up to `input_seq` will never come (they were for clients of a gateway that
+    is gone): take input_seq + 1 as the next input."""
+
+    NAME: ClassVar[str] = "input-floor"
+    input_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Progress(Message):
+    """Active node->gateway: its VM has taken every input up to `taken`. The gateway keeps a bounded
+    amount of each connection's input in flight past this point (per-connection credit)."""
+
+    NAME: ClassVar[str] = "progress"
+    generation: int
+    taken: int
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -417,10 +492,15 @@ class Output(Message):
     """Node->gateway: output event `seq` of the node's VM; the gateway holds it until committed."""
 
     NAME: ClassVar[str] = "output"
+    generation: int
     seq: int
     kind: int
     conn: int
     data: bytes
+
+    @property
+    def event(self) -> NetEvent:
+        return NetEvent(self.seq, self.kind, self.conn, self.data)
 
     def __repr__(self) -> str:
         return _event_repr(self, self.seq, self.kind, self.conn, self.data)
@@ -431,6 +511,7 @@ class Commit(Message):
     """Primary->gateway: checkpoint `epoch` is complete: release output, trim the input log."""
 
     NAME: ClassVar[str] = "commit"
+    generation: int
     epoch: int
     input_seq: int  # input with seq <= input_seq is inside the checkpoint: drop it from the log
     output_seq: int  # output with seq <= output_seq is covered: release it to the clients
@@ -438,10 +519,41 @@ class Commit(Message):
 
 @dataclass(frozen=True, slots=True)
 class Protection(Message):
-    """Primary->gateway: the primary is now protected (has a secondary) or unprotected."""
+    """Primary->gateway: protected (secondary `peer` holds the whole VM as of checkpoint `epoch`, which
+    covers input up to `input_seq` and output up to `output_seq`) or unprotected (for `reason`)."""
 
     NAME: ClassVar[str] = "protection"
+    generation: int
     state: ProtectionState
+    epoch: int
+    input_seq: int
+    output_seq: int
+    peer: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resynced(Message):
+    """Hybrid secondary->gateway: its VM now equals checkpoint `epoch` (covering input up to
+    `input_seq`, output up to `output_seq`): its output before this point is void, and it needs every
+    input after input_seq."""
+
+    NAME: ClassVar[str] = "resynced"
+    generation: int
+    epoch: int
+    input_seq: int
+    output_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class GuestEnded(Message):
+    """Active node->gateway: the guest powered off with exit `code`, or faulted (code 125, `reason`
+    says how). Nothing to fail over to: the service has ended."""
+
+    NAME: ClassVar[str] = "guest-ended"
+    generation: int
+    code: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,43 +565,74 @@ class CheckpointNow(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Protect(Message):
+    """Gateway->primary: protect the VM with secondary `node`, which listens at `address`."""
+
+    NAME: ClassVar[str] = "protect"
+    node: str
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unprotect(Message):
+    """Gateway->primary: stop checkpointing to your secondary (the witness no longer counts on it)."""
+
+    NAME: ClassVar[str] = "unprotect"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class FailoverRequest(Message):
     """Secondary->gateway: the primary is lost (`reason`); promote me."""
 
     NAME: ClassVar[str] = "failover-request"
+    generation: int
     reason: str
 
 
 @dataclass(frozen=True, slots=True)
 class Promote(Message):
-    """Gateway->secondary: the primary is fenced; resume from your last complete checkpoint."""
+    """Gateway->secondary: the primary is fenced; resume from your last complete checkpoint as the
+    primary of the new `generation`."""
 
     NAME: ClassVar[str] = "promote"
+    generation: int
     reason: str
 
 
 @dataclass(frozen=True, slots=True, repr=False)
 class Promoted(Message):
-    """Secondary->gateway: resumed from checkpoint `epoch`; `events` are the outputs it covers."""
+    """Secondary->gateway: resumed from checkpoint `epoch`; `events` are the outputs it covers; `conns`
+    the connections its VM has open."""
 
     NAME: ClassVar[str] = "promoted"
+    generation: int
     epoch: int
     input_seq: int
     output_seq: int
     events: list[list[Any]]  # [[seq, kind, conn, data], ...]: outputs with seq <= output_seq
+    conns: list[int]
 
     def __repr__(self) -> str:  # up to 100000 events: never dump them into a log
         return (
-            f"Promoted(epoch={self.epoch}, input_seq={self.input_seq}, "
-            f"output_seq={self.output_seq}, events=<{len(self.events)} events>)"
+            f"Promoted(generation={self.generation}, epoch={self.epoch}, input_seq={self.input_seq}, "
+            f"output_seq={self.output_seq}, events=<{len(self.events)} events>, conns=<{len(self.conns)}>)"
         )
 
 
 @dataclass(frozen=True, slots=True)
 class Fence(Message):
-    """Gateway->node: stop serving now (you are no longer the active node), for `reason`."""
+    """Gateway->node: stop serving and exit: you are no longer part of the service, for `reason`."""
 
     NAME: ClassVar[str] = "fence"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown(Message):
+    """Gateway->node: the service is being stopped on purpose (`reason`): exit cleanly."""
+
+    NAME: ClassVar[str] = "shutdown"
     reason: str
 
 
@@ -505,7 +648,7 @@ class StatusRequest(Message):
 
 @dataclass(frozen=True, slots=True)
 class StatusReply(Message):
-    """Gateway->control: the status of the gateway and both nodes, in `info`."""
+    """Gateway->control: the status of the gateway and the nodes, in `info`."""
 
     NAME: ClassVar[str] = "status-reply"
     info: dict[str, Any]
@@ -516,6 +659,14 @@ class FailoverCommand(Message):
     """Control->gateway: an operator forces a failover (`colo failover`), for `reason`."""
 
     NAME: ClassVar[str] = "failover-command"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownCommand(Message):
+    """Control->gateway: stop the whole service cleanly (`colo down`, Ctrl-C of `colo up`)."""
+
+    NAME: ClassVar[str] = "shutdown-command"
     reason: str
 
 
@@ -550,21 +701,30 @@ INITIAL_MESSAGES: tuple[type[Message], ...] = (InitialChunk, InitialSize)
 GATEWAY_MESSAGES: tuple[type[Message], ...] = (
     NodeHello,
     NodeStatus,
+    Welcome,
     Input,
+    InputFloor,
+    Progress,
     Output,
     Commit,
     Protection,
+    Resynced,
+    GuestEnded,
     CheckpointNow,
+    Protect,
+    Unprotect,
     FailoverRequest,
     Promote,
     Promoted,
     Fence,
+    Shutdown,
 )
 
 CONTROL_MESSAGES: tuple[type[Message], ...] = (
     StatusRequest,
     StatusReply,
     FailoverCommand,
+    ShutdownCommand,
     CommandResult,
 )
 
