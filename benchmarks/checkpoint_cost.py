@@ -57,7 +57,7 @@ import lz4.block  # noqa: E402
 import numpy as np  # noqa: E402
 import unicorn  # noqa: E402
 
-from colo.cli import LocalCluster  # noqa: E402
+from colo.cluster import LocalCluster  # noqa: E402
 from colo.stats import PHASES, read_records  # noqa: E402
 from colo.vmstate import BATCH_PAGES  # noqa: E402
 from toyvm import Machine  # noqa: E402

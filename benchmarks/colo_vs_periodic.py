@@ -59,7 +59,7 @@ if str(ROOT) not in sys.path:
 
 import unicorn  # noqa: E402
 
-from colo.cli import LocalCluster  # noqa: E402
+from colo.cluster import LocalCluster  # noqa: E402
 from colo.stats import read_records  # noqa: E402
 
 GUESTS = {"kvstore": ROOT / "guests" / "kvstore.bin", "noisy": ROOT / "guests" / "noisy.bin"}

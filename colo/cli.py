@@ -14,13 +14,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from colo.auth import generate_key, load_key
+from colo.auth import load_key
+from colo.cluster import LocalCluster, ask_gateway
 from colo.errors import ColoError
-from colo.link import Link, authenticate, connect
 from colo.messages import CommandResult, FailoverCommand, StatusReply, StatusRequest
 from colo.node import DEFAULT_HEARTBEAT_TIMEOUT
+from tcpclients import parse_address
 from toyvm.errors import ToyVMError
-from toyvm.netbridge import parse_address
 from toyvm.ram import parse_size
 
 EXIT_ERROR = 2
@@ -76,6 +76,10 @@ def _mode_option(p: argparse.ArgumentParser) -> None:
 def _vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ram", default="64M", help="guest RAM, e.g. 64M or 1G (default 64M)")
     p.add_argument("--cmdline", default="", help="command line passed to the guest")
+    _checkpoint_options(p)
+
+
+def _checkpoint_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=float, default=100.0, metavar="MS",
                    help="periodic mode: checkpoint interval in milliseconds (default 100)")
     p.add_argument("--backstop", type=float, default=2000.0, metavar="MS",
@@ -107,19 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Boot GUEST, serve it through the gateway, checkpoint it to the secondary.")
     p.add_argument("guest", help="guest image (flat binary or ELF64)")
     p.add_argument("--gateway", type=_address, required=True, metavar="HOST:PORT", help="the gateway's --listen")
-    p.add_argument("--secondary", type=_address, metavar="HOST:PORT",
-                   help="the secondary's --listen (without it the primary runs unprotected)")
     _vm_options(p)
     _common(p)
 
-    s = sub.add_parser("secondary", help="run the secondary: receive checkpoints, take over on failover",
-                       description="Wait for the primary, stage and apply its checkpoints, take over when the "
-                                   "gateway promotes us.")
+    s = sub.add_parser("secondary", help="run a secondary: hold a copy of the primary's VM, take over on failover",
+                       description="Register with the gateway as a spare; when the gateway pairs us with a primary, "
+                                   "receive its VM and its checkpoints; take over when the gateway promotes us, then "
+                                   "checkpoint like a primary (hence the checkpoint options).")
     s.add_argument("--listen", type=_address, default=("127.0.0.1", 0), metavar="HOST:PORT",
-                   help="where the primary connects (default 127.0.0.1:0)")
+                   help="where a primary connects (default 127.0.0.1:0)")
+    s.add_argument("--advertise", type=_address, metavar="HOST:PORT",
+                   help="the address primaries should connect to, if not --listen (NAT, a relay)")
     s.add_argument("--gateway", type=_address, required=True, metavar="HOST:PORT", help="the gateway's --listen")
-    s.add_argument("--hooks", choices=("auto", "python", "native"), default=None, help="toyvm hook engine")
-    _mode_option(s)
+    _checkpoint_options(s)
     _common(s)
 
     u = sub.add_parser("up", help="start gateway, secondary and primary locally; Ctrl-C stops them",
@@ -198,66 +202,52 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_config(args: argparse.Namespace, **extra: Any) -> Any:
+    from colo.node import NodeConfig
+    if args.interval <= 0 or args.backstop <= 0:
+        raise ValueError("--interval and --backstop must be positive")
+    return NodeConfig(key=_key(args), gateway=args.gateway, heartbeat_timeout=args.heartbeat_timeout,
+                      trace=args.trace, hooks=args.hooks, mode=args.mode, interval=args.interval / 1000,
+                      backstop=args.backstop / 1000, stats=args.stats, **extra)
+
+
 def cmd_primary(args: argparse.Namespace) -> int:
-    from colo.primary import PrimaryConfig, PrimaryNode
-    cfg = PrimaryConfig(key=_key(args), gateway=args.gateway, heartbeat_timeout=args.heartbeat_timeout,
-                        trace=args.trace, hooks=args.hooks, guest=args.guest, ram=parse_size(args.ram),
-                        cmdline=args.cmdline, secondary=args.secondary,
-                        interval=(args.backstop if args.mode == "hybrid" else args.interval) / 1000,
-                        stats=args.stats, mode=args.mode)
-    if cfg.interval <= 0:
-        raise ValueError("--interval must be positive")
-    node = PrimaryNode(cfg)
+    from colo.node import Mode, Node
+    from colo.primary import PrimaryRole
+    cfg = _node_config(args, guest=args.guest, ram=parse_size(args.ram), cmdline=args.cmdline)
+    node = Node(cfg, Mode.PRIMARY)
+    role = PrimaryRole.boot(node)
     _on_term(lambda *_: node.request_shutdown())
-    return node.run()
+    _write_ready(args.ready_file, {"pid": os.getpid(), "node": node.id})
+    return node.run(role)
 
 
 def cmd_secondary(args: argparse.Namespace) -> int:
-    from colo.secondary import SecondaryConfig, SecondaryNode
+    from colo.node import Mode, Node
+    from colo.secondary import SecondaryRole
 
     def ready(address: tuple[str, int]) -> None:
-        print(f"colo secondary: waiting for the primary on {address[0]}:{address[1]}", file=sys.stderr, flush=True)
-        _write_ready(args.ready_file, {"listen": list(address), "pid": os.getpid()})
+        print(f"colo secondary: waiting for a primary on {address[0]}:{address[1]}", file=sys.stderr, flush=True)
+        _write_ready(args.ready_file, {"listen": list(address), "pid": os.getpid(), "node": node.id})
 
-    cfg = SecondaryConfig(key=_key(args), gateway=args.gateway, heartbeat_timeout=args.heartbeat_timeout,
-                          trace=args.trace, hooks=args.hooks, listen=args.listen, on_listening=ready,
-                          mode=args.mode)
-    node = SecondaryNode(cfg)
+    cfg = _node_config(args, listen=args.listen, advertise=args.advertise, on_listening=ready)
+    node = Node(cfg, Mode.SECONDARY)
     _on_term(lambda *_: node.request_shutdown())
-    return node.run()
+    return node.run(SecondaryRole(node))
 
 
 # -- control commands ----------------------------------------------------------------------------------------
-def _control(args: argparse.Namespace) -> Link:
-    address = args.gateway
-    if address is None:
-        up = run_dir() / "up.json"
-        if not up.exists():
-            raise ColoError(f"no --gateway given and no `colo up` is running on this host ({up} not found)")
-        address = tuple(json.loads(up.read_text())["gateway"])
-    sock = connect(address)
-    hs = authenticate(sock, _key(args), "control", "gateway")
-    return Link(sock, hs, name="gateway")
-
-
-def _ask(link: Link, request: Any, reply_type: type, timeout: float = 5.0) -> Any:
-    link.send(request)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ev = link.get(timeout=deadline - time.monotonic())
-        if isinstance(ev, reply_type):
-            return ev
-        if ev is not None and not hasattr(ev, "NAME"):
-            raise ColoError(f"the gateway closed the connection: {ev!r}")
-    raise ColoError(f"no answer from the gateway within {timeout:.0f} s")
+def _gateway_address(args: argparse.Namespace) -> tuple[str, int]:
+    if args.gateway is not None:
+        return tuple(args.gateway)  # type: ignore[return-value]
+    up = run_dir() / "up.json"
+    if not up.exists():
+        raise ColoError(f"no --gateway given and no `colo up` is running on this host ({up} not found)")
+    return tuple(json.loads(up.read_text())["gateway"])  # type: ignore[return-value]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    link = _control(args)
-    try:
-        reply: StatusReply = _ask(link, StatusRequest(), StatusReply)
-    finally:
-        link.close()
+    reply: StatusReply = ask_gateway(_gateway_address(args), _key(args), StatusRequest(), StatusReply)
     info = reply.info
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
@@ -267,151 +257,51 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def format_status(info: dict[str, Any]) -> str:
+    """The status as an aligned table: one row per role, then the service line and the recent events."""
     g = info["gateway"]
-    lines = [f"{'role':<10} {'pid':>7}  {'address':<21} {'state':<24} {'epoch':>6} {'checkpoints':>11}  triggers",
-             f"{'gateway':<10} {g['pid']:>7}  {g['listen']:<21} {'clients on ' + g['service']:<24} "
-             f"{'':>6} {'':>11}"]
-    for role in ("primary", "secondary"):
-        n = info["nodes"].get(role, {})
-        if not n.get("connected"):
-            lines.append(f"{role:<10} {'-':>7}  {'-':<21} {'not connected':<24}")
-            continue
+    rows = [("role", "node", "gen", "pid", "address", "state", "epoch", "checkpoints", "triggers")]
+    rows.append(("gateway", g.get("id", "-"), str(g.get("generation", "-")), str(g.get("pid", "-")),
+                 g.get("listen", "-"), f"{g.get('service_state', '?')}, clients on {g.get('service', '?')}", "", "",
+                 ""))
+
+    def row(role: str, n: dict[str, Any]) -> tuple[str, ...]:
+        if not n.get("connected") and not n.get("id"):
+            return (role, "-", "", "", "", "none", "", "", "")
         state = n.get("state", "?") + (" [active]" if n.get("active") else "")
+        if n.get("lost"):
+            state = f"lost: {n['lost']}"
+        elif n.get("silent"):
+            state += " (silent)"
         triggers = ", ".join(f"{k} {v}" for k, v in sorted(n.get("triggers", {}).items()))
-        lines.append(f"{role:<10} {n.get('pid', '?'):>7}  {n.get('address', '?'):<21} {state:<24} "
-                     f"{n.get('epoch', 0):>6} {n.get('checkpoints', '-'):>11}  {triggers}")
-    lines.append(f"gateway: {g.get('mode', 'periodic')} mode, {g['clients']} clients, input seq {g['input_seq']}, "
-                 f"output released up to "
-                 f"{g['released_output_seq']}, {g['held_outputs']} held, {g['logged_inputs']} inputs logged")
-    for ev in info.get("events", [])[-5:]:
+        return (role, n.get("id", "?"), str(n.get("generation", "")), str(n.get("pid", "?")),
+                n.get("address") or "-", state, str(n.get("epoch", "")), str(n.get("checkpoints", "")), triggers)
+
+    rows.append(row("primary", info["nodes"].get("primary", {})))
+    rows.append(row("secondary", info["nodes"].get("secondary", {})))
+    rows += [row("spare", n) for n in info.get("spares", [])]
+    rows += [row("lost", n) for n in info.get("lost", [])[-3:]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    right = {2, 3, 6, 7}  # numbers
+    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in rows]
+    lines.append(f"service: {g.get('service_state', '?')} ({'protected' if g.get('protected') else 'not protected'}), "
+                 f"{g.get('mode', 'periodic')} mode, generation {g.get('generation', '?')}, "
+                 f"{g.get('failovers', 0)} failovers, {g.get('clients', 0)} clients, input seq {g.get('input_seq')}, "
+                 f"output released up to {g.get('released_output_seq')}, {g.get('held_outputs', 0)} held, "
+                 f"{g.get('logged_inputs', 0)} inputs logged")
+    for ev in info.get("events", [])[-6:]:
         details = ", ".join(f"{k}={v}" for k, v in ev.items() if k not in ("time", "event"))
         lines.append(f"  {time.strftime('%H:%M:%S', time.localtime(ev['time']))} {ev['event']} {details}")
     return "\n".join(lines)
 
 
 def cmd_failover(args: argparse.Namespace) -> int:
-    link = _control(args)
-    try:
-        res: CommandResult = _ask(link, FailoverCommand(args.reason), CommandResult)
-    finally:
-        link.close()
+    res: CommandResult = ask_gateway(_gateway_address(args), _key(args), FailoverCommand(args.reason), CommandResult)
     print(f"colo failover: {res.reason}", file=sys.stderr if not res.ok else sys.stdout)
     return 0 if res.ok else 1
 
 
 # -- colo up ---------------------------------------------------------------------------------------------------
-class LocalCluster:
-    """The three roles as local processes, sharing a fresh key; used by `colo up`, the demo and the tests."""
-
-    def __init__(self, guest: str, *, ram: str = "64M", cmdline: str = "", interval_ms: float = 100.0,
-                 service: tuple[str, int] = ("127.0.0.1", 0), stats: str | None = None, trace: bool = False,
-                 heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT, hooks: str | None = None,
-                 directory: Path | None = None, env: dict[str, dict[str, str]] | None = None,
-                 verbose: bool = False, mode: str = "periodic", backstop_ms: float = 2000.0) -> None:
-        self.dir = directory or Path(tempfile.mkdtemp(prefix="colo-"))
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.key_file = self.dir / "key"
-        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(generate_key())
-        self.guest, self.ram, self.cmdline, self.interval_ms = guest, ram, cmdline, interval_ms
-        self.service, self.stats, self.trace, self.hooks = service, stats, trace, hooks
-        self.heartbeat_timeout = heartbeat_timeout
-        self.env = env or {}
-        self.verbose = verbose
-        self.mode, self.backstop_ms = mode, backstop_ms
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.gateway: tuple[str, int] = ("", 0)
-        self.service_address: tuple[str, int] = ("", 0)
-        self.secondary_address: tuple[str, int] = ("", 0)
-
-    def _spawn(self, role: str, *args: str, stderr: Any = None, stdout: Any = None) -> subprocess.Popen[bytes]:
-        common = ["--key-file", str(self.key_file), "--heartbeat-timeout", str(self.heartbeat_timeout),
-                  "--ready-file", str(self.dir / f"{role}.json"), "--mode", self.mode]
-        if self.trace:
-            common.append("--trace")
-        if self.verbose:
-            common.append("-v")
-        (self.dir / f"{role}.json").unlink(missing_ok=True)  # a ready file from an earlier run is stale
-        env = dict(os.environ)
-        env.pop("COLO_FAULT", None)
-        env.update(self.env.get(role, {}))
-        proc = subprocess.Popen([sys.executable, "-m", "colo", role, *args, *common], env=env, stderr=stderr,
-                                stdout=stdout, start_new_session=True)
-        self.procs[role] = proc
-        return proc
-
-    def _wait_ready(self, role: str, timeout: float = 30.0) -> dict[str, Any]:
-        path = self.dir / f"{role}.json"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if path.exists():
-                return dict(json.loads(path.read_text()))
-            if self.procs[role].poll() is not None:
-                raise ColoError(f"the {role} exited with status {self.procs[role].returncode} while starting")
-            time.sleep(0.02)
-        raise ColoError(f"the {role} did not start within {timeout:.0f} s")
-
-    def start(self, stderr: Any = None, stdout: Any = None) -> None:
-        """Start gateway, secondary, primary. `stderr` gets their logs, `stdout` the guest's serial console
-        (each node prints it); both default to ours."""
-        self._spawn("gateway", "--service", "%s:%d" % self.service, stderr=stderr, stdout=stdout)
-        g = self._wait_ready("gateway")
-        self.gateway, self.service_address = tuple(g["listen"]), tuple(g["service"])  # type: ignore[assignment]
-        gw = "%s:%d" % self.gateway
-        sec = ["--gateway", gw]
-        if self.hooks:
-            sec += ["--hooks", self.hooks]
-        self._spawn("secondary", *sec, stderr=stderr, stdout=stdout)
-        self.secondary_address = tuple(self._wait_ready("secondary")["listen"])  # type: ignore[assignment]
-        prim = [self.guest, "--gateway", gw, "--secondary", "%s:%d" % self.secondary_address, "--ram", self.ram,
-                "--cmdline", self.cmdline, "--interval", str(self.interval_ms), "--backstop", str(self.backstop_ms)]
-        if self.stats:
-            prim += ["--stats", self.stats]
-        if self.hooks:
-            prim += ["--hooks", self.hooks]
-        self._spawn("primary", *prim, stderr=stderr, stdout=stdout)
-
-    def status(self, timeout: float = 5.0) -> dict[str, Any]:
-        sock = connect(self.gateway)
-        link = Link(sock, authenticate(sock, load_key(self.key_file), "control", "gateway"), name="gateway")
-        try:
-            return dict(_ask(link, StatusRequest(), StatusReply, timeout).info)
-        finally:
-            link.close()
-
-    def wait_protected(self, timeout: float = 30.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = self.status()
-            if info["gateway"]["protected"] and info["nodes"]["primary"].get("checkpoints", 0) >= 1:
-                return info
-            for role, p in self.procs.items():
-                if p.poll() is not None:
-                    raise ColoError(f"the {role} exited with status {p.returncode}")
-            time.sleep(0.05)
-        raise ColoError(f"the primary was not protected within {timeout:.0f} s")
-
-    def kill(self, role: str, sig: int = signal.SIGKILL) -> None:
-        self.procs[role].send_signal(sig)
-
-    def stop(self, timeout: float = 5.0) -> dict[str, int | None]:
-        """SIGTERM the nodes, then the gateway (stopped first, it would make the nodes stop as cut off)."""
-        codes: dict[str, int | None] = {}
-        for group in (("primary", "secondary"), ("gateway",)):
-            procs = {r: p for r, p in self.procs.items() if r in group}
-            for p in procs.values():
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            for role, p in procs.items():
-                try:
-                    codes[role] = p.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    codes[role] = p.wait()
-        return codes
-
-
 def cmd_up(args: argparse.Namespace) -> int:
     d = run_dir()
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -425,6 +315,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         stopping.append(signum)
 
     _on_term(on_signal)
+    code = 0
     try:
         cluster.start()
         up = {"gateway": list(cluster.gateway), "service": list(cluster.service_address),
@@ -440,13 +331,33 @@ def cmd_up(args: argparse.Namespace) -> int:
         while not stopping:
             if cluster.procs["gateway"].poll() is not None:
                 print("colo up: the gateway exited", file=sys.stderr)
+                code = 1
+                break
+            ended = _service_ended(cluster)
+            if ended is not None:
+                code, why = ended
+                print(f"colo up: {why}", file=sys.stderr)
                 break
             time.sleep(0.2)
     finally:
         codes = cluster.stop()
         (d / "up.json").unlink(missing_ok=True)
         print(f"colo up: stopped ({', '.join(f'{r} {c}' for r, c in codes.items())})", file=sys.stderr)
-    return 0
+    return code
+
+
+def _service_ended(cluster: LocalCluster) -> tuple[int, str] | None:
+    """(exit code, why) once the guest has ended: powered off, or faulted (125, as `toyvm run`)."""
+    try:
+        info = cluster.status(timeout=2.0)
+    except (ColoError, OSError):
+        return None
+    g = info["gateway"]
+    if g.get("service_state") != "ended":
+        return None
+    why = next((e.get("reason", "") for e in reversed(info.get("events", [])) if e.get("event") == "guest-ended"),
+               "the guest ended")
+    return int(g.get("ended_code") or 0), why
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from colo.cli import LocalCluster
+from colo.cluster import LocalCluster
 from colo.errors import ColoError
 from colo.stats import read_records
 

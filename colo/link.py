@@ -1,15 +1,22 @@
-"""The thin I/O layer around the sans-I/O pieces: an authenticated TCP connection with a reader thread.
+"""The thin I/O layer around the sans-I/O pieces: authenticated, framed connections served from a selector.
 
-Every connection first completes the HMAC handshake (colo.auth) with a short timeout; then a reader
-thread turns bytes into messages on a queue, and any thread may send. Liveness: every byte received
-refreshes `last_seen`; `alive(timeout)` says whether the peer spoke recently. A `Link` carries plain
-messages (gateway and control links); a `ProtocolLink` drives a checkpoint state machine (colo.protocol)
-under a lock, so the replication link gets the table's checks on everything sent and received.
+A `Conn` is one TCP connection. It runs the HMAC handshake (colo.auth) without blocking, then frames messages
+(colo.wire), or, on the replication link, drives a checkpoint state machine (colo.protocol) that checks every
+message both ways. It never blocks the loop that serves it: the gateway's single thread, or a node's I/O thread.
+
+Threads: `on_ready` (reading, and flushing what is queued) belongs to the loop's thread; `send` may be called
+from any thread (a node's VM thread sends its checkpoints itself, without a hand-off); with `block=...` it also
+waits, in the calling thread, until the bytes are on the wire. Liveness: `last_heard` is the time of the last
+complete, valid frame (a byte that starts a frame proves nothing: a garbled length would otherwise look alive).
 """
 from __future__ import annotations
 
+import collections
+import enum
+import errno
 import logging
-import queue
+import select
+import selectors
 import socket
 import sys
 import threading
@@ -19,17 +26,26 @@ from typing import TextIO
 
 from colo.auth import Handshake
 from colo.errors import AuthError, ColoError
-from colo.messages import Heartbeat, Message, VmstateChunk, describe
+from colo.messages import ErrorMessage, Heartbeat, Message, VmstateChunk, describe
 from colo.protocol import ConnectionClosed, ProtocolSide
 from colo.wire import MAX_PAYLOAD, FrameDecoder, encode_frame
 
 log = logging.getLogger("colo.link")
-AUTH_TIMEOUT = 5.0
-QUIET_MESSAGES = {"heartbeat", "node-status"}  # not traced: they would drown everything else
+AUTH_TIMEOUT = 5.0  # seconds a peer has to connect and prove the key
+READ_SIZE = 1 << 20
+READS_PER_READY = 8  # reads per readiness before the loop serves other connections
+QUIET_MESSAGES = {"heartbeat", "node-status", "progress"}  # not traced: they would drown everything else
+
+
+class Opened:
+    """Event: the handshake completed; the connection carries messages now."""
+
+    def __repr__(self) -> str:
+        return "Opened()"
 
 
 class Closed:
-    """Queue event: the connection ended (`reason` says how)."""
+    """Event: the connection ended (`reason` says how)."""
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
@@ -38,7 +54,7 @@ class Closed:
         return f"Closed({self.reason!r})"
 
 
-Event = Message | ConnectionClosed | Closed
+Event = Message | ConnectionClosed | Closed | Opened
 
 
 class Tracer:
@@ -64,8 +80,335 @@ class Tracer:
                   file=self.stream, flush=True)
 
 
+class State(enum.Enum):
+    CONNECTING = "connecting"  # an outgoing connect in progress
+    HANDSHAKE = "handshake"  # proving the key both ways
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+ProtocolFactory = Callable[[Handshake], ProtocolSide]
+
+
+class Conn:
+    """One authenticated, framed connection. See the module text for which thread may call what."""
+
+    _ids = iter(range(1, 1 << 62))
+
+    def __init__(self, sock: socket.socket, *, key: bytes, role: str, peer_role: str | Collection[str],
+                 name: str = "", connecting: bool = False, tracer: Tracer | None = None,
+                 protocol: ProtocolFactory | None = None, max_payload: int = MAX_PAYLOAD) -> None:
+        self.id = next(Conn._ids)
+        self.sock = sock
+        sock.setblocking(False)
+        self.name = name
+        self.hs = Handshake(key, role, peer_role)
+        self.peer_role = self.hs.peer_role
+        self.state = State.CONNECTING if connecting else State.HANDSHAKE
+        self.started = time.monotonic()
+        self.last_heard = self.started
+        self.closed_reason = ""
+        self.proto: ProtocolSide | None = None
+        self._protocol = protocol
+        self._decoder: FrameDecoder | None = None
+        self._max_payload = max_payload
+        self._tracer = tracer
+        self._out: collections.deque[memoryview] = collections.deque()
+        self._out_bytes = 0
+        self._wlock = threading.Lock()  # the queue of frames and writes to the socket
+        self._plock = threading.Lock()  # the protocol object (sends in one thread, receives in another)
+        self._close_after_flush = ""
+        self.on_change: Callable[[], None] | None = None  # a sender from another thread queued bytes
+        if not connecting:
+            self._queue(self.hs.start())
+
+    def __repr__(self) -> str:
+        return f"Conn({self.name or self.peer_role or '?'} #{self.id}, {self.state.value})"
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def open(self) -> bool:
+        return self.state is State.OPEN
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    @property
+    def queued(self) -> int:
+        return self._out_bytes
+
+    def interest(self) -> int:
+        if self.closed:
+            return 0
+        if self.state is State.CONNECTING:
+            return selectors.EVENT_WRITE
+        return selectors.EVENT_READ | (selectors.EVENT_WRITE if self._out_bytes else 0)
+
+    def alive(self, timeout: float, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        return self.open and now - self.last_heard < timeout
+
+    def handshake_expired(self, now: float) -> bool:
+        return self.state in (State.CONNECTING, State.HANDSHAKE) and now - self.started > AUTH_TIMEOUT
+
+    # -- the loop's side ----------------------------------------------------------------------------------
+    def on_ready(self, mask: int) -> list[Event]:
+        """Serve readiness: finish a connect, flush, read. Returns what arrived, in order."""
+        events: list[Event] = []
+        if self.closed:
+            return events
+        if self.state is State.CONNECTING:
+            if mask & selectors.EVENT_WRITE:
+                err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    return self._fail(f"cannot connect: {errno.errorcode.get(err, err)} ({err})")
+                self.state = State.HANDSHAKE
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._queue(self.hs.start())
+            return events
+        if mask & selectors.EVENT_WRITE:
+            if not self._flush_some():
+                return self._fail(self.closed_reason or "connection error while sending")
+        if mask & selectors.EVENT_READ:
+            for _ in range(READS_PER_READY):
+                try:
+                    data = self.sock.recv(READ_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as e:
+                    events += self._fail(f"connection error: {e}")
+                    return events
+                if not data:
+                    events += self._eof()
+                    return events
+                try:
+                    events += self._feed(data)
+                except (ColoError, AuthError) as e:
+                    reason = f"bad input from the {self.peer_role or 'peer'}: {e}"
+                    log.error("%s: %s", self.name or "link", reason)
+                    events += self._fail(reason)
+                    return events
+                if self.closed:
+                    return events
+                if len(data) < READ_SIZE:
+                    break
+        return events
+
+    def _feed(self, data: bytes) -> list[Event]:
+        events: list[Event] = []
+        if self.state is State.HANDSHAKE:
+            out = self.hs.receive_data(data)
+            if out:
+                self._queue(out)
+            if not self.hs.done:
+                return events
+            self.peer_role = self.hs.peer_role
+            self.state = State.OPEN
+            self.last_heard = time.monotonic()
+            if self._protocol is not None:
+                with self._plock:
+                    self.proto = self._protocol(self.hs)  # it takes the bytes pipelined after the proof
+            else:
+                self._decoder = FrameDecoder(self._max_payload)
+                self._decoder.feed(self.hs.unused_data)
+            events.append(Opened())
+            return events + self._drain()
+        if self.proto is not None:
+            with self._plock:
+                self.proto.receive_data(data)
+        else:
+            assert self._decoder is not None
+            self._decoder.feed(data)
+        return events + self._drain()
+
+    def _drain(self) -> list[Event]:
+        events: list[Event] = []
+        while True:
+            if self.proto is not None:
+                with self._plock:
+                    ev = self.proto.next_event()
+            else:
+                assert self._decoder is not None
+                ev = self._decoder.next_message()
+            if ev is None:
+                return events
+            self.last_heard = time.monotonic()
+            if self._tracer is not None and isinstance(ev, Message):
+                self._tracer("<-", self.name or self.peer_role, ev)
+            events.append(ev)
+            if isinstance(ev, ConnectionClosed):
+                return events
+            if isinstance(ev, ErrorMessage) and self.proto is not None:
+                # The peer gave up on this connection: the protocol side is in ERROR now, and so is the link.
+                return events + self._fail(f"the {self.peer_role or 'peer'} gave up: {ev.reason}")
+
+    def _eof(self) -> list[Event]:
+        events: list[Event] = []
+        if self.state is State.OPEN and self.proto is not None:
+            try:
+                with self._plock:
+                    self.proto.receive_data(b"")
+                events += self._drain()  # ends with ConnectionClosed: where the conversation was
+            except ColoError:
+                pass
+        if self.state is State.HANDSHAKE:
+            return events + self._fail("connection closed during authentication")
+        return events + self._fail("closed by peer")
+
+    def _fail(self, reason: str) -> list[Event]:
+        if self.closed:
+            return []
+        self._shut(reason)
+        return [Closed(reason)]
+
+    # -- any thread ---------------------------------------------------------------------------------------
+    def send(self, msg: Message, *, block: float | None = None) -> bool:
+        """Queue `msg` and write what the socket takes now. With `block` (seconds), wait until all of it is on the
+        wire; False if the connection is gone, or (blocking) if it did not drain in time. ColoError if the protocol
+        refuses to send `msg` now (a bug on our side)."""
+        if not self.open:
+            return False
+        if self._tracer is not None:
+            self._tracer("->", self.name or self.peer_role, msg)  # before the send: the order is right
+        with self._wlock:
+            if self.proto is not None:
+                with self._plock:
+                    frame = self.proto.send(msg)
+            else:
+                frame = encode_frame(msg, max_payload=self._max_payload)
+            self._queue(frame)
+            ok = self._flush_some_locked()
+        if not ok:
+            self._shut(self.closed_reason or "connection error while sending")
+            return False
+        if self._out_bytes and self.on_change is not None:
+            self.on_change()
+        if block is not None and self._out_bytes:
+            return self.flush(block)
+        return True
+
+    def try_heartbeat(self, msg: Message | None = None) -> None:
+        """From the loop: a heartbeat, unless another thread is busy sending (its frames prove we live)."""
+        if not self.open or self._out_bytes > (1 << 20):
+            return
+        if not self._wlock.acquire(blocking=False):
+            return
+        try:
+            hb = msg or Heartbeat()
+            if self.proto is not None:
+                with self._plock:
+                    frame = self.proto.send(hb)
+            else:
+                frame = encode_frame(hb, max_payload=self._max_payload)
+            self._queue(frame)
+            ok = self._flush_some_locked()
+        except ColoError:
+            return  # a protocol in ERROR or CLOSED: the reader sees the end
+        finally:
+            self._wlock.release()
+        if not ok:
+            self._shut(self.closed_reason or "connection error while sending")
+
+    def flush(self, timeout: float) -> bool:
+        """Wait in this thread until everything queued is written (or `timeout` passes, or the connection ends)."""
+        deadline = time.monotonic() + timeout
+        while self._out_bytes and self.open:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                select.select([], [self.sock], [], min(left, 0.05))
+            except (OSError, ValueError):
+                return False
+            with self._wlock:
+                ok = self._flush_some_locked()
+            if not ok:
+                self._shut(self.closed_reason or "connection error while sending")
+                return False
+        return self.open
+
+    def close(self, reason: str = "closed") -> None:
+        self._shut(reason)
+
+    def close_after_flush(self, reason: str) -> None:
+        """Close once what is queued is written (the loop calls `finish_close` when it is)."""
+        self._close_after_flush = reason
+        if not self._out_bytes:
+            self._shut(reason)
+
+    def finish_close(self) -> None:
+        if self._close_after_flush and not self._out_bytes and not self.closed:
+            self._shut(self._close_after_flush)
+
+    # -- internals ----------------------------------------------------------------------------------------
+    def _queue(self, data: bytes) -> None:
+        if data:
+            self._out.append(memoryview(data))
+            self._out_bytes += len(data)
+
+    def _flush_some(self) -> bool:
+        with self._wlock:
+            ok = self._flush_some_locked()
+        if ok:
+            self.finish_close()
+        return ok
+
+    def _flush_some_locked(self) -> bool:
+        """Write what the socket takes now. False when the connection failed."""
+        while self._out:
+            head = self._out[0]
+            try:
+                n = self.sock.send(head)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError as e:
+                self.closed_reason = f"connection error: {e}"
+                return False
+            self._out_bytes -= n
+            if n == len(head):
+                self._out.popleft()
+            else:
+                self._out[0] = head[n:]
+                return True
+        return True
+
+    def _shut(self, reason: str) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        self.closed_reason = self.closed_reason or reason
+        if self.proto is not None:
+            with self._plock:
+                self.proto.close()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def connect_nonblocking(address: tuple[str, int]) -> socket.socket:
+    """A socket whose connect to `address` is under way (finish it by waiting for writability)."""
+    infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setblocking(False)
+    err = sock.connect_ex(addr)
+    if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+        sock.close()
+        raise OSError(err, f"cannot connect to {address[0]}:{address[1]}: {errno.errorcode.get(err, err)}")
+    return sock
+
+
+# -- blocking helpers for one-shot clients (`colo status`, tests) ------------------------------------------------
 def authenticate(sock: socket.socket, key: bytes, role: str, peer_role: str | Collection[str]) -> Handshake:
-    """Run the handshake on a connected socket; AuthError (or OSError) on failure."""
+    """Run the handshake on a connected blocking socket; AuthError (or OSError) on failure."""
     hs = Handshake(key, role, peer_role)
     sock.settimeout(AUTH_TIMEOUT)
     try:
@@ -90,151 +433,57 @@ def connect(address: tuple[str, int], timeout: float = 5.0) -> socket.socket:
     return sock
 
 
-class Link:
-    """A framed, authenticated connection carrying plain messages, with a reader thread."""
+class Client:
+    """A blocking request/reply connection: the control commands (`colo status`, `colo failover`) and tests."""
 
-    def __init__(self, sock: socket.socket, hs: Handshake, *, name: str = "",
-                 max_payload: int = MAX_PAYLOAD, tracer: Tracer | None = None,
-                 inbox: queue.Queue[tuple[Link, Event]] | None = None) -> None:
-        """Events go to `self.events`, or as (link, event) pairs to a shared `inbox` (a server's many links)."""
-        self.sock = sock
-        self.peer_role = hs.peer_role
-        self.name = name or hs.peer_role
-        self.events: queue.Queue[Event] = queue.Queue()
-        self.inbox = inbox
-        self.last_seen = time.monotonic()
-        self.closed = False
-        self._send_lock = threading.Lock()
-        self._tracer = tracer
-        self._decoder = FrameDecoder(max_payload)
-        self._start(hs.unused_data)
-
-    def _start(self, unused: bytes) -> None:
-        if unused:
-            self._feed(unused)
-        self._thread = threading.Thread(target=self._read_loop, name=f"link-{self.name}", daemon=True)
-        self._thread.start()
-
-    # -- receiving ----------------------------------------------------------------------------------
-    def _feed(self, data: bytes) -> None:
-        self._decoder.feed(data)
-        while (msg := self._decoder.next_message()) is not None:
-            self._deliver(msg)
-
-    on_arrival: Callable[[Event], None] | None = None  # called in the reader thread, before queueing
-
-    def _deliver(self, msg: Event) -> None:
-        if self._tracer is not None and isinstance(msg, Message):
-            self._tracer("<-", self.name, msg)
-        if self.on_arrival is not None:
-            self.on_arrival(msg)  # e.g. stop the running VM now: a checkpoint request must not wait a slice
-        if self.inbox is not None:
-            self.inbox.put((self, msg))
-        else:
-            self.events.put(msg)
-
-    def _read_loop(self) -> None:
-        reason = "closed by peer"
+    def __init__(self, address: tuple[str, int], key: bytes, role: str = "control", peer_role: str = "gateway",
+                 timeout: float = 5.0) -> None:
+        self.sock = connect(address, timeout)
         try:
-            while True:
-                data = self.sock.recv(1 << 20)
-                if not data:
-                    break
-                self.last_seen = time.monotonic()
-                self._feed(data)
-        except ColoError as e:
-            reason = f"bad input from {self.name}: {e}"
-            log.error("%s", reason)
-        except OSError as e:
-            reason = f"connection error: {e}"
-        self.closed = True
-        self._deliver(Closed(reason))
+            self.hs = authenticate(self.sock, key, role, peer_role)
+        except BaseException:
+            self.sock.close()
+            raise
+        self._decoder = FrameDecoder()
+        self._decoder.feed(self.hs.unused_data)
+        self.timeout = timeout
 
-    # -- sending ------------------------------------------------------------------------------------
     def send(self, msg: Message) -> None:
-        """Send one message (thread-safe). OSError if the connection is gone."""
-        frame = encode_frame(msg)
-        with self._send_lock:
-            self.sock.sendall(frame)
-        if self._tracer is not None:
-            self._tracer("->", self.name, msg)
+        self.sock.sendall(encode_frame(msg))
 
-    def try_send(self, msg: Message) -> bool:
-        try:
-            self.send(msg)
-            return True
-        except OSError:
-            return False
+    def receive(self, timeout: float | None = None) -> Message:
+        """The next message (heartbeats skipped); ColoError when the peer closes or is silent too long."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            msg = self._decoder.next_message()
+            if msg is not None:
+                if isinstance(msg, Heartbeat):
+                    continue
+                return msg
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ColoError(f"no answer within {self.timeout if timeout is None else timeout:.0f} s")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(1 << 16)
+            except TimeoutError:
+                continue
+            if not data:
+                raise ColoError("the peer closed the connection")
+            self._decoder.feed(data)
 
-    # -- liveness and closing -----------------------------------------------------------------------
-    def alive(self, timeout: float) -> bool:
-        return not self.closed and time.monotonic() - self.last_seen < timeout
-
-    def get(self, timeout: float | None = None) -> Event | None:
-        try:
-            return self.events.get(timeout=timeout)
-        except queue.Empty:
-            return None
+    def ask(self, msg: Message, reply: type[Message], timeout: float | None = None) -> Message:
+        self.send(msg)
+        while True:
+            got = self.receive(timeout)
+            if isinstance(got, reply):
+                return got
 
     def close(self) -> None:
-        self.closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.sock.close()
 
+    def __enter__(self) -> Client:
+        return self
 
-class ProtocolLink(Link):
-    """The replication link: the checkpoint state machine checks every message both ways."""
-
-    def __init__(self, sock: socket.socket, proto: ProtocolSide, *, name: str, tracer: Tracer | None = None,
-                 inbox: queue.Queue[tuple[Link, Event]] | None = None) -> None:
-        self.proto = proto
-        self._proto_lock = threading.Lock()
-        # The protocol object already holds the handshake's leftover bytes.
-        self.sock = sock
-        self.peer_role = proto.ROLE.peer.value
-        self.name = name
-        self.events = queue.Queue()
-        self.inbox = inbox
-        self.last_seen = time.monotonic()
-        self.closed = False
-        self._send_lock = threading.Lock()
-        self._tracer = tracer
-        self._thread = threading.Thread(target=self._read_loop, name=f"link-{name}", daemon=True)
-        with self._proto_lock:
-            self._drain()
-        self._thread.start()
-
-    def _drain(self) -> None:
-        while (ev := self.proto.next_event()) is not None:
-            self._deliver(ev)
-            if isinstance(ev, ConnectionClosed):
-                return
-
-    def _feed(self, data: bytes) -> None:
-        with self._proto_lock:
-            self.proto.receive_data(data)
-            self._drain()
-
-    def _read_loop(self) -> None:
-        super()._read_loop()
-        if not self.closed or self.proto.state.name not in ("ERROR", "CLOSED"):
-            try:
-                with self._proto_lock:
-                    self.proto.receive_data(b"")
-                    self._drain()
-            except ColoError:
-                pass
-
-    def send(self, msg: Message) -> None:
-        with self._send_lock:
-            with self._proto_lock:
-                frame = self.proto.send(msg)
-            self.sock.sendall(frame)
-        if self._tracer is not None:
-            self._tracer("->", self.name, msg)
-
-    def heartbeat(self) -> bool:
-        return self.try_send(Heartbeat())
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -401,29 +401,20 @@ class AuthProof(Message):
 
 @dataclass(frozen=True, slots=True, repr=False)
 class NodeHello(Message):
-    """Node->gateway, first message after authentication: who this node is and what it holds, so a
-    gateway that has just started can rebuild the cluster from its nodes.
-
-    `role` is the node's mode now (primary or secondary); `node` its id (stable for the life of the
-    process); `epoch` the last checkpoint it holds complete; `input_seq` the highest input it has
-    received; `output_seq` the last output its VM produced; `conns` the connections its VM has open;
-    `gateway` the id of the gateway it was last attached to ("" never); `address` where a secondary
-    can be reached by a primary ("" for a primary); `peer` the node it replicates with ("" none);
-    `info` anything else, for display only.
-    """
+    """Node->gateway, first: who this node is and what it holds (a new gateway learns the cluster)."""
 
     NAME: ClassVar[str] = "node-hello"
-    role: str
-    node: str
+    role: str  # its mode now: primary, secondary (holds a copy) or spare (holds none)
+    node: str  # its id, stable for the life of the process
     generation: int
-    epoch: int
-    input_seq: int
-    output_seq: int
-    conns: list[int]
-    gateway: str
-    address: str
-    peer: str
-    info: dict[str, Any]
+    epoch: int  # the last checkpoint it holds complete
+    input_seq: int  # the highest input it has received
+    output_seq: int  # the last output its VM produced
+    conns: list[int]  # the connections its VM has open
+    gateway: str  # the id of the gateway it was last attached to ("" never)
+    address: str  # where a primary reaches this secondary ("" for a primary)
+    peer: str  # the node it replicates with ("" none)
+    info: dict[str, Any]  # anything else, for display only
 
     def __repr__(self) -> str:
         return (f"NodeHello(role={self.role!r}, node={self.node!r}, generation={self.generation}, "
@@ -470,8 +461,7 @@ class Input(Message):
 
 @dataclass(frozen=True, slots=True)
 class InputFloor(Message):
-    """Gateway->node: inputs up to `input_seq` will never come (they were for clients of a gateway that
-    is gone): take input_seq + 1 as the next input."""
+    """Gateway->node: inputs up to `input_seq` will never come (a gone gateway's): take the next one."""
 
     NAME: ClassVar[str] = "input-floor"
     input_seq: int
@@ -479,8 +469,7 @@ class InputFloor(Message):
 
 @dataclass(frozen=True, slots=True)
 class Progress(Message):
-    """Active node->gateway: its VM has taken every input up to `taken`. The gateway keeps a bounded
-    amount of each connection's input in flight past this point (per-connection credit)."""
+    """Active node->gateway: its VM has taken every input up to `taken` (the gateway's credit)."""
 
     NAME: ClassVar[str] = "progress"
     generation: int
@@ -519,8 +508,7 @@ class Commit(Message):
 
 @dataclass(frozen=True, slots=True)
 class Protection(Message):
-    """Primary->gateway: protected (secondary `peer` holds the whole VM as of checkpoint `epoch`, which
-    covers input up to `input_seq` and output up to `output_seq`) or unprotected (for `reason`)."""
+    """Primary->gateway: protected by secondary `peer` from checkpoint `epoch` on, or unprotected."""
 
     NAME: ClassVar[str] = "protection"
     generation: int
@@ -534,9 +522,7 @@ class Protection(Message):
 
 @dataclass(frozen=True, slots=True)
 class Resynced(Message):
-    """Hybrid secondary->gateway: its VM now equals checkpoint `epoch` (covering input up to
-    `input_seq`, output up to `output_seq`): its output before this point is void, and it needs every
-    input after input_seq."""
+    """Hybrid secondary->gateway: my VM now equals checkpoint `epoch`; my earlier output is void."""
 
     NAME: ClassVar[str] = "resynced"
     generation: int
@@ -547,8 +533,7 @@ class Resynced(Message):
 
 @dataclass(frozen=True, slots=True)
 class GuestEnded(Message):
-    """Active node->gateway: the guest powered off with exit `code`, or faulted (code 125, `reason`
-    says how). Nothing to fail over to: the service has ended."""
+    """Active node->gateway: the guest powered off (exit `code`) or faulted (125): the service ended."""
 
     NAME: ClassVar[str] = "guest-ended"
     generation: int
@@ -592,8 +577,7 @@ class FailoverRequest(Message):
 
 @dataclass(frozen=True, slots=True)
 class Promote(Message):
-    """Gateway->secondary: the primary is fenced; resume from your last complete checkpoint as the
-    primary of the new `generation`."""
+    """Gateway->secondary: the primary is fenced; resume as the primary of the new `generation`."""
 
     NAME: ClassVar[str] = "promote"
     generation: int
@@ -602,8 +586,7 @@ class Promote(Message):
 
 @dataclass(frozen=True, slots=True, repr=False)
 class Promoted(Message):
-    """Secondary->gateway: resumed from checkpoint `epoch`; `events` are the outputs it covers; `conns`
-    the connections its VM has open."""
+    """Secondary->gateway: resumed from checkpoint `epoch`; `events`: the outputs it covers."""
 
     NAME: ClassVar[str] = "promoted"
     generation: int

@@ -1,47 +1,90 @@
-"""What the primary and the secondary share: the gateway link, heartbeats, and serving the guest.
+"""A node process: one VM, one role at a time, and what both roles share.
 
-A node has one inbox: every link delivers (link, event) pairs to it, so the main thread waits on one queue
-for gateway input, replication messages and connection loss alike. A heartbeat thread speaks on every link
-so the peers can tell a live node from a dead one even while the main thread is busy (a large checkpoint).
+A node is primary (it runs the guest and checkpoints it), secondary (it holds a copy and takes over on failover) or
+spare (a secondary with no copy yet, waiting for the gateway to pair it with a primary). Its role is a mode, not a
+process: a promoted secondary becomes a primary in place, with the same VM, and can take a secondary of its own.
+`Node.run` drives the roles (colo.primary.PrimaryRole, colo.secondary.SecondaryRole) one after the other.
+
+Two threads: the VM thread (this module's loops, the roles) and the I/O thread (colo.nodeio), which owns the
+sockets, sends the heartbeats and turns silence into events.
+
+Losing the gateway is not losing the service: the node stops taking input and releasing output (the primary
+pauses its guest), keeps its VM and its pair, and reconnects until a gateway answers. It gives up only when told
+(fence, shutdown) or when a newer generation exists.
 """
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import logging
 import os
 import queue
+import secrets
 import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
-from colo.link import Closed, Event, Link, ProtocolLink, Tracer, authenticate, connect
-from colo.memory import keep_buffers_on_heap
 from colo.errors import ColoError
+from colo.link import Closed, Conn, Tracer
+from colo.memory import keep_buffers_on_heap
 from colo.messages import (
     CheckpointNow,
+    CheckpointRequest,
     ErrorMessage,
     Fence,
     Heartbeat,
     Input,
+    InputFloor,
+    Message,
     NodeHello,
     NodeStatus,
     Output,
-    Trigger,
+    Progress,
+    Promote,
+    Shutdown,
+    Welcome,
 )
+from colo.netevents import KIND_CLOSE, KIND_OPEN, NetEvent
+from colo.nodeio import Attached, Detached, Heard, NodeEvent, NodeIO, Silent, Source
 from colo.protocol import ConnectionClosed
-from toyvm import Machine, StopReason
+from toyvm import Machine
 from toyvm.devices.net import QueueFull
 
 log = logging.getLogger("colo.node")
 
 DEFAULT_HEARTBEAT_TIMEOUT = 0.8  # seconds of silence after which a peer counts as lost (DESIGN: under 1 s)
 SLICE = 0.01
+EXIT_GATEWAY = 3  # (kept for scripts: a node no longer exits when it loses the gateway)
+EXIT_FENCED = 4
+EXIT_NOTHING = 6  # a secondary lost its primary before it held anything to take over
+EXIT_FAULT = 125  # the guest faulted (as `toyvm run`)
+
+
+class Mode(enum.Enum):
+    PRIMARY = "primary"
+    SECONDARY = "secondary"
+
+
+class NodeState(enum.Enum):
+    """What the node is doing, as `colo status` shows it."""
+
+    STARTING = "starting"
+    SPARE = "spare"  # a secondary with no copy: waiting for a primary
+    RECEIVING = "receiving the copy"
+    SECONDARY = "secondary"
+    SECONDARY_RUNNING = "secondary (hybrid: running)"
+    FAILOVER_REQUESTED = "failover requested"
+    TAKING_OVER = "taking over"
+    UNPROTECTED = "active (unprotected)"
+    PROTECTING = "active (copying to a secondary)"
+    PROTECTED = "active (protected)"
+    DETACHED = "waiting for the gateway"
+    ENDED = "ended"
 
 
 def state_digest(vm: Machine) -> dict[str, str]:
@@ -60,9 +103,9 @@ class StateLog:
         path = os.environ.get("COLO_STATE_LOG")
         self._f = open(path, "a", buffering=1) if path else None
 
-    def write(self, vm: Machine | None, epoch: int | str) -> None:
+    def write(self, vm: Machine | None, epoch: int | str, generation: int = 0) -> None:
         if self._f is not None and vm is not None:
-            self._f.write(json.dumps({"epoch": epoch, **state_digest(vm)}) + "\n")
+            self._f.write(json.dumps({"epoch": epoch, "generation": generation, **state_digest(vm)}) + "\n")
 
 
 class NodeStop(Exception):
@@ -73,28 +116,38 @@ class NodeStop(Exception):
         self.exit_code = exit_code
 
 
-class GatewayLost(NodeStop):
-    def __init__(self, why: str) -> None:
-        super().__init__(f"lost the gateway ({why}): stopping, so there is never a second active copy", 3)
-
-
 class Fenced(NodeStop):
     def __init__(self, why: str) -> None:
-        super().__init__(f"fenced by the gateway: {why}", 4)
+        super().__init__(f"fenced by the gateway: {why}", EXIT_FENCED)
 
 
 class GuestExited(NodeStop):
-    def __init__(self, code: int) -> None:
-        super().__init__(f"the guest powered off with exit code {code}", code)
+    def __init__(self, code: int, why: str = "") -> None:
+        super().__init__(why or f"the guest powered off with exit code {code}", code)
 
 
 @dataclass
 class NodeConfig:
+    """Everything a node needs in any role (a secondary that is promoted checkpoints like a primary)."""
+
     key: bytes
     gateway: tuple[str, int]
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     trace: bool = False
     hooks: str | None = None
+    mode: str = "periodic"  # "hybrid": the secondary's VM runs too
+    console: bool = True  # print the guest's serial console on stdout
+    interval: float = 0.1  # periodic: seconds between checkpoints
+    backstop: float = 2.0  # hybrid: a checkpoint at least this often
+    stats: str | None = None  # append one JSON line per checkpoint
+    # primary: the guest to boot
+    guest: str = ""
+    ram: int = 64 << 20
+    cmdline: str = ""
+    # secondary: where primaries connect, and the address to give them (default: the one bound)
+    listen: tuple[str, int] = ("127.0.0.1", 0)
+    advertise: tuple[str, int] | None = None
+    on_listening: Callable[[tuple[str, int]], None] | None = field(default=None, repr=False)
 
     @property
     def heartbeat_interval(self) -> float:
@@ -102,101 +155,167 @@ class NodeConfig:
 
 
 class Node:
-    """Base of PrimaryNode and SecondaryNode."""
+    """The process: its VM, its I/O thread, its generation; the roles do the rest."""
 
-    ROLE = ""
-
-    def __init__(self, cfg: NodeConfig) -> None:
+    def __init__(self, cfg: NodeConfig, role: Mode) -> None:
         self.cfg = cfg
-        self.inbox: queue.Queue[tuple[Link, Event]] = queue.Queue()
-        self.tracer = Tracer(self.ROLE) if cfg.trace else None
-        self.gw: Link | None = None
-        self.repl: ProtocolLink | None = None
+        self.id = secrets.token_hex(6)
+        self.mode = role
+        self.state = NodeState.STARTING
+        self.generation = 1 if role is Mode.PRIMARY else 0
+        self.hybrid = cfg.mode == "hybrid"
+        self.tracer = Tracer(role.value) if cfg.trace else None
         self.vm: Machine | None = None
-        self.backlog: dict[int, Input] = {}  # inputs not yet in the VM, by seq: replays may arrive out of order
+        self.backlog: dict[int, NetEvent] = {}  # inputs not yet in the VM, by seq: replays may come out of order
+        self.received_seq = 0  # the highest input seq received
+        self.conns_open: set[int] = set()  # connections the VM has open (from its inputs and outputs)
         self.epoch_outputs: list[list[Any]] = []  # outputs since the last checkpoint: the next one carries them
-        self.requested_trigger: Trigger | None = None
-        self.state = "starting"
-        self._stop_heartbeat = threading.Event()
-        self.state_log = StateLog()
+        self.gateway_id = ""
+        self.attached = False  # a gateway welcomed us and is heard
         self.shutdown_requested = False
-        sys.setswitchinterval(0.0005)  # hand the GIL over fast: link threads must not wait 5 ms to run
+        self.state_log = StateLog()
+        self.role: Any = None  # the current role object (PrimaryRole or SecondaryRole)
+        self._taken_sent = 0
+        self.io = NodeIO(key=cfg.key, gateway=cfg.gateway, role=self.hello_role,
+                         heartbeat_timeout=cfg.heartbeat_timeout, hello=self.hello, status=self.status,
+                         tracer=self.tracer, on_message=self._urgent)
+        self.inbox = self.io.inbox
         keep_buffers_on_heap()
 
-    # -- links ------------------------------------------------------------------------------------------
-    def connect_gateway(self) -> None:
-        sock = connect(self.cfg.gateway)
-        hs = authenticate(sock, self.cfg.key, self.ROLE, "gateway")
-        self.gw = Link(sock, hs, name="gateway", tracer=self.tracer, inbox=self.inbox)
-        self.gw.send(NodeHello(self.ROLE, self.status_info()))
-        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+    # -- what the gateway learns about us -----------------------------------------------------------------------
+    def hello_role(self) -> str:
+        if self.mode is Mode.PRIMARY:
+            return "primary"
+        return "secondary" if self.role is not None and self.role.holds_copy() else "spare"
 
-    def _heartbeat_loop(self) -> None:
-        while not self._stop_heartbeat.wait(self.cfg.heartbeat_interval):
-            if self.gw is not None:
-                self.gw.try_send(NodeStatus(self.status_info()))
-            repl = self.repl
-            if repl is not None and not repl.closed:
-                try:
-                    repl.heartbeat()
-                except Exception:  # noqa: BLE001 - a protocol in ERROR/CLOSED: the main loop sees the loss
-                    pass
+    def hello(self) -> NodeHello:
+        role = self.role
+        info = self.status_info()
+        return NodeHello(self.hello_role(), self.id, self.generation, role.epoch_held() if role else 0,
+                         self.received_seq, self.vm.net.state.last_output_seq if self.vm is not None else 0,
+                         sorted(self.conns_open), self.gateway_id, role.address() if role else "",
+                         role.peer() if role else "", info)
+
+    def status(self) -> NodeStatus:
+        return NodeStatus(self.generation, self.status_info())
 
     def status_info(self) -> dict[str, Any]:
-        return {"role": self.ROLE, "pid": os.getpid(), "state": self.state}
+        info: dict[str, Any] = {"role": self.mode.value, "pid": os.getpid(), "state": self.state.value,
+                                "generation": self.generation, "mode": self.cfg.mode}
+        if self.role is not None:
+            info.update(self.role.status_info())
+        return info
 
-    def next_event(self, timeout: float) -> tuple[Link, Event] | None:
-        """Wait up to `timeout` for an event. A gateway event is handled here and ends the wait with None
-        (the caller re-checks its own state); any other event is returned."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:  # what already arrived first (a fence before the gateway's close), then liveness
-                link, ev = self.inbox.get_nowait()
-            except queue.Empty:
-                self.check_gateway()
-                try:
-                    link, ev = self.inbox.get(timeout=max(0.0, min(deadline - time.monotonic(), 0.05)))
-                except queue.Empty:
-                    if time.monotonic() >= deadline:
-                        return None
-                    continue
-            if link is self.gw:
-                self.on_gateway_event(ev)
-                return None
-            return link, ev
+    # -- running the roles -------------------------------------------------------------------------------------
+    def run(self, first_role: Any) -> int:
+        self.role = first_role
+        self.io.start()
+        try:
+            while True:
+                nxt = self.role.run()
+                self.role = nxt
+        except NodeStop as e:
+            log.warning("%s: %s", self.mode.value, e)  # why the process ends: always worth a line
+            return e.exit_code
+        finally:
+            if self.role is not None:
+                self.role.close()
+            self.io.stop()
 
     def request_shutdown(self) -> None:
         """From a signal handler: stop at the next exact point and leave cleanly."""
         self.shutdown_requested = True
         if self.vm is not None:
             self.vm.request_stop()
+        self.io.wake()
 
-    def check_gateway(self) -> None:
-        if self.shutdown_requested:
-            raise NodeStop("stopped by a signal", 0)
-        gw = self.gw
-        if gw is not None and not gw.alive(self.cfg.heartbeat_timeout):
-            raise GatewayLost("connection closed" if gw.closed else
-                              f"silent for {time.monotonic() - gw.last_seen:.2f} s")
+    def _urgent(self, source: Source, msg: Any) -> None:
+        """I/O thread, before the message is queued: messages that must not wait for the VM's slice to end."""
+        if self.vm is not None and isinstance(msg, (CheckpointNow, CheckpointRequest, Promote, Fence, Shutdown)):
+            self.vm.request_stop()
 
-    def on_gateway_event(self, ev: Event) -> None:
+    # -- events ------------------------------------------------------------------------------------------------
+    def next_event(self, timeout: float) -> tuple[Source, NodeEvent] | None:
+        """Wait up to `timeout` for an event that is not the gateway's (gateway events are handled here, and end
+        the wait with None so that the caller re-checks its state)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.shutdown_requested:
+                raise NodeStop("stopped by a signal", 0)
+            try:
+                source, ev = self.inbox.get(timeout=max(0.0, min(deadline - time.monotonic(), 0.05)))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    return None
+                continue
+            if source == "gateway" or source is self.io.gateway:
+                self.on_gateway_event(ev)
+                return None
+            return source, ev
+
+    def drain_events(self) -> list[tuple[Source, NodeEvent]]:
+        """Everything already queued (gateway events handled), without waiting."""
+        out = []
+        while not self.inbox.empty():
+            got = self.next_event(0.0)
+            if got is not None:
+                out.append(got)
+        return out
+
+    def on_gateway_event(self, ev: NodeEvent) -> None:
         if isinstance(ev, Input):
-            self.backlog[ev.seq] = ev
+            if ev.seq > self.received_seq:
+                self.received_seq = ev.seq
+            self.backlog[ev.seq] = ev.event
+        elif isinstance(ev, Progress | Output):
+            pass  # not for us
+        elif isinstance(ev, Welcome):
+            self.gateway_id = ev.gateway
+            self.attached = True
+            log.info("%s: attached to gateway %s (generation %d)", self.mode.value, ev.gateway, ev.generation)
+            self.role.on_attached()
+        elif isinstance(ev, InputFloor):
+            self.input_floor(ev.input_seq)
         elif isinstance(ev, Fence):
             raise Fenced(ev.reason)
-        elif isinstance(ev, CheckpointNow):
-            self.requested_trigger = ev.trigger
-        elif isinstance(ev, (Closed, ConnectionClosed)):
-            raise GatewayLost(getattr(ev, "reason", "connection closed"))
-        elif isinstance(ev, Heartbeat):
+        elif isinstance(ev, Shutdown):
+            raise NodeStop(f"stopped by the gateway: {ev.reason}", 0)
+        elif isinstance(ev, Attached):
+            pass  # our hello is on its way; we are attached once welcomed
+        elif isinstance(ev, Detached):
+            if self.attached:
+                log.warning("%s: lost the gateway (%s): holding still and reconnecting", self.mode.value, ev.reason)
+            self.attached = False
+            self.role.on_detached()
+        elif isinstance(ev, Silent):
+            log.warning("%s: the gateway is silent: holding still until it speaks", self.mode.value)
+            self.attached = False
+            self.role.on_detached()
+        elif isinstance(ev, Heard):
+            log.warning("%s: the gateway speaks again", self.mode.value)
+            self.attached = bool(self.gateway_id)
+            self.role.on_attached()
+        elif isinstance(ev, (Heartbeat, NodeStatus)):
             pass
-        else:
-            self.on_other_gateway_message(ev)
+        elif isinstance(ev, (Closed, ConnectionClosed)):
+            pass  # the I/O thread reports the end as Detached
+        elif isinstance(ev, Message):
+            self.role.on_gateway_message(ev)
 
-    def on_other_gateway_message(self, ev: Event) -> None:
-        log.warning("%s: unexpected message from the gateway: %r", self.ROLE, ev)
+    def input_floor(self, seq: int) -> None:
+        """Inputs up to `seq` will never come (they were for clients that are gone): go on from seq + 1."""
+        for old in [s for s in self.backlog if s <= seq]:
+            del self.backlog[old]
+        self.received_seq = max(self.received_seq, seq)
+        if self.vm is not None and self.vm.net.state.last_input_seq < seq:
+            self.vm.net.state.last_input_seq = seq
+        log.info("%s: inputs up to %d are void (clients of an earlier gateway)", self.mode.value, seq)
 
-    # -- serving the guest ------------------------------------------------------------------------------
+    def send_gateway(self, msg: Message, block: float | None = None) -> bool:
+        """Send to the gateway if one is attached; output is never queued for a gateway we do not have."""
+        return self.attached and self.io.send_gateway(msg, block)
+
+    # -- serving the guest -------------------------------------------------------------------------------------
     def deliver_inputs(self) -> None:
         assert self.vm is not None
         net = self.vm.net
@@ -204,69 +323,62 @@ class Node:
             seq = net.state.last_input_seq + 1
             ev = self.backlog.get(seq)
             if ev is None:
-                # Drop what the VM has already (a replay, or a restored state that went past it); any other
-                # gap is filled by the gateway's replay next.
+                # Drop what the VM has already (a replay, or a restored state that went past it); any other gap
+                # is filled by the gateway's replay next.
                 for old in [s for s in self.backlog if s < seq]:
                     del self.backlog[old]
                 return
             try:
                 net.deliver(ev.kind, ev.conn, ev.data, seq=ev.seq)
             except QueueFull:
-                return  # the guest has not caught up: hold the rest (the gateway holds what we do not read)
+                return  # the guest has not caught up: hold the rest (the gateway's credit bounds it)
             del self.backlog[seq]
+            if ev.kind == KIND_OPEN:
+                self.conns_open.add(ev.conn)
+            elif ev.kind == KIND_CLOSE:
+                self.conns_open.discard(ev.conn)
+
+    def taken_seq(self) -> int:
+        """Every input up to this the guest has taken from the device (what the gateway's credit counts)."""
+        assert self.vm is not None
+        st = self.vm.net.state
+        return int(st.rx[0][0]) - 1 if st.rx else st.last_input_seq
+
+    def take_outputs(self) -> list[NetEvent]:
+        """The VM's new outputs; the caller decides where they go. Keeps `conns_open` and the epoch's outputs."""
+        assert self.vm is not None
+        out = []
+        for ev in self.vm.net.take_output():
+            e = NetEvent(ev.seq, ev.kind, ev.conn, ev.data)
+            self.epoch_outputs.append(e.as_list())
+            if e.kind == KIND_CLOSE:
+                self.conns_open.discard(e.conn)
+            out.append(e)
+        return out
 
     def forward_outputs(self) -> None:
-        assert self.vm is not None and self.gw is not None
-        for ev in self.vm.net.take_output():
-            self.epoch_outputs.append([ev.seq, ev.kind, ev.conn, ev.data])
-            try:
-                self.gw.send(Output(ev.seq, ev.kind, ev.conn, ev.data))
-            except OSError as e:
-                raise GatewayLost(str(e)) from None
+        """Send the VM's new outputs (and how far it took input) to the gateway."""
+        for e in self.take_outputs():
+            self.send_gateway(Output(self.generation, *e))
+        taken = self.taken_seq()
+        if taken > self._taken_sent and self.send_gateway(Progress(self.generation, taken)):
+            self._taken_sent = taken
 
-    def serve(self, seconds: float, on_replication_event: Callable[[Link, Event], None] | None = None) -> None:
-        """Run the guest for `seconds` (less if a checkpoint is requested), moving inputs and outputs."""
-        vm = self.vm
-        assert vm is not None
-        deadline = time.monotonic() + seconds
-        while self.requested_trigger is None:
-            self.check_gateway()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self.deliver_inputs()
-            r = vm.run_slice(min(SLICE, left))
-            self.forward_outputs()
-            console = vm.take_serial()
-            if console:  # the serial port is this node's local console: not output-committed
-                sys.stdout.buffer.write(console)
-                sys.stdout.flush()
-            if r.reason is StopReason.POWER_OFF:
-                self.state_log.write(vm, "final")
-                raise GuestExited(vm.exit_code or 0)
-            idle = r.reason is StopReason.HALT and not vm.wakeup_pending and not self.backlog
-            # Idle guest: sleep until something arrives or the deadline; busy guest: take what came in.
-            got = self.next_event(max(0.0, deadline - time.monotonic()) if idle else 0.0)
-            while got is not None or not self.inbox.empty():
-                if got is not None and on_replication_event is not None:
-                    on_replication_event(*got)
-                got = self.next_event(0.0)
+    def print_console(self) -> None:
+        assert self.vm is not None
+        console = self.vm.take_serial()
+        if console and self.cfg.console:  # the serial port is this node's local console: not output-committed
+            sys.stdout.buffer.write(console)
+            sys.stdout.flush()
 
-    def close_replication(self, why: str | None = None) -> None:
+    def close_repl(self, why: str | None = None, conn: Conn | None = None) -> None:
         """Drop the replication link, telling the peer `why` first when there is a reason to give."""
-        repl, self.repl = self.repl, None
+        repl = conn or self.io.repl
         if repl is None:
             return
-        if why is not None:
+        if why is not None and repl.open:
             try:
-                repl.try_send(ErrorMessage(why))
+                repl.send(ErrorMessage(why[:1000]), block=0.2)
             except ColoError:
                 pass  # the protocol side is already in ERROR or CLOSED: nothing more to say
-        repl.close()
-
-    def stop(self) -> None:
-        self._stop_heartbeat.set()
-        for link in (self.repl, self.gw):
-            if link is not None:
-                link.close()
-
+        self.io.close_repl(why or "closed")

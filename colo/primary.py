@@ -1,23 +1,22 @@
-"""The primary: runs the guest, serves it through the gateway, and checkpoints it to the secondary.
+"""The primary role: run the guest, serve it through the gateway, and checkpoint it to a secondary.
 
 `checkpoint()` is the whole transaction in one straight line, as QEMU's colo_do_checkpoint_transaction:
 request, reply, collect, compress, send, received (output may now be released), loaded, resume.
-Any trouble with the secondary (silence, an error, a protocol violation) makes the primary go on unprotected:
-it tells the gateway, which releases everything it held for us.
+Which secondary protects us is the gateway's decision (`protect`); any trouble with it (silence, an error, a
+protocol violation) makes the primary go on unprotected and say so. A guest that powers off or faults ends the
+service: the primary says so (no failover: the secondary would end the same way) and exits with its code.
 """
 from __future__ import annotations
 
 import logging
-import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from colo import vmstate
 from colo.errors import ColoError
 from colo.faults import FaultPlan
-from colo.link import Closed, Event, Link, ProtocolLink, authenticate, connect
+from colo.link import Closed, Conn, Opened
 from colo.messages import (
     CheckpointNow,
     CheckpointReady,
@@ -25,188 +24,328 @@ from colo.messages import (
     CheckpointRequest,
     Commit,
     ErrorMessage,
+    GuestEnded,
     Heartbeat,
     InitialChunk,
     InitialSize,
     Message,
+    Promote,
+    Protect,
     Protection,
     ProtectionState,
     Trigger,
+    Unprotect,
     VmstateChunk,
     VmstateLoaded,
     VmstateReceived,
     VmstateSend,
     VmstateSize,
 )
-from colo.node import GuestExited, Node, NodeConfig, NodeStop
+from colo.node import EXIT_FAULT, SLICE, GuestExited, Mode, Node, NodeState
+from colo.nodeio import Heard, NodeEvent, Silent, Source
 from colo.protocol import ConnectionClosed, PrimaryProtocol
 from colo.stats import CheckpointRecord, PhaseClock, StatsWriter
 from colo.wire import DEFAULT_CHUNK_SIZE
-from toyvm import Machine
+from toyvm import Machine, StopReason
+from toyvm.errors import GuestFault
 
 log = logging.getLogger("colo.primary")
-CONNECT_ATTEMPTS_S = 10.0  # how long the primary keeps trying to reach the secondary at start
+CONNECT_TIMEOUT = 10.0  # seconds to reach and authenticate a secondary the gateway named
 REPLY_TIMEOUT_FACTOR = 4  # wait this many heartbeat timeouts for a reply inside a checkpoint
+MAX_GATEWAY_QUEUE = 8 << 20  # output bytes queued for the gateway before the guest is paused
 
 
 class SecondaryLost(Exception):
     pass
 
 
-@dataclass
-class PrimaryConfig(NodeConfig):
-    guest: str = ""
-    ram: int = 64 << 20
-    cmdline: str = ""
-    secondary: tuple[str, int] | None = None
-    interval: float = 0.1  # periodic: the checkpoint interval; hybrid: the backstop interval
-    stats: str | None = None
-    mode: str = "periodic"
-
-
-class PrimaryNode(Node):
-    ROLE = "primary"
-
-    def __init__(self, cfg: PrimaryConfig) -> None:
-        super().__init__(cfg)
-        self.pcfg = cfg
-        self.epoch = 1  # the next checkpoint's number
+class PrimaryRole:
+    def __init__(self, node: Node, *, epoch: int = 1) -> None:
+        self.node = node
+        self.cfg = node.cfg
+        self.epoch = epoch  # the next checkpoint's number
         self.checkpoints = 0
         self.triggers: dict[str, int] = {}
         self.last_pause_ms = 0.0
         self.protected = False
-        self.stats = StatsWriter(cfg.stats)
+        self.repl: Conn | None = None
+        self.secondary_id = ""
+        self.pending_protect: Protect | None = None
+        self.requested_trigger: Trigger | None = None
+        self.stats = StatsWriter(node.cfg.stats, mode=node.cfg.mode, interval_ms=self.interval * 1e3)
+        self.fresh = False  # a guest booted here, not yet run
         self.faults = FaultPlan()
 
+    @property
+    def interval(self) -> float:
+        """Periodic: the checkpoint interval; hybrid: the backstop."""
+        return self.cfg.backstop if self.cfg.mode == "hybrid" else self.cfg.interval
+
+    # -- what the node reports ---------------------------------------------------------------------------------
+    def holds_copy(self) -> bool:
+        return True
+
+    def epoch_held(self) -> int:
+        return self.epoch - 1
+
+    def address(self) -> str:
+        return ""
+
+    def peer(self) -> str:
+        return self.secondary_id if self.protected else ""
+
     def status_info(self) -> dict[str, Any]:
-        info = super().status_info()
-        info.update(epoch=self.epoch - 1, checkpoints=self.checkpoints, triggers=dict(self.triggers),
-                    protected=self.protected, last_pause_ms=round(self.last_pause_ms, 3),
-                    interval_ms=round(self.pcfg.interval * 1e3, 3), mode=self.pcfg.mode)
-        return info
+        return {"epoch": self.epoch - 1, "checkpoints": self.checkpoints, "triggers": dict(self.triggers),
+                "protected": self.protected, "last_pause_ms": round(self.last_pause_ms, 3),
+                "interval_ms": round(self.interval * 1e3, 3), "secondary": self.secondary_id or None}
 
-    # -- start ------------------------------------------------------------------------------------------
-    def run(self) -> int:
-        cfg = self.pcfg
-        self.vm = Machine(cfg.ram, hooks=cfg.hooks)
-        self.vm.boot(Path(cfg.guest), cfg.cmdline)
-        self.connect_gateway()
-        assert self.gw is not None
-        self.gw.on_arrival = self._stop_vm_for_request
-        self.state = "unprotected"
-        if cfg.secondary is not None:
-            self.protect(cfg.secondary)
+    # -- start -------------------------------------------------------------------------------------------------
+    @classmethod
+    def boot(cls, node: Node) -> PrimaryRole:
+        cfg = node.cfg
+        node.vm = Machine(cfg.ram, hooks=cfg.hooks)
+        node.vm.boot(Path(cfg.guest), cfg.cmdline)
+        role = cls(node)
+        role.fresh = True
+        return role
+
+    def run(self) -> Any:
+        node = self.node
+        node.mode = Mode.PRIMARY
+        node.state = NodeState.UNPROTECTED if node.attached else NodeState.DETACHED
+        if self.fresh:
+            # A guest that has not run yet waits for a gateway (nothing could reach a client without one); if the
+            # gateway has a secondary for it, the copy comes first (the gateway sends protect before its welcome),
+            # so that the guest is protected from its first instruction.
+            while not node.attached:
+                node.next_event(0.1)
+            for got in node.drain_events():
+                self._handle(got)
+            if self.pending_protect is not None:
+                self.protect(self.pending_protect)
+        while True:
+            started = time.perf_counter()
+            self.serve(self.interval)
+            if self.pending_protect is not None:
+                self.protect(self.pending_protect)
+                continue
+            if self.repl is None:
+                self.requested_trigger = None  # nobody to checkpoint to: a late request means nothing
+                continue
+            trigger = self.requested_trigger or Trigger.TIMER
+            self.requested_trigger = None
+            self.checkpoint(trigger, suspended_at=started + self.interval)
+
+    def close(self) -> None:
+        self.stats.close()
+        if self.repl is not None:
+            self.node.close_repl("the primary stops", self.repl)
+
+    # -- the gateway's say ---------------------------------------------------------------------------------
+    def on_attached(self) -> None:
+        self.node.state = self._serving_state()
+
+    def on_detached(self) -> None:
+        self.node.state = NodeState.DETACHED
+
+    def _serving_state(self) -> NodeState:
+        if self.protected:
+            return NodeState.PROTECTED
+        return NodeState.PROTECTING if self.repl is not None else NodeState.UNPROTECTED
+
+    def on_gateway_message(self, msg: Message) -> None:
+        if isinstance(msg, CheckpointNow):
+            self.requested_trigger = msg.trigger
+        elif isinstance(msg, Protect):
+            if self.repl is None:
+                self.pending_protect = msg
+            else:
+                log.warning("primary: asked to protect with %s while %s protects us: ignored", msg.node,
+                            self.secondary_id)
+        elif isinstance(msg, Unprotect):
+            if self.repl is not None:
+                self._unprotect(f"the gateway says so: {msg.reason}", tell=False)
+        elif isinstance(msg, Promote):
+            log.warning("primary: the gateway sent promote to a primary: ignored")
+        else:
+            log.warning("primary: unexpected message from the gateway: %r", msg)
+
+    # -- serving ---------------------------------------------------------------------------------------------
+    def serve(self, seconds: float) -> None:
+        """Run the guest for `seconds` (less when a checkpoint is asked for or protection starts), moving inputs and
+        outputs. Without a gateway the guest holds still: nothing could reach a client."""
+        node, vm = self.node, self.node.vm
+        assert vm is not None
+        deadline = time.monotonic() + seconds
+        while self.requested_trigger is None and self.pending_protect is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            gw = node.io.gateway
+            if not node.attached or gw is None or gw.queued > MAX_GATEWAY_QUEUE:
+                self._handle(node.next_event(min(left, 0.05)))
+                continue
+            node.deliver_inputs()
+            try:
+                r = vm.run_slice(min(SLICE, left))
+            except GuestFault as e:
+                self.guest_ended(EXIT_FAULT, f"VM fault: {e}")
+            node.forward_outputs()
+            node.print_console()
+            if r.reason is StopReason.POWER_OFF:
+                node.state_log.write(vm, "final", node.generation)
+                self.guest_ended(vm.exit_code or 0, f"the guest powered off with exit code {vm.exit_code or 0}")
+            idle = r.reason is StopReason.HALT and not vm.wakeup_pending and not node.backlog
+            # Idle guest: sleep until something arrives or the deadline; busy guest: take what came in.
+            self._handle(node.next_event(max(0.0, deadline - time.monotonic()) if idle else 0.0))
+            for got in node.drain_events():
+                self._handle(got)
+
+    def _handle(self, got: tuple[Source, NodeEvent] | None) -> None:
+        """Between checkpoints only heartbeats may come from the secondary."""
+        if got is None:
+            return
+        source, ev = got
+        if source is not self.repl or self.repl is None:
+            return
+        if isinstance(ev, (Heartbeat, Heard)):
+            return
+        self._unprotect(self._describe_loss(ev))
+
+    def guest_ended(self, code: int, why: str) -> None:
+        """The guest powered off or faulted: nothing to fail over to. Tell the gateway (waiting a little for one if
+        we have none right now), release the secondary, and leave with the guest's code."""
+        node = self.node
+        vm = node.vm
+        assert vm is not None
+        node.print_console()  # what the guest wrote in its last slice is never lost
+        node.forward_outputs()
+        log.warning("primary: %s", why)
+        node.state = NodeState.ENDED
+        deadline = time.monotonic() + 2 * self.cfg.heartbeat_timeout
+        while not node.attached and time.monotonic() < deadline:
+            node.next_event(0.05)
+        node.send_gateway(GuestEnded(node.generation, code, why[:1000]), block=1.0)
+        if self.repl is not None:
+            node.close_repl(f"the guest ended: {why}", self.repl)
+            self.repl = None
+        raise GuestExited(code, why)
+
+    # -- protection ------------------------------------------------------------------------------------------
+    def protect(self, req: Protect) -> None:
+        """Connect to the secondary the gateway named and give it the whole VM; on success checkpoints start."""
+        node = self.node
+        self.pending_protect = None
+        self.secondary_id = req.node
+        node.state = NodeState.PROTECTING
+        host, _, port = req.address.rpartition(":")
+        first_epoch = self.epoch
+        node.io.connect_repl((host.strip("[]"), int(port)),
+                             lambda hs: PrimaryProtocol(hs, first_epoch=first_epoch))
         try:
-            while True:
-                started = time.perf_counter()
-                self.serve(cfg.interval)
-                if self.repl is None:
-                    self.requested_trigger = None  # nobody to checkpoint to: a late request means nothing
-                    continue
-                trigger = self.requested_trigger or Trigger.TIMER
-                self.requested_trigger = None
-                self.checkpoint(trigger, suspended_at=started + cfg.interval)
-        except GuestExited as e:
-            # The service ended by itself: nothing to fail over to. Say so before going.
-            log.warning("primary: %s", e)
-            if self.gw is not None:
-                self.gw.try_send(Protection(ProtectionState.UNPROTECTED))
-            return e.exit_code
-        except NodeStop as e:
-            log.warning("primary: %s", e)
-            return e.exit_code
-        finally:
-            self.stats.close()
-            self.stop()
-
-    def held_inputs(self) -> list[list[Any]]:
-        return [[e.seq, e.kind, e.conn, e.data] for _, e in sorted(self.backlog.items())]
-
-    def _stop_vm_for_request(self, ev: Event) -> None:
-        """Reader thread: the gateway asks for a checkpoint (hybrid mismatch, timeout, manual): stop the VM at
-        its next exact point instead of finishing the slice."""
-        if isinstance(ev, CheckpointNow) and self.vm is not None:
-            self.vm.request_stop()
-
-    def protect(self, address: tuple[str, int]) -> None:
-        """Connect to the secondary and give it the whole VM; on success checkpoints start."""
-        try:
-            sock = self._connect_secondary(address)
-            hs = authenticate(sock, self.cfg.key, "primary", "secondary")
-            self.repl = ProtocolLink(sock, PrimaryProtocol(hs, first_epoch=self.epoch), name="secondary",
-                                     tracer=self.tracer, inbox=self.inbox)
+            self.repl = self._wait_open(req.address)
             self.initial_copy()
         except (OSError, ColoError, SecondaryLost) as e:
-            self._unprotect(f"cannot protect the VM: {e}")
+            self._unprotect(f"cannot protect the VM with {req.node} at {req.address}: {e}")
             return
         self.protected = True
-        self.state = "protected"
-        assert self.gw is not None
-        self.gw.send(Protection(ProtectionState.PROTECTED))
-        log.info("primary: protected by the secondary at %s:%d", *address)
+        node.state = NodeState.PROTECTED
+        vm = node.vm
+        assert vm is not None
+        net = vm.net.state
+        node.send_gateway(Protection(node.generation, ProtectionState.PROTECTED, self.epoch - 1,
+                                     net.last_input_seq, net.last_output_seq, req.node, ""))
+        log.info("primary: protected by %s at %s", req.node, req.address)
 
-    def _connect_secondary(self, address: tuple[str, int]) -> socket.socket:
-        deadline = time.monotonic() + CONNECT_ATTEMPTS_S
-        while True:
-            try:
-                return connect(address)
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                self.check_gateway()
-                time.sleep(0.1)
+    def _wait_open(self, address: str) -> Conn:
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while time.monotonic() < deadline:
+            got = self.node.next_event(0.05)
+            if got is None:
+                continue
+            source, ev = got
+            if isinstance(ev, Opened) and isinstance(source, Conn) and source.peer_role == "secondary":
+                return source
+            if isinstance(ev, Closed) and (source == "repl" or (isinstance(source, Conn)
+                                                               and source.peer_role == "secondary")):
+                raise SecondaryLost(ev.reason)
+        raise SecondaryLost(f"could not reach the secondary at {address} within {CONNECT_TIMEOUT:.0f} s")
 
     def initial_copy(self) -> None:
-        vm = self.vm
-        assert vm is not None and self.repl is not None
-        self.forward_outputs()  # what the guest said before protection belongs to the unprotected past
-        self.epoch_outputs.clear()
+        node, vm, repl = self.node, self.node.vm, self.repl
+        assert vm is not None and repl is not None
+        node.forward_outputs()  # what the guest said before protection belongs to the unprotected past
+        node.epoch_outputs.clear()
         vm.collect_dirty()
-        blob, _ = vmstate.encode(vm, vm.ram.nonzero_pages(), epoch=0, full=True, inputs=self.held_inputs())
-        self.state_log.write(vm, 0)
+        blob, _ = vmstate.encode(vm, vm.ram.nonzero_pages(), epoch=self.epoch - 1, full=True,
+                                 inputs=self.held_inputs(), generation=node.generation, node=node.id,
+                                 conns=sorted(node.conns_open))
+        node.state_log.write(vm, self.epoch - 1, node.generation)
+        timeout = self.cfg.heartbeat_timeout * REPLY_TIMEOUT_FACTOR
         for lo in range(0, len(blob), DEFAULT_CHUNK_SIZE):
-            self.repl.send(InitialChunk(blob[lo:lo + DEFAULT_CHUNK_SIZE]))
-        self.repl.send(InitialSize(len(blob)))
+            if not repl.send(InitialChunk(blob[lo:lo + DEFAULT_CHUNK_SIZE]), block=timeout):
+                raise SecondaryLost(f"the copy could not be sent: {repl.closed_reason or 'the link is stuck'}")
+        repl.send(InitialSize(len(blob)))
         self.expect(CheckpointReady, timeout=max(30.0, len(blob) / 50e6))
 
-    # -- the checkpoint transaction -------------------------------------------------------------------------
+    def held_inputs(self) -> list[list[Any]]:
+        return [e.as_list() for _, e in sorted(self.node.backlog.items())]
+
+    def _unprotect(self, why: str, tell: bool = True) -> None:
+        """Go on alone: the gateway releases what it held and everything from now on."""
+        node = self.node
+        log.warning("primary: running unprotected: %s", why)
+        if self.repl is not None:
+            node.close_repl(why, self.repl)
+        self.repl = None
+        self.protected = False
+        self.secondary_id = ""
+        node.state = NodeState.UNPROTECTED if node.attached else NodeState.DETACHED
+        node.epoch_outputs.clear()
+        if tell:
+            node.send_gateway(Protection(node.generation, ProtectionState.UNPROTECTED, self.epoch - 1, 0, 0, "",
+                                         why[:1000]))
+
+    # -- the checkpoint transaction ----------------------------------------------------------------------------
     def checkpoint(self, trigger: Trigger, suspended_at: float) -> None:
-        vm, repl, gw = self.vm, self.repl, self.gw
-        assert vm is not None and repl is not None and gw is not None
+        node, vm, repl = self.node, self.node.vm, self.repl
+        assert vm is not None and repl is not None
         epoch = self.epoch
         clock = PhaseClock(min(suspended_at, time.perf_counter()))
         rec = CheckpointRecord(epoch, trigger.value)
+        timeout = self.cfg.heartbeat_timeout * REPLY_TIMEOUT_FACTOR
         try:
             self.faults.reach("before-request", epoch)
-            repl.send(CheckpointRequest(epoch, trigger))
+            self._send(CheckpointRequest(epoch, trigger))
             self.faults.reach("after-request", epoch)
             self.expect(CheckpointReply)
             # suspend: from the end of the VM's last slice through the request/reply round trip
             clock.mark("suspend")
             self.faults.reach("after-reply", epoch)
-            outputs = self.epoch_outputs
-            self.epoch_outputs = []
+            outputs = node.epoch_outputs
+            node.epoch_outputs = []
             pages = vm.collect_dirty()
             blob, st = vmstate.encode(vm, pages, epoch=epoch, full=False, outputs=outputs,
-                                      inputs=self.held_inputs())
-            self.state_log.write(vm, epoch)
+                                      inputs=self.held_inputs(), generation=node.generation, node=node.id,
+                                      conns=sorted(node.conns_open))
+            node.state_log.write(vm, epoch, node.generation)
             clock.mark("compress")  # collect (dirty log, page runs, machine state) + compress: split them
             clock.phases["collect"] = clock.phases["compress"] - st.compress_s * 1e3
             clock.phases["compress"] = st.compress_s * 1e3
-            repl.send(VmstateSend(epoch))
+            self._send(VmstateSend(epoch))
             chunks = range(0, len(blob), DEFAULT_CHUNK_SIZE)
             for n, lo in enumerate(chunks):
                 if n == len(chunks) // 2:
                     self.faults.reach("mid-send", epoch)
-                repl.send(VmstateChunk(epoch, blob[lo:lo + DEFAULT_CHUNK_SIZE]))
-            repl.send(VmstateSize(epoch, len(blob)))
+                self._send(VmstateChunk(epoch, blob[lo:lo + DEFAULT_CHUNK_SIZE]), block=timeout)
+            self._send(VmstateSize(epoch, len(blob)))
             clock.mark("send")
             self.faults.reach("after-size", epoch)
             self.expect(VmstateReceived)
             clock.mark("received")
             self.faults.reach("after-received", epoch)
             net = vm.net.state
-            gw.send(Commit(epoch, net.last_input_seq, net.last_output_seq))  # output commit: release
+            node.send_gateway(Commit(node.generation, epoch, net.last_input_seq, net.last_output_seq))
             self.faults.reach("after-commit", epoch)
             self.expect(VmstateLoaded)
             clock.mark("loaded")
@@ -225,53 +364,40 @@ class PrimaryNode(Node):
         self.last_pause_ms = rec.pause_ms
         self.stats.write(rec)
 
+    def _send(self, msg: Message, block: float | None = None) -> None:
+        repl = self.repl
+        assert repl is not None
+        if not repl.send(msg, block=block):
+            raise SecondaryLost(f"cannot send {msg.NAME}: {repl.closed_reason or 'the link is stuck'}")
+
     def expect(self, cls: type[Message], timeout: float | None = None) -> Message:
-        """Wait for `cls` from the secondary (colo_receive_check_message): heartbeats are skipped; anything
-        else the protocol would already have refused; silence, loss or an error message lose the secondary."""
+        """Wait for `cls` from the secondary (colo_receive_check_message): heartbeats are skipped; anything else
+        the protocol would already have refused; silence, loss or an error message lose the secondary."""
         limit = timeout if timeout is not None else self.cfg.heartbeat_timeout * REPLY_TIMEOUT_FACTOR
         deadline = time.monotonic() + limit
         repl = self.repl
         assert repl is not None
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not repl.alive(self.cfg.heartbeat_timeout):
+            if left <= 0:
                 raise SecondaryLost(f"no {cls.NAME} from the secondary within {limit:.1f} s")
-            got = self.next_event(min(left, self.cfg.heartbeat_interval))  # wake to notice silence
+            got = self.node.next_event(min(left, self.cfg.heartbeat_interval))
             if got is None:
                 continue
-            link, ev = got
-            if link is not repl:
+            source, ev = got
+            if source is not repl:
                 continue
             if isinstance(ev, cls):
                 return ev
-            if isinstance(ev, Heartbeat):
+            if isinstance(ev, (Heartbeat, Heard)):
                 continue
             raise SecondaryLost(self._describe_loss(ev))
 
-    @staticmethod
-    def _describe_loss(ev: Event) -> str:
+    def _describe_loss(self, ev: Any) -> str:
         if isinstance(ev, ErrorMessage):
             return f"the secondary reported an error: {ev.reason}"
         if isinstance(ev, (Closed, ConnectionClosed)):
             return "the secondary closed the connection"
+        if isinstance(ev, Silent):
+            return f"the secondary was silent for more than {self.cfg.heartbeat_timeout} s"
         return f"unexpected {ev!r}"
-
-    def on_replication_event(self, link: Link, ev: Event) -> None:
-        """Between checkpoints only heartbeats may come from the secondary."""
-        if link is self.repl and not isinstance(ev, Heartbeat):
-            self._unprotect(self._describe_loss(ev))
-
-    def serve(self, seconds: float, on_replication_event: Any = None) -> None:
-        super().serve(seconds, on_replication_event or self.on_replication_event)
-        if self.repl is not None and not self.repl.alive(self.cfg.heartbeat_timeout):
-            self._unprotect(f"the secondary was silent for more than {self.cfg.heartbeat_timeout} s")
-
-    def _unprotect(self, why: str) -> None:
-        """Go on alone: the gateway releases what it held and everything from now on."""
-        log.warning("primary: running unprotected: %s", why)
-        self.close_replication(why)
-        self.protected = False
-        self.state = "unprotected"
-        self.epoch_outputs.clear()
-        if self.gw is not None:
-            self.gw.try_send(Protection(ProtectionState.UNPROTECTED))

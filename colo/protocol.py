@@ -128,7 +128,7 @@ class ProtocolSide:
         self,
         handshake: Handshake,
         *,
-        first_epoch: int = 1,
+        first_epoch: int | None = 1,
         max_payload: int = MAX_PAYLOAD,
         max_state_bytes: int = MAX_STATE_BYTES,
     ) -> None:
@@ -141,8 +141,12 @@ class ProtocolSide:
                 f"{type(self).__name__} needs a handshake as {self.ROLE.value!r} with "
                 f"{self.ROLE.peer.value!r}, got {handshake.role!r} with {handshake.peer_role!r}"
             )
+        # None (a secondary): the copy says where it ends, and our checkpoint-ready names the next epoch.
+        self._epoch_from_ready = first_epoch is None
+        if first_epoch is None:
+            first_epoch = 1
         if type(first_epoch) is not int or first_epoch < 1:
-            raise ValueError(f"first_epoch must be an int >= 1, got {first_epoch!r}")
+            raise ValueError(f"first_epoch must be an int >= 1 or None, got {first_epoch!r}")
         if type(max_state_bytes) is not int or max_state_bytes < 0:
             raise ValueError(f"max_state_bytes must be an int >= 0, got {max_state_bytes!r}")
         self.max_payload = check_max_payload(max_payload)
@@ -216,6 +220,10 @@ class ProtocolSide:
         """Apply the table to `msg` from `sender`, with the epoch and byte-count checks."""
         nxt = TRANSITIONS.get((self.state, sender, type(msg)))
         epoch = epoch_of(msg)
+        if (isinstance(msg, CheckpointReady) and self._epoch_from_ready and nxt is not None
+                and epoch is not None and epoch >= 1):
+            self.epoch, self._epoch_from_ready = epoch, False
+            self.completed_epoch = self.loaded_epoch = epoch - 1
         if nxt is None or (epoch is not None and epoch != self.epoch):
             raise self._unexpected(sender, msg)
         if isinstance(msg, VmstateSend):

@@ -1,319 +1,362 @@
-"""The secondary: receives checkpoints into a staging area, applies each whole, and takes over on failover.
+"""The secondary role: receive a copy of the primary's VM, then its checkpoints; take over when promoted.
 
-A checkpoint is *complete* when its state arrived whole and verified (vmstate-received). It is applied
-right after; if the primary dies between the two, failover applies it first. A state that was cut off or
+A node starts as a spare: it listens for a primary and waits. When the gateway pairs it with one, the primary
+connects and sends the whole VM (`receive_copy`); after that, each checkpoint arrives in one straight-line
+function (`receive_checkpoint`, as QEMU's colo_process_incoming_thread), with the periodic/hybrid differences in
+that one place. A checkpoint is *complete* when its state arrived whole and verified (vmstate-received); it is
+applied right after; if the primary dies between the two, failover applies it first. A state that was cut off or
 fails verification is discarded: the VM stays at the last complete checkpoint.
+
+When promoted, the role hands the node, with its VM, to a PrimaryRole: the node goes on as the primary.
 """
 from __future__ import annotations
 
 import logging
-import socket
-import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from colo import vmstate
-from colo.errors import AuthError, ColoError
+from colo.errors import ColoError
 from colo.faults import FaultPlan
-from colo.link import Closed, Event, ProtocolLink, authenticate
+from colo.link import Closed, Conn, Opened
 from colo.messages import (
     CheckpointReady,
     CheckpointReply,
     CheckpointRequest,
-    Commit,
     ErrorMessage,
     FailoverRequest,
     Heartbeat,
     InitialChunk,
     InitialSize,
-    Input,
+    Message,
+    Output,
     Promote,
     Promoted,
+    Resynced,
     VmstateChunk,
     VmstateLoaded,
     VmstateReceived,
     VmstateSend,
     VmstateSize,
 )
-from colo.node import Node, NodeConfig, NodeStop
+from colo.netevents import NetEvent
+from colo.node import SLICE, Mode, Node, NodeState
+from colo.nodeio import Heard, NodeEvent, Silent, Source
 from colo.protocol import ConnectionClosed, SecondaryProtocol
-from toyvm import Machine
-from toyvm.errors import StateError, ToyVMError
+from toyvm import Machine, StopReason
+from toyvm.errors import GuestFault, StateError, ToyVMError
 
 log = logging.getLogger("colo.secondary")
-
-
-@dataclass
-class SecondaryConfig(NodeConfig):
-    listen: tuple[str, int] = ("127.0.0.1", 0)
-    on_listening: Any = field(default=None, repr=False)  # callback(address) once the port is open
-    mode: str = "periodic"  # "hybrid": the secondary VM runs too, on the same inputs as the primary
+COPY_TIMEOUT_FACTOR = 4  # a silent primary inside a copy or a checkpoint: this many heartbeat timeouts
 
 
 class PrimaryLost(Exception):
     pass
 
 
-class SecondaryNode(Node):
-    ROLE = "secondary"
+class BadState(Exception):
+    """The primary sent something we must refuse: drop it, keep what we hold."""
 
-    def __init__(self, cfg: SecondaryConfig) -> None:
-        super().__init__(cfg)
-        self.scfg = cfg
+
+class SecondaryRole:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.cfg = node.cfg
         self.faults = FaultPlan()
         self.complete: vmstate.StagedCheckpoint | None = None  # received and verified, not yet applied
         self.applied: vmstate.StagedCheckpoint | None = None  # the checkpoint the VM holds now
-        self.promoted = False
-        self.hybrid = cfg.mode == "hybrid"
+        self.repl: Conn | None = None
+        self.primary_id = ""
         self.cache: Any = None  # hybrid: the primary's memory as of the last checkpoint
-        self.in_checkpoint = False
-        self._chunks: list[bytes] = []
-        self._pending: list[tuple[socket.socket, Any]] = []
-        self._pending_lock = threading.Lock()
+        self.promote: Promote | None = None
+        self.failover_asked = False
+        self.listen_address: tuple[str, int] = ("", 0)
+
+    # -- what the node reports ---------------------------------------------------------------------------------
+    def holds_copy(self) -> bool:
+        return self.applied is not None
+
+    def epoch_held(self) -> int:
+        latest = self.complete or self.applied
+        return latest.epoch if latest is not None else 0
+
+    def address(self) -> str:
+        host, port = self.cfg.advertise or self.listen_address
+        return f"{host}:{port}" if port else ""
+
+    def peer(self) -> str:
+        return self.primary_id if self.repl is not None and self.repl.open else ""
 
     def status_info(self) -> dict[str, Any]:
-        info = super().status_info()
         latest = self.complete or self.applied
-        info.update(epoch=self.applied.epoch if self.applied else 0, complete_epoch=latest.epoch if latest else 0)
-        return info
+        return {"epoch": self.applied.epoch if self.applied else 0,
+                "complete_epoch": latest.epoch if latest else 0, "primary": self.primary_id or None,
+                "address": self.address() or None}
 
-    # -- start ------------------------------------------------------------------------------------------
-    def run(self) -> int:
-        self.listener = socket.create_server(self.scfg.listen, backlog=8)
-        self.address = self.listener.getsockname()[:2]
-        if self.scfg.on_listening is not None:
-            self.scfg.on_listening(self.address)
-        threading.Thread(target=self._accept_loop, name="accept", daemon=True).start()
-        try:
-            self.connect_gateway()
-            self.state = "waiting for the primary"
-            while not self.promoted:
-                if self.hybrid and self.repl is not None and self.applied is not None:
+    # -- the main loop -----------------------------------------------------------------------------------------
+    def run(self) -> Any:
+        node = self.node
+        node.mode = Mode.SECONDARY
+        if self.listen_address[1] == 0:
+            self.listen_address = node.io.listen(self.cfg.listen, lambda hs: SecondaryProtocol(hs, first_epoch=None))
+            if self.cfg.on_listening is not None:
+                self.cfg.on_listening(self.listen_address)
+        node.state = NodeState.SPARE
+        while self.promote is None:
+            try:
+                if self.cfg.mode == "hybrid" and self.repl is not None and self.applied is not None:
                     self.run_hybrid()
                 else:
-                    self.step()
-            return self.serve_forever()
-        except NodeStop as e:
-            log.warning("secondary: %s", e)
-            return e.exit_code
-        finally:
-            self.stop()
-            self.listener.close()
+                    self.step(node.next_event(0.05))
+            except PrimaryLost as e:
+                self.primary_lost(str(e))
+            except BadState as e:
+                self.drop_primary(str(e))
+        return self.take_over(self.promote)
 
-    def _accept_loop(self) -> None:
-        """Authenticate every incoming connection, each in its own thread (a silent peer must not delay the
-        real primary); only a primary that proves the key becomes our peer."""
-        while True:
-            try:
-                sock, peer = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._authenticate, args=(sock, peer), daemon=True).start()
+    def close(self) -> None:
+        if self.repl is not None:
+            self.node.close_repl(None, self.repl)
 
-    def _authenticate(self, sock: socket.socket, peer: tuple[str, int]) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            hs = authenticate(sock, self.cfg.key, "secondary", "primary")
-        except (AuthError, ColoError, OSError) as e:
-            log.error("secondary: refused a connection from %s:%d: %s", peer[0], peer[1], e)
-            sock.close()
-            return
-        with self._pending_lock:
-            self._pending.append((sock, hs))
-
-    def _adopt_primary(self) -> None:
-        with self._pending_lock:
-            pending, self._pending = self._pending, []
-        for sock, hs in pending:
-            if self.repl is not None or self.promoted:
-                log.error("secondary: refused a second primary: one is already attached")
-                sock.close()
-                continue
-            self.repl = ProtocolLink(sock, SecondaryProtocol(hs), name="primary", tracer=self.tracer,
-                                     inbox=self.inbox)
-            self.repl.on_arrival = self._stop_vm_for_checkpoint
-            self._chunks = []
-            self.state = "receiving the initial copy"
-
-    def _stop_vm_for_checkpoint(self, ev: Event) -> None:
-        """Reader thread: a checkpoint request stops our running VM at its next exact point (hybrid)."""
-        if isinstance(ev, CheckpointRequest) and self.vm is not None:
-            self.vm.request_stop()
-
-    # -- the main loop ----------------------------------------------------------------------------------
-    def step(self) -> None:
-        self._adopt_primary()
-        repl = self.repl
-        if repl is not None and not repl.alive(self.cfg.heartbeat_timeout) and not repl.closed:
-            self.primary_lost(f"the primary was silent for more than {self.cfg.heartbeat_timeout} s")
-            return
-        got = self.next_event(0.05)
+    def step(self, got: tuple[Source, NodeEvent] | None) -> None:
         if got is None:
             return
-        link, ev = got
-        if link is not self.repl:
-            return  # a late event from a link we already dropped
-        try:
-            self.on_replication(ev)
-        except PrimaryLost as e:
-            self.primary_lost(str(e))
-        except (StateError, ToyVMError, ColoError) as e:
-            self._bad_input_or_loss(e)
+        source, ev = got
+        if isinstance(ev, Opened) and isinstance(source, Conn):
+            self.adopt(source)
+            return
+        if source is not self.repl:
+            return  # a late event of a link we dropped, or a refused second primary
+        if isinstance(ev, CheckpointRequest):
+            self.receive_checkpoint(ev)
+        elif isinstance(ev, (Heartbeat, Heard)):
+            pass
+        else:
+            raise PrimaryLost(self._describe_loss(ev))
 
     def run_hybrid(self) -> None:
         """Hybrid mode between checkpoints: run our own VM on the mirrored inputs, as the primary does."""
+        node, vm = self.node, self.node.vm
+        assert vm is not None
+        if not node.attached:
+            self.step(node.next_event(0.05))
+            return
+        node.deliver_inputs()
         try:
-            self.serve(0.05, lambda link, ev: self.on_replication(ev) if link is self.repl else None)
-            repl = self.repl
-            if repl is not None and not repl.alive(self.cfg.heartbeat_timeout) and not repl.closed:
-                raise PrimaryLost(f"the primary was silent for more than {self.cfg.heartbeat_timeout} s")
-        except PrimaryLost as e:
-            self.primary_lost(str(e))
+            r = vm.run_slice(SLICE)
+        except GuestFault as e:
+            # The checkpoint will replace this VM (the primary faults the same way, or it does not).
+            log.warning("secondary: our VM faulted (%s): waiting for the next checkpoint", e)
+            r = None
+        for e in node.take_outputs():
+            node.send_gateway(Output(node.generation, *e))
+        node.print_console()
+        idle = r is None or (r.reason in (StopReason.HALT, StopReason.POWER_OFF) and not vm.wakeup_pending
+                             and not node.backlog)
+        self.step(node.next_event(0.05 if idle else 0.0))
+        for got in node.drain_events():
+            self.step(got)
+
+    def adopt(self, conn: Conn) -> None:
+        """A primary connected and proved the key: take its copy of the VM (our old state, if any, is discarded)."""
+        node = self.node
+        self.repl = conn
+        self.failover_asked = False
+        node.state = NodeState.RECEIVING
+        try:
+            self.receive_copy()
         except (StateError, ToyVMError, ColoError) as e:
-            self._bad_input_or_loss(e)
+            raise BadState(f"bad copy from the primary: {e}") from None
+        node.state = NodeState.SECONDARY_RUNNING if self.cfg.mode == "hybrid" else NodeState.SECONDARY
 
-    def _finish_checkpoint(self) -> None:
-        """Hybrid: after checkpoint-reply our VM stays stopped; take the rest of the checkpoint here."""
-        while self.in_checkpoint:
-            repl = self.repl
-            if repl is None:
+    # -- the gateway's say ---------------------------------------------------------------------------------
+    def on_attached(self) -> None:
+        if self.failover_asked and self.applied is not None:
+            self.node.send_gateway(FailoverRequest(self.node.generation, "the primary was lost"))
+
+    def on_detached(self) -> None:
+        pass
+
+    def on_gateway_message(self, msg: Message) -> None:
+        if isinstance(msg, Promote):
+            if self.applied is None:
+                log.error("secondary: promoted while holding no copy of the VM: ignored")
                 return
-            if not repl.alive(self.cfg.heartbeat_timeout):
-                raise PrimaryLost("the primary went silent during a checkpoint")
-            got = self.next_event(self.cfg.heartbeat_timeout)
-            if got is not None and got[0] is repl:
-                self.on_replication(got[1])
+            self.promote = msg
+        else:
+            log.warning("secondary: unexpected message from the gateway: %r", msg)
 
-    def on_replication(self, ev: Event) -> None:
+    # -- receiving ---------------------------------------------------------------------------------------------
+    def expect(self, *classes: type[Message], timeout: float | None = None) -> Message:
+        """The next message from the primary, which must be one of `classes` (heartbeats skipped); silence,
+        loss or an error lose the primary."""
+        limit = timeout or self.cfg.heartbeat_timeout * COPY_TIMEOUT_FACTOR
+        deadline = time.monotonic() + limit
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PrimaryLost(f"nothing from the primary for {limit:.1f} s inside a checkpoint")
+            got = self.node.next_event(min(left, self.cfg.heartbeat_interval))
+            if got is None:
+                continue
+            source, ev = got
+            if source is not self.repl:
+                continue
+            if isinstance(ev, classes):
+                return ev
+            if isinstance(ev, (Heartbeat, Heard)):
+                continue
+            raise PrimaryLost(self._describe_loss(ev))
+
+    def receive_copy(self) -> None:
+        """The whole VM: initial-chunk ... initial-size, verified, applied; then checkpoint-ready."""
         repl = self.repl
         assert repl is not None
-        proto = repl.proto
-        if isinstance(ev, InitialChunk) or isinstance(ev, VmstateChunk):
-            self._chunks.append(ev.data)
-            if isinstance(ev, VmstateChunk) and len(self._chunks) == 1:
-                self.faults.reach("mid-receive", ev.epoch)
-        elif isinstance(ev, InitialSize):
-            self.load_initial(b"".join(self._chunks))
-            self._chunks = []
-            if self.hybrid:
-                self.resync()
-            repl.send(CheckpointReady(proto.epoch))
-            self.state = "secondary (hybrid: running)" if self.hybrid else "secondary"
-        elif isinstance(ev, CheckpointRequest):
-            self.faults.reach("after-request", ev.epoch)
-            self.in_checkpoint = True  # hybrid: our VM is stopped (between slices) until vmstate-loaded
-            repl.send(CheckpointReply(ev.epoch))
-            self.faults.reach("after-reply", ev.epoch)
-            if self.hybrid:
-                self._finish_checkpoint()
-        elif isinstance(ev, VmstateSend):
-            self._chunks = []
-        elif isinstance(ev, VmstateSize):
-            self.faults.reach("after-size", ev.epoch)
-            assert self.vm is not None
-            blob, self._chunks = b"".join(self._chunks), []
-            self.complete = vmstate.decode(blob, self.vm, epoch=ev.epoch)  # verified, staged, not applied
-            repl.send(VmstateReceived(ev.epoch))
-            self.faults.reach("after-received", ev.epoch)
-            self.apply_complete()
-            self.in_checkpoint = False
-            if self.hybrid:
-                self.resync()
-            repl.send(VmstateLoaded(ev.epoch))
-            self.faults.reach("after-loaded", ev.epoch)
-        elif isinstance(ev, Heartbeat):
-            pass
-        elif isinstance(ev, ErrorMessage):
-            raise PrimaryLost(f"the primary reported an error: {ev.reason}")
-        elif isinstance(ev, (Closed, ConnectionClosed)):
-            raise PrimaryLost("the primary closed the connection" if isinstance(ev, ConnectionClosed)
-                              else ev.reason)
+        chunks: list[bytes] = []
+        while True:
+            ev = self.expect(InitialChunk, InitialSize)
+            if isinstance(ev, InitialChunk):
+                chunks.append(ev.data)
+            else:
+                break
+        self.load_copy(b"".join(chunks))
+        assert self.applied is not None
+        if self.cfg.mode == "hybrid":
+            self.resync()
+        repl.send(CheckpointReady(self.applied.epoch + 1))
 
-    def load_initial(self, blob: bytes) -> None:
+    def load_copy(self, blob: bytes) -> None:
+        node = self.node
         ram = vmstate.peek_ram_size(blob)
-        vm = self.vm if self.vm is not None and self.vm.ram.size == ram else Machine(ram, hooks=self.cfg.hooks)
-        staged = vmstate.decode(blob, vm, epoch=0)
+        vm = node.vm if node.vm is not None and node.vm.ram.size == ram else Machine(ram, hooks=self.cfg.hooks)
+        staged = vmstate.decode(blob, vm, epoch=None)
         vmstate.apply(vm, staged)
-        self.vm, self.applied, self.complete = vm, staged, None
-        self.epoch_outputs = []
-        self.backlog = {e[0]: Input(*e) for e in staged.inputs}
-        if self.hybrid:
+        node.vm, self.applied, self.complete = vm, staged, None
+        self.primary_id = staged.node
+        node.generation = staged.generation
+        node.epoch_outputs = []
+        node.backlog = {e[0]: NetEvent(*e) for e in staged.inputs}
+        node.received_seq = max([vm.net.state.last_input_seq] + list(node.backlog))
+        node.conns_open = set(staged.conns)
+        if self.cfg.mode == "hybrid":
             self.cache = vm.ram.view.copy()
-        self.state_log.write(vm, 0)
+        node.state_log.write(vm, staged.epoch, staged.generation)
+        log.info("secondary: holds the VM of %s as of epoch %d (generation %d)", staged.node, staged.epoch,
+                 staged.generation)
+
+    def receive_checkpoint(self, req: CheckpointRequest) -> None:
+        """One checkpoint, start to end (our VM is stopped: we are not inside a slice)."""
+        repl, vm = self.repl, self.node.vm
+        assert repl is not None and vm is not None
+        epoch = req.epoch
+        self.faults.reach("after-request", epoch)
+        repl.send(CheckpointReply(epoch))
+        self.faults.reach("after-reply", epoch)
+        self.expect(VmstateSend)
+        chunks: list[bytes] = []
+        while True:
+            ev = self.expect(VmstateChunk, VmstateSize)
+            if isinstance(ev, VmstateSize):
+                break
+            chunks.append(ev.data)
+            if len(chunks) == 1:
+                self.faults.reach("mid-receive", epoch)
+        self.faults.reach("after-size", epoch)
+        try:
+            self.complete = vmstate.decode(b"".join(chunks), vm, epoch=epoch, full=False)
+        except StateError as e:
+            raise BadState(f"bad state from the primary: {e}") from None
+        repl.send(VmstateReceived(epoch))  # complete: the primary may release the output it covers
+        self.faults.reach("after-received", epoch)
+        self.apply_complete()
+        if self.cfg.mode == "hybrid":
+            self.resync()
+        repl.send(VmstateLoaded(epoch))
+        self.faults.reach("after-loaded", epoch)
 
     def apply_complete(self) -> None:
-        if self.complete is not None and self.vm is not None:
-            if self.hybrid:
-                vmstate.apply_hybrid(self.vm, self.cache, self.complete)
-            else:
-                vmstate.apply(self.vm, self.complete)
-                self.backlog = {e[0]: Input(*e) for e in self.complete.inputs}
-            self.applied, self.complete = self.complete, None
-            self.state_log.write(self.vm, self.applied.epoch)
+        node, staged = self.node, self.complete
+        if staged is None or node.vm is None:
+            return
+        if self.cfg.mode == "hybrid":
+            vmstate.apply_hybrid(node.vm, self.cache, staged)
+        else:
+            vmstate.apply(node.vm, staged)
+        node.backlog = {e[0]: NetEvent(*e) for e in staged.inputs}
+        node.conns_open = set(staged.conns)
+        node.generation = staged.generation
+        self.applied, self.complete = staged, None
+        node.state_log.write(node.vm, staged.epoch, staged.generation)
 
     def resync(self) -> None:
-        """Hybrid: tell the gateway our VM now equals checkpoint `epoch`: our output before this point is from
-        a run that no longer exists (drop it), and inputs after input_seq are what we need next."""
-        staged = self.applied
-        assert staged is not None and self.gw is not None and self.vm is not None
-        self.vm.take_serial()
-        self.vm.net.take_output()  # produced by the discarded run: never sent
-        self.gw.send(Commit(staged.epoch, staged.input_seq, staged.output_seq))
+        """Hybrid: tell the gateway our VM now equals checkpoint `epoch`: our output before this point is from a
+        run that no longer exists (drop it), and inputs after input_seq are what we need next."""
+        node, staged = self.node, self.applied
+        assert staged is not None and node.vm is not None
+        node.vm.take_serial()
+        node.vm.net.take_output()  # produced by the discarded run: never sent
+        node.send_gateway(Resynced(node.generation, staged.epoch, staged.input_seq, staged.output_seq))
 
-    def _bad_input_or_loss(self, e: Exception) -> None:
-        """A protocol error on a link that has closed is the primary dying mid-conversation, not bad input."""
-        repl = self.repl
-        if repl is not None and (repl.closed or repl.proto.state.name == "CLOSED"):
-            self.primary_lost(f"the connection closed mid-checkpoint ({e})")
-        else:
-            self.drop_primary(f"bad state from the primary: {e}")
-
+    # -- losing the primary ------------------------------------------------------------------------------------
     def drop_primary(self, why: str) -> None:
         """Bad input: drop the connection, keep the last complete checkpoint, wait for a primary again."""
         log.error("secondary: %s", why)
-        self.close_replication(why)
-        self._chunks = []
-        self.state = "waiting for the primary"
+        if self.repl is not None:
+            self.node.close_repl(why, self.repl)
+        self.repl = None
+        self.complete = None if self.applied is None else self.complete
+        self.node.state = NodeState.SECONDARY if self.applied is not None else NodeState.SPARE
 
-    # -- failover -----------------------------------------------------------------------------------------
     def primary_lost(self, why: str) -> None:
-        log.warning("secondary: primary lost (%s): asking the gateway to promote us", why)
-        self.close_replication()
-        self._chunks = []  # a partial state is discarded
+        node = self.node
+        if self.repl is not None:
+            node.close_repl(None, self.repl)
+        self.repl = None
         if self.applied is None:
-            raise NodeStop("the primary was lost before the initial copy arrived: nothing to take over", 6)
-        self.state = "failover requested"
-        assert self.gw is not None
-        self.gw.send(FailoverRequest(why))
+            log.warning("secondary: the primary was lost before its copy arrived (%s): waiting as a spare", why)
+            node.state = NodeState.SPARE
+            self.primary_id = ""
+            return
+        log.warning("secondary: primary lost (%s): asking the gateway to promote us", why)
+        node.state = NodeState.FAILOVER_REQUESTED
+        self.failover_asked = True
+        node.send_gateway(FailoverRequest(node.generation, why[:1000]))
 
-    def on_other_gateway_message(self, ev: Event) -> None:
-        if isinstance(ev, Promote):
-            if self.applied is None:
-                raise NodeStop("promoted before the initial copy arrived: nothing to take over", 6)
-            self.take_over(ev.reason)
-        else:
-            super().on_other_gateway_message(ev)
+    def _describe_loss(self, ev: Any) -> str:
+        if isinstance(ev, ErrorMessage):
+            return f"the primary reported an error: {ev.reason}"
+        if isinstance(ev, ConnectionClosed):
+            return "the primary closed the connection" + (" mid-checkpoint" if ev.state.name not in (
+                "IDLE", "WAIT_READY") else "")
+        if isinstance(ev, Closed):
+            return ev.reason
+        if isinstance(ev, Silent):
+            return f"the primary was silent for more than {self.cfg.heartbeat_timeout} s"
+        return f"unexpected {ev!r} from the primary"
 
-    def take_over(self, why: str) -> None:
+    # -- failover ----------------------------------------------------------------------------------------------
+    def take_over(self, promote: Promote) -> Any:
+        from colo.primary import PrimaryRole
+
+        node = self.node
         started = time.perf_counter()
-        self.close_replication()
-        rollback = self.complete is not None or not self.hybrid
+        node.state = NodeState.TAKING_OVER
+        if self.repl is not None:
+            node.close_repl(None, self.repl)
+            self.repl = None
+        rollback = self.complete is not None or self.cfg.mode != "hybrid"
         self.apply_complete()  # a complete checkpoint not yet applied: the primary may have released its output
-        staged = self.applied
-        assert staged is not None and self.gw is not None and self.vm is not None
-        self.promoted = True
-        self.state = "active (unprotected)"
+        staged, vm = self.applied, node.vm
+        assert staged is not None and vm is not None
+        node.generation = promote.generation
+        node.mode = Mode.PRIMARY
         if rollback:  # we resume from checkpoint `epoch`: the gateway replays what came after it
-            self.gw.send(Promoted(staged.epoch, staged.input_seq, staged.output_seq,
-                                  [list(e) for e in staged.outputs]))
+            input_seq, output_seq = staged.input_seq, staged.output_seq
         else:  # hybrid: we go on from our own running state, which produced everything clients saw
-            net = self.vm.net.state
-            self.gw.send(Promoted(staged.epoch, net.last_input_seq, net.last_output_seq,
-                                  [list(e) for e in staged.outputs]))
-        log.warning("secondary: promoted (%s): resuming from checkpoint %d in %.1f ms", why, staged.epoch,
+            input_seq, output_seq = vm.net.state.last_input_seq, vm.net.state.last_output_seq
+        node.send_gateway(Promoted(node.generation, staged.epoch, input_seq, output_seq,
+                                   [list(e) for e in staged.outputs], sorted(node.conns_open)))
+        log.warning("secondary: promoted (%s): resuming from checkpoint %d as the primary of generation %d "
+                    "in %.1f ms", promote.reason, staged.epoch, node.generation,
                     (time.perf_counter() - started) * 1e3)
-
-    def serve_forever(self) -> int:
-        while True:
-            self.serve(1.0)
+        return PrimaryRole(node, epoch=staged.epoch + 1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,14 +53,19 @@ class PhaseClock:
 
 
 class StatsWriter:
-    def __init__(self, path: str | Path | None) -> None:
+    """Appends records to a JSON-lines file, each stamped with `meta` (the run id, mode, interval)."""
+
+    def __init__(self, path: str | Path | None, **meta: Any) -> None:
         self._f: IO[str] | None = open(path, "a", buffering=1) if path else None
         self._lock = threading.Lock()
+        self.meta = {"run_id": secrets.token_hex(4), **meta}
 
     def write(self, rec: CheckpointRecord) -> None:
         if self._f is not None:
+            d = json.loads(rec.to_json())
+            d.update(self.meta)
             with self._lock:
-                self._f.write(rec.to_json() + "\n")
+                self._f.write(json.dumps(d, sort_keys=True) + "\n")
 
     def close(self) -> None:
         if self._f is not None:

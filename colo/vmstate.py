@@ -3,7 +3,9 @@
 A checkpoint's state is one blob, sent as vmstate-chunk (or initial-chunk) frames:
 
     b"CVS1" | CRC-32 of the body, 4 bytes big-endian | body: a msgpack map
-      format, version, epoch, full (bool: the initial copy, or re-protection)
+      format, version, epoch, full (bool: a whole copy of the VM, at the start of protection)
+      generation, node: the primary's generation and node id (a secondary learns them from its copy)
+      conns:    the connections the VM has open (after a failover the gateway closes those no client holds)
       vm:       the machine state without RAM (CPU, devices, machine): toyvm's versioned state, msgpack bytes
       batches:  [{"index": u32 page numbers, "zero": packed bits (1 = the page is all zero, not sent),
                   "data": lz4 block of the non-zero pages in index order, "raw": its uncompressed size}]
@@ -29,14 +31,16 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
+from colo.netevents import conn_problem, events_problem
 from toyvm import Machine
 from toyvm.contract import PAGE_SIZE
 from toyvm.errors import StateError
 
 MAGIC = b"CVS1"
 FORMAT = "colo-vmstate"
-VERSION = 1
+VERSION = 2
 BATCH_PAGES = 512  # 2 MiB of pages per lz4 block: large enough to compress well, small enough to spread
+MAX_STATE_EVENTS = 1 << 22  # events one checkpoint may carry (outputs of an epoch, inputs held)
 _HEAD = struct.Struct(">4sI")
 _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lz4")  # lz4 releases the GIL
 
@@ -72,8 +76,8 @@ def _batches(ram_pages: npt.NDArray[np.uint8], idx: npt.NDArray[np.uint32]) -> l
 
 
 def encode(vm: Machine, pages: npt.NDArray[np.int64], *, epoch: int, full: bool,
-           outputs: list[list[Any]] | None = None,
-           inputs: list[list[Any]] | None = None) -> tuple[bytes, EncodeStats]:
+           outputs: list[list[Any]] | None = None, inputs: list[list[Any]] | None = None,
+           generation: int = 1, node: str = "", conns: list[int] | None = None) -> tuple[bytes, EncodeStats]:
     """The checkpoint blob for `pages` of vm's RAM plus its CPU and device state. The VM must stay stopped
     until the blob is built (its RAM is read in place)."""
     st = EncodeStats(dirty_pages=len(pages))
@@ -88,6 +92,7 @@ def encode(vm: Machine, pages: npt.NDArray[np.int64], *, epoch: int, full: bool,
     batches = [{"index": i.tobytes(), "zero": np.packbits(z).tobytes(), "data": c, "raw": len(b)}
                for (i, z, _), b, c in zip(parts, blocks, compressed)]
     body = msgpack.packb({"format": FORMAT, "version": VERSION, "epoch": epoch, "full": full,
+                          "generation": generation, "node": node, "conns": conns or [],
                           "vm": machine_state, "batches": batches, "outputs": outputs or [],
                           "inputs": inputs or []},
                          use_bin_type=True)
@@ -116,6 +121,9 @@ class StagedCheckpoint:
     batches: list[Batch]
     outputs: list[list[Any]] = field(default_factory=list)
     inputs: list[list[Any]] = field(default_factory=list)
+    generation: int = 1
+    node: str = ""
+    conns: list[int] = field(default_factory=list)
 
     @property
     def input_seq(self) -> int:
@@ -130,8 +138,11 @@ def _fail(epoch: int, text: str) -> StateError:
     return StateError(f"checkpoint {epoch}: {text}")
 
 
-def decode(blob: bytes, vm: Machine, *, epoch: int) -> StagedCheckpoint:
-    """Check everything in `blob` against `vm` and stage it; StateError names what is wrong."""
+def decode(blob: bytes, vm: Machine, *, epoch: int | None, full: bool | None = None) -> StagedCheckpoint:
+    """Check everything in `blob` against `vm` and stage it; StateError names what is wrong. `epoch` None: a whole
+    copy, whose epoch the state itself says (it must then be `full`)."""
+    if epoch is None:
+        full = True
     if len(blob) < _HEAD.size:
         raise _fail(epoch, f"state of {len(blob)} bytes is too short to be one")
     magic, crc = _HEAD.unpack_from(blob)
@@ -149,8 +160,14 @@ def decode(blob: bytes, vm: Machine, *, epoch: int) -> StagedCheckpoint:
     if m.get("version") != VERSION:
         raise _fail(epoch, f"state version {m.get('version')!r} is not supported (this colo reads version "
                            f"{VERSION})")
-    if m.get("epoch") != epoch:
+    if epoch is None:
+        epoch = m.get("epoch")
+        if type(epoch) is not int or epoch < 0:
+            raise _fail(0, f"the copy says it ends at epoch {epoch!r}")
+    elif m.get("epoch") != epoch:
         raise _fail(epoch, f"the state says it is for epoch {m.get('epoch')!r}")
+    if full is not None and m.get("full") is not full:
+        raise _fail(epoch, "a whole copy was expected" if full else "a checkpoint, not a whole copy, was expected")
     try:
         vm_state = msgpack.unpackb(m["vm"], raw=False, strict_map_key=False)
         if not isinstance(vm_state, dict) or "ram" in vm_state:
@@ -176,11 +193,16 @@ def decode(blob: bytes, vm: Machine, *, epoch: int) -> StagedCheckpoint:
             batches.append(Batch(index, zero, np.frombuffer(raw, dtype=np.uint8).reshape(-1, PAGE_SIZE)))
         outputs, inputs = m["outputs"], m["inputs"]
         for name, events in (("outputs", outputs), ("inputs", inputs)):
-            if not isinstance(events, list) or not all(
-                    isinstance(e, list) and len(e) == 4 and all(isinstance(v, int) for v in e[:3])
-                    and isinstance(e[3], bytes) for e in events):
-                raise _fail(epoch, f"{name} must be a list of [seq, kind, conn, data] events")
-        return StagedCheckpoint(epoch, bool(m["full"]), vm_state, batches, outputs, inputs)
+            problem = events_problem(events, MAX_STATE_EVENTS)
+            if problem is not None:
+                raise _fail(epoch, f"{name} {problem}")
+        generation, node, conns = m["generation"], m["node"], m["conns"]
+        if type(generation) is not int or generation < 0 or type(node) is not str or len(node) > 64:
+            raise _fail(epoch, f"bad generation {generation!r} or node {node!r}")
+        if type(conns) is not list or not all(conn_problem(c) is None for c in conns):
+            raise _fail(epoch, "conns must be a list of connection ids")
+        return StagedCheckpoint(epoch, bool(m["full"]), vm_state, batches, outputs, inputs, generation, node,
+                                conns)
     except StateError:
         raise
     except (KeyError, TypeError, ValueError, msgpack.UnpackException, lz4.block.LZ4BlockError) as e:

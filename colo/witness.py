@@ -373,6 +373,7 @@ class Witness:
         self.checkpoint_asked = False
         # bookkeeping
         self.events: list[dict[str, Any]] = []
+        self.about: dict[str, Any] = {}  # what the shell knows of itself (pid, addresses), shown in the status
         self.ended_code: int | None = None
         self._last_heartbeat = -1e18
         self._out: list[WitnessAction] = []
@@ -473,9 +474,15 @@ class Witness:
                      self.wall, hello, dict(hello.info))
         self.nodes[hello.node] = n
         self.links[link] = hello.node
-        self._send(n, Welcome(self.id, max(self.generation, hello.generation)))
         self._record("attached", node=n.id, role=n.role, generation=n.generation, epoch=hello.epoch,
                      pid=hello.info.get("pid"), address=n.address or None)
+        self._decide_on(n)
+        # Last, after whatever the decision sent it (input floor, a protect): a freshly booted primary that reads
+        # the welcome knows whether a copy comes first.
+        self._send(n, Welcome(self.id, max(self.generation, hello.generation)))
+
+    def _decide_on(self, n: NodeView) -> None:
+        hello = n.hello
         if self.service is S.LEARNING:
             self._learn()
         elif self.service in (S.STOPPED, S.ENDED):
@@ -879,6 +886,8 @@ class Witness:
 
     def _failover_request(self, n: NodeView, reason: str) -> None:
         self._record("failover-request", node=n.id, reason=reason)
+        if self.service in (S.ENDED, S.STOPPED):
+            return  # the service ended on purpose: nothing to take over
         act = self._node(self.active)
         if act is not None and not act.connected and self.service is S.PROTECTED:
             return  # already being handled as the active node's loss
@@ -1214,7 +1223,7 @@ class Witness:
         spares = [view(n) for n in self.nodes.values() if n.role == "spare" and n.connected]
         lost = [view(n) for n in self.nodes.values() if n.lost]
         return {
-            "gateway": {"id": self.id, "service": self.service.value, "protected": self.protected,
+            "gateway": {**self.about, "id": self.id, "service_state": self.service.value, "protected": self.protected,
                         "generation": self.generation, "failovers": self.failovers, "mode": self.cfg.mode,
                         "clients": len(self.conns), "input_seq": self.input_seq,
                         "released_output_seq": self.released_seq, "held_outputs": len(self.held),

@@ -33,18 +33,27 @@ from colo.messages import (
     FailoverCommand,
     FailoverRequest,
     Fence,
+    GuestEnded,
     Input,
+    InputFloor,
     Message,
     NodeHello,
     NodeStatus,
     Output,
+    Progress,
     Promote,
     Promoted,
+    Protect,
     Protection,
     ProtectionState,
+    Resynced,
+    Shutdown,
+    ShutdownCommand,
     StatusReply,
     StatusRequest,
     Trigger,
+    Unprotect,
+    Welcome,
     describe,
     field_names,
     from_fields,
@@ -67,20 +76,30 @@ def fields_of(msg: Message) -> dict[str, object]:
 
 # One well-formed example of each message; the bad-value tests change one field of it.
 EXAMPLES: dict[type[Message], Message] = {
-    NodeHello: NodeHello("secondary", {"vm": "guest.img", "pid": 4242, "ram": 64 << 20}),
-    NodeStatus: NodeStatus({"epoch": 17, "state": "IDLE", "lag": 0.25, "peer": None}),
+    NodeHello: NodeHello("secondary", "a1b2c3", 2, 17, 120, 57, [3, 4], "gw-1", "10.0.0.3:7001", "d4e5f6",
+                         {"vm": "guest.img", "pid": 4242, "ram": 64 << 20}),
+    NodeStatus: NodeStatus(2, {"epoch": 17, "state": "IDLE", "lag": 0.25, "peer": None}),
+    Welcome: Welcome("gw-1", 2),
     Input: Input(1, KIND_OPEN, 0, b""),
-    Output: Output(9, KIND_DATA, MAX_CONN, b"HTTP/1.0 200 OK\r\n"),
-    Commit: Commit(3, 120, 57),
-    Protection: Protection(ProtectionState.UNPROTECTED),
+    InputFloor: InputFloor(120),
+    Progress: Progress(2, 119),
+    Output: Output(2, 9, KIND_DATA, MAX_CONN, b"HTTP/1.0 200 OK\r\n"),
+    Commit: Commit(2, 3, 120, 57),
+    Protection: Protection(2, ProtectionState.UNPROTECTED, 3, 0, 0, "", "the secondary was silent"),
+    Resynced: Resynced(2, 3, 120, 57),
+    GuestEnded: GuestEnded(2, 125, "VM fault: guest write of 8 byte(s) at unmapped address 0x5000000"),
     CheckpointNow: CheckpointNow(Trigger.MISMATCH),
-    FailoverRequest: FailoverRequest("no heartbeat from the primary for 3.0 s"),
-    Promote: Promote("primary fenced"),
-    Promoted: Promoted(3, 120, 57, [[56, KIND_DATA, 4, b"tail"], [57, KIND_CLOSE, 4, b""]]),
+    Protect: Protect("d4e5f6", "10.0.0.3:7001"),
+    Unprotect: Unprotect("the secondary was lost"),
+    FailoverRequest: FailoverRequest(2, "no heartbeat from the primary for 3.0 s"),
+    Promote: Promote(3, "primary fenced"),
+    Promoted: Promoted(3, 3, 120, 57, [[56, KIND_DATA, 4, b"tail"], [57, KIND_CLOSE, 4, b""]], [4, 9]),
     Fence: Fence("the secondary was promoted"),
+    Shutdown: Shutdown("colo down"),
     StatusRequest: StatusRequest(),
     StatusReply: StatusReply({"active": "primary", "nodes": {"primary": {"epoch": 3}}}),
     FailoverCommand: FailoverCommand("maintenance on host a"),
+    ShutdownCommand: ShutdownCommand("colo down"),
     CommandResult: CommandResult(False, "no secondary with a complete checkpoint"),
 }
 
@@ -89,20 +108,29 @@ def test_names_and_groups() -> None:
     assert [cls.NAME for cls in GATEWAY_MESSAGES] == [
         "node-hello",
         "node-status",
+        "welcome",
         "input",
+        "input-floor",
+        "progress",
         "output",
         "commit",
         "protection",
+        "resynced",
+        "guest-ended",
         "checkpoint-now",
+        "protect",
+        "unprotect",
         "failover-request",
         "promote",
         "promoted",
         "fence",
+        "shutdown",
     ]
     assert [cls.NAME for cls in CONTROL_MESSAGES] == [
         "status-request",
         "status-reply",
         "failover-command",
+        "shutdown-command",
         "command-result",
     ]
     for cls in NEW_MESSAGES:
@@ -112,20 +140,30 @@ def test_names_and_groups() -> None:
 
 def test_fields_are_the_documented_ones() -> None:
     assert {cls.NAME: field_names(cls) for cls in NEW_MESSAGES} == {
-        "node-hello": ("role", "info"),
-        "node-status": ("info",),
+        "node-hello": ("role", "node", "generation", "epoch", "input_seq", "output_seq", "conns", "gateway",
+                       "address", "peer", "info"),
+        "node-status": ("generation", "info"),
+        "welcome": ("gateway", "generation"),
         "input": ("seq", "kind", "conn", "data"),
-        "output": ("seq", "kind", "conn", "data"),
-        "commit": ("epoch", "input_seq", "output_seq"),
-        "protection": ("state",),
+        "input-floor": ("input_seq",),
+        "progress": ("generation", "taken"),
+        "output": ("generation", "seq", "kind", "conn", "data"),
+        "commit": ("generation", "epoch", "input_seq", "output_seq"),
+        "protection": ("generation", "state", "epoch", "input_seq", "output_seq", "peer", "reason"),
+        "resynced": ("generation", "epoch", "input_seq", "output_seq"),
+        "guest-ended": ("generation", "code", "reason"),
         "checkpoint-now": ("trigger",),
-        "failover-request": ("reason",),
-        "promote": ("reason",),
-        "promoted": ("epoch", "input_seq", "output_seq", "events"),
+        "protect": ("node", "address"),
+        "unprotect": ("reason",),
+        "failover-request": ("generation", "reason"),
+        "promote": ("generation", "reason"),
+        "promoted": ("generation", "epoch", "input_seq", "output_seq", "events", "conns"),
         "fence": ("reason",),
+        "shutdown": ("reason",),
         "status-request": (),
         "status-reply": ("info",),
         "failover-command": ("reason",),
+        "shutdown-command": ("reason",),
         "command-result": ("ok", "reason"),
     }
 
@@ -138,7 +176,7 @@ def test_one_line_docstring_with_the_direction(cls: type[Message]) -> None:
 
 def test_messages_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
-        EXAMPLES[Commit].epoch = 4  # type: ignore[attr-defined]
+        EXAMPLES[Commit].epoch = 4  # type: ignore[misc]
 
 
 # -- round trips ---------------------------------------------------------------------------------
@@ -149,6 +187,11 @@ kinds = st.sampled_from([KIND_OPEN, KIND_DATA, KIND_CLOSE])
 conns = st.integers(min_value=0, max_value=MAX_CONN)
 texts = st.text(max_size=60)
 roles = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=32)
+ids = st.text(alphabet="0123456789abcdef", min_size=1, max_size=64)
+maybe_ids = st.text(alphabet="0123456789abcdef", max_size=64)
+addresses = st.just("") | st.builds(lambda h, p: f"{h}:{p}", st.sampled_from(["10.0.0.1", "host", "[::1]"]),
+                                    st.integers(0, 65535))
+conn_lists = st.lists(st.integers(min_value=0, max_value=MAX_CONN), max_size=8)
 # what msgpack decodes to (NaN left out only because NaN != NaN would fail the equality)
 leaves = (
     st.none()
@@ -168,20 +211,31 @@ infos = st.dictionaries(texts, values, max_size=6)
 events = st.lists(st.tuples(seqs, kinds, conns, st.binary(max_size=40)).map(list), max_size=8)
 
 STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
-    NodeHello: st.builds(NodeHello, roles, infos),
-    NodeStatus: st.builds(NodeStatus, infos),
+    NodeHello: st.builds(NodeHello, roles, ids, counts, counts, counts, counts, conn_lists, maybe_ids, addresses,
+                         maybe_ids, infos),
+    NodeStatus: st.builds(NodeStatus, counts, infos),
+    Welcome: st.builds(Welcome, maybe_ids, counts),
     Input: st.builds(Input, seqs, kinds, conns, st.binary(max_size=200)),
-    Output: st.builds(Output, seqs, kinds, conns, st.binary(max_size=200)),
-    Commit: st.builds(Commit, st.integers(1, 2**63), counts, counts),
-    Protection: st.builds(Protection, st.sampled_from(ProtectionState)),
+    InputFloor: st.builds(InputFloor, counts),
+    Progress: st.builds(Progress, counts, counts),
+    Output: st.builds(Output, counts, seqs, kinds, conns, st.binary(max_size=200)),
+    Commit: st.builds(Commit, counts, st.integers(1, 2**63), counts, counts),
+    Protection: st.builds(Protection, counts, st.sampled_from(ProtectionState), counts, counts, counts, maybe_ids,
+                          texts),
+    Resynced: st.builds(Resynced, counts, counts, counts, counts),
+    GuestEnded: st.builds(GuestEnded, counts, st.integers(0, 255), texts),
     CheckpointNow: st.builds(CheckpointNow, st.sampled_from(Trigger)),
-    FailoverRequest: st.builds(FailoverRequest, texts),
-    Promote: st.builds(Promote, texts),
-    Promoted: st.builds(Promoted, st.integers(1, 2**63), counts, counts, events),
+    Protect: st.builds(Protect, ids, addresses.filter(bool)),
+    Unprotect: st.builds(Unprotect, texts),
+    FailoverRequest: st.builds(FailoverRequest, counts, texts),
+    Promote: st.builds(Promote, counts, texts),
+    Promoted: st.builds(Promoted, counts, st.integers(1, 2**63), counts, counts, events, conn_lists),
     Fence: st.builds(Fence, texts),
+    Shutdown: st.builds(Shutdown, texts),
     StatusRequest: st.just(StatusRequest()),
     StatusReply: st.builds(StatusReply, infos),
     FailoverCommand: st.builds(FailoverCommand, texts),
+    ShutdownCommand: st.builds(ShutdownCommand, texts),
     CommandResult: st.builds(CommandResult, st.booleans(), texts),
 }
 
@@ -212,13 +266,13 @@ def test_examples_round_trip(msg: Message) -> None:
 
 
 def test_protection_state_travels_as_text() -> None:
-    msg = Protection(ProtectionState.PROTECTED)
-    assert to_fields(msg) == {"state": "protected"}
-    decoded = decode_frame(packed({"msg": "protection", "state": "unprotected"}))
-    assert decoded == Protection(ProtectionState.UNPROTECTED)
+    msg = Protection(1, ProtectionState.PROTECTED, 0, 0, 0, "ab", "")
+    assert to_fields(msg)["state"] == "protected"
+    decoded = decode_frame(packed({**to_fields(msg), "msg": "protection", "state": "unprotected"}))
+    assert decoded == Protection(1, ProtectionState.UNPROTECTED, 0, 0, 0, "ab", "")
     with pytest.raises(WireError, match="protection: field 'state' must be one of protected, "
                                         "unprotected, got 'protected'"):
-        Protection("protected")  # type: ignore[arg-type]  # a plain str is not the enum
+        Protection(1, "protected", 0, 0, 0, "", "")  # type: ignore[arg-type]  # a plain str is not the enum
 
 
 def test_checkpoint_now_trigger_travels_as_text() -> None:
@@ -233,16 +287,18 @@ def test_describe_and_reprs_never_dump_data() -> None:
     assert repr(Input(5, KIND_DATA, 7, b"s3cret" * 1000)) == (
         "Input(seq=5, kind=data, conn=7, data=<6000 bytes>)"
     )
-    assert repr(Output(6, KIND_CLOSE, 7, b"")) == (
+    assert repr(Output(1, 6, KIND_CLOSE, 7, b"")) == (
         "Output(seq=6, kind=close, conn=7, data=<0 bytes>)"
     )
-    big = Promoted(2, 10, 20, [[i, KIND_DATA, 1, b"s3cret"] for i in range(1, 21)])
-    assert repr(big) == "Promoted(epoch=2, input_seq=10, output_seq=20, events=<20 events>)"
+    big = Promoted(3, 2, 10, 20, [[i, KIND_DATA, 1, b"s3cret"] for i in range(1, 21)], [1])
+    assert repr(big) == ("Promoted(generation=3, epoch=2, input_seq=10, output_seq=20, events=<20 events>, "
+                         "conns=<1>)")
+    assert "4242" not in repr(EXAMPLES[NodeHello])  # the info is for the status, not for the logs
 
 
 def test_the_largest_promoted_round_trips() -> None:
     events = [[i, KIND_DATA, i % 7, b"x"] for i in range(1, MAX_EVENTS + 1)]
-    msg = Promoted(9, 1, MAX_EVENTS, events)
+    msg = Promoted(1, 9, 1, MAX_EVENTS, events, list(range(MAX_EVENTS)))
     assert decode_frame(encode_frame(msg)) == msg
 
 
@@ -324,6 +380,24 @@ BAD_VALUES: list[tuple[str, object, str, bool]] = [
     ("reason", b"bytes", "must be a str, got bytes", True),
     ("reason", 3, "must be a str, got int", True),
     ("trigger", "cron", "must be one of timer, mismatch, timeout, manual, got 'cron'", True),
+    ("generation", -1, "must be an int >= 0, got -1", True),
+    ("generation", True, "must be an int >= 0, got True", True),
+    ("taken", -2, "must be an int >= 0, got -2", True),
+    ("taken", 1.0, "must be an int >= 0, got 1.0", True),
+    ("node", "", "must be 1..64 printable ASCII characters, got ''", True),
+    ("node", "x" * 65, "must be 1..64 printable ASCII characters", True),
+    ("node", 7, "must be 1..64 printable ASCII characters, got 7", True),
+    ("gateway", "g\x00", "must be 0..64 printable ASCII characters", True),
+    ("gateway", None, "must be 0..64 printable ASCII characters, got None", True),
+    ("peer", "p" * 65, "must be 0..64 printable ASCII characters", True),
+    ("address", "nohostport", 'must be "" or a HOST:PORT address', True),
+    ("address", "host:http", 'must be "" or a HOST:PORT address', True),
+    ("address", 7001, 'must be "" or a HOST:PORT address', True),
+    ("conns", None, "must be a list of at most 100000 connection ids, got NoneType", True),
+    ("conns", [1, -1], "has a bad connection id at index 1: must be an int in 0..", True),
+    ("conns", [True], "has a bad connection id at index 0: must be an int in 0..", True),
+    ("code", 256, "must be an int in 0..255, got 256", True),
+    ("code", -1, "must be an int in 0..255, got -1", True),
 ]
 
 CASES = [
@@ -376,7 +450,7 @@ def test_bad_field_is_refused_by_the_decoder(
 def test_events_with_one_bad_element_are_refused() -> None:
     good = [[i, KIND_DATA, 1, b"ok"] for i in range(1, 6)]
     bad = [*good[:3], [4, KIND_DATA, MAX_CONN + 1, b"ok"], *good[4:]]
-    fields = to_fields(Promoted(1, 0, 5, good))
+    fields = to_fields(Promoted(1, 1, 0, 5, good, []))
     with pytest.raises(WireError) as info:
         decode_frame(packed({"msg": "promoted", **fields, "events": bad}))
     assert str(info.value) == (
@@ -389,11 +463,11 @@ def test_info_with_non_str_keys_is_refused() -> None:
     with pytest.raises(WireError, match="^status-reply: field 'info' must have str keys, got key"):
         StatusReply({1: "x"})  # type: ignore[dict-item]
     with pytest.raises(WireError, match="^node-status: field 'info' must have str keys, got key b"):
-        decode_frame(packed({"msg": "node-status", "info": {b"k": 1}}))
+        decode_frame(packed({"msg": "node-status", "generation": 1, "info": {b"k": 1}}))
     with pytest.raises(WireError, match="undecodable msgpack payload"):  # msgpack refuses int keys
-        decode_frame(packed({"msg": "node-status", "info": {1: 1}}))
+        decode_frame(packed({"msg": "node-status", "generation": 1, "info": {1: 1}}))
     # deeper down, bytes keys are what msgpack gives back and are fine
-    assert NodeStatus({"k": {b"raw": [1, None]}}).info == {"k": {b"raw": [1, None]}}
+    assert NodeStatus(1, {"k": {b"raw": [1, None]}}).info == {"k": {b"raw": [1, None]}}
 
 
 def test_info_bounds_are_inclusive() -> None:

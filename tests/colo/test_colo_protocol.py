@@ -334,6 +334,28 @@ def test_first_epoch_can_continue_a_numbering() -> None:
         PrimaryProtocol(handshakes()[0], first_epoch=0)
 
 
+def test_a_secondary_can_learn_the_first_epoch_from_its_copy() -> None:
+    """A secondary that joins a running service does not know the epoch: its copy says where it ends, and its
+    checkpoint-ready names the next one; the primary's side still checks it."""
+    hp, hs = handshakes()
+    primary, secondary = PrimaryProtocol(hp, first_epoch=41), SecondaryProtocol(hs, first_epoch=None)
+    secondary.receive_data(primary.send(InitialChunk(b"vm")) + primary.send(InitialSize(2)))
+    assert secondary.next_event() == InitialChunk(b"vm")
+    assert secondary.next_event() == InitialSize(2)
+    primary.receive_data(secondary.send(CheckpointReady(41)))
+    assert secondary.epoch == 41 and secondary.loaded_epoch == 40
+    assert primary.next_event() == CheckpointReady(41)
+    secondary.receive_data(primary.send(CheckpointRequest(41)))
+    assert secondary.next_event() == CheckpointRequest(41)
+    hp, hs = handshakes()
+    primary, secondary = PrimaryProtocol(hp, first_epoch=41), SecondaryProtocol(hs, first_epoch=None)
+    secondary.receive_data(primary.send(InitialSize(0)))
+    assert secondary.next_event() == InitialSize(0)
+    primary.receive_data(secondary.send(CheckpointReady(7)))  # a wrong epoch is still refused by the primary
+    with pytest.raises(ProtocolError, match="expected checkpoint-ready for epoch 41"):
+        primary.next_event()
+
+
 def test_protocol_takes_over_bytes_pipelined_behind_the_handshake() -> None:
     hp, hs = Handshake(KEY, "primary", "secondary"), Handshake(KEY, "secondary", "primary")
     to_s, to_p = hp.start(), hs.start()
@@ -720,10 +742,10 @@ def test_auth_messages_are_not_part_of_the_protocol() -> None:
 @pytest.mark.parametrize(
     "msg",
     [
-        NodeHello("primary", {}),
+        NodeHello("primary", "n1", 1, 0, 0, 0, [], "", "", "", {}),
         Input(1, 2, 3, b"x"),
-        Commit(1, 0, 0),
-        Protection(ProtectionState.PROTECTED),
+        Commit(1, 1, 0, 0),
+        Protection(1, ProtectionState.PROTECTED, 0, 0, 0, "n2", ""),
         StatusRequest(),
     ],
     ids=lambda m: m.NAME,

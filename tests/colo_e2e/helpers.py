@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from colo.auth import generate_key, load_key
-from colo.link import Link, authenticate, connect
+from colo.cluster import ask_gateway
 from colo.messages import StatusReply, StatusRequest
 from conftest import ROOT
 
@@ -58,24 +58,8 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def status_of(gateway: tuple[str, int], key: bytes, timeout: float = 5.0) -> dict[str, Any]:
     """The gateway's status dict, asked over an authenticated control link (what `colo status` does)."""
-    sock = connect(gateway, timeout=timeout)
-    try:
-        link = Link(sock, authenticate(sock, key, "control", "gateway"), name="gateway")
-    except BaseException:
-        sock.close()
-        raise
-    try:
-        link.send(StatusRequest())
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ev = link.get(timeout=max(0.01, deadline - time.monotonic()))
-            if isinstance(ev, StatusReply):
-                return dict(ev.info)
-            if ev is not None and not hasattr(ev, "NAME"):
-                raise ConnectionError(f"the gateway closed the control connection: {ev!r}")
-        raise TimeoutError(f"no status reply within {timeout} s")
-    finally:
-        link.close()
+    reply: StatusReply = ask_gateway(gateway, key, StatusRequest(), StatusReply, timeout)
+    return dict(reply.info)
 
 
 def events_named(status: dict[str, Any], name: str) -> list[dict[str, Any]]:
@@ -133,16 +117,20 @@ class Procs:
         g = self.wait_ready("gateway")
         self.gateway, self.service = tuple(g["listen"]), tuple(g["service"])  # type: ignore[assignment]
 
-    def start_secondary(self) -> None:
-        self.spawn("secondary", "--gateway", "%s:%d" % self.gateway, "--listen", f"{HOST}:0")
-        self.secondary = tuple(self.wait_ready("secondary")["listen"])  # type: ignore[assignment]
+    def start_secondary(self, role: str = "secondary", *, interval_ms: float = 30,
+                        extra: tuple[str, ...] = ()) -> tuple[str, int]:
+        """A node that registers with the gateway as a spare; the gateway pairs it with the primary."""
+        self.spawn(role, "--gateway", "%s:%d" % self.gateway, "--listen", f"{HOST}:0", "--interval",
+                   str(interval_ms), *extra)
+        address = tuple(self.wait_ready(role)["listen"])
+        if role == "secondary":
+            self.secondary = address  # type: ignore[assignment]
+        return address  # type: ignore[return-value]
 
     def start_primary(self, guest: str | Path, *, ram: str = "16M", cmdline: str = "", interval_ms: float = 30,
-                      protected: bool = True, extra: tuple[str, ...] = ()) -> None:
+                      extra: tuple[str, ...] = ()) -> None:
         args = [str(guest), "--gateway", "%s:%d" % self.gateway, "--ram", ram, "--cmdline", cmdline,
                 "--interval", str(interval_ms), *extra]
-        if protected:
-            args += ["--secondary", "%s:%d" % self.secondary]
         self.spawn("primary", *args)
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:

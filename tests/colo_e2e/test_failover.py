@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from colo.cli import LocalCluster
+from colo.cluster import LocalCluster
+from colo.node import NodeState
 from colo.faults import PRIMARY_PHASES, SECONDARY_PHASES
 from colo.wire import DEFAULT_CHUNK_SIZE
 from colo_e2e.helpers import (Workload, by_epoch, events_named, read_state_log, verify_ledger, wait_for)
@@ -128,13 +129,15 @@ def check_primary_failover(r: Run, w: Workload, phase: str) -> None:
     assert counts["incrs"] > acked_before
 
     status = r.status()
-    sec = status["nodes"]["secondary"]
-    assert sec["connected"] and sec["active"], status
-    assert not status["nodes"]["primary"]["connected"], status
+    survivor = r.cluster.node_id("secondary")
+    act = status["nodes"]["primary"]  # the promoted node is the primary now, of a new generation
+    assert act["connected"] and act["active"] and act["id"] == survivor and act["generation"] == 2, status
+    assert not status["nodes"]["secondary"]["connected"], status
     assert r.cluster.procs["secondary"].poll() is None and r.cluster.procs["gateway"].poll() is None
     promoted = events_named(status, "promoted")
-    assert len(promoted) == 1 and promoted[0]["role"] == "secondary", status["events"]
-    assert any(e.get("role") == "primary" for e in events_named(status, "lost")), status["events"]
+    assert len(promoted) == 1 and promoted[0]["node"] == survivor, status["events"]
+    lost = [e for e in events_named(status, "lost") if e.get("role") == "primary"]
+    assert lost and lost[0]["node"] == r.cluster.node_id("primary"), status["events"]
 
     # The secondary resumed from exactly a complete checkpoint: the primary's state at that epoch.
     p, s = by_epoch(read_state_log(r.plog)), by_epoch(read_state_log(r.slog))
@@ -182,7 +185,7 @@ def test_kill_secondary_at_phase(run: Any, phase: str) -> None:
     def unprotected() -> dict[str, Any] | None:
         s = r.status()
         ok = (not s["gateway"]["protected"] and events_named(s, "unprotected")
-              and s["nodes"]["primary"].get("state") == "unprotected")
+              and s["nodes"]["primary"].get("state") == NodeState.UNPROTECTED.value)
         return s if ok else None
     wait_for(unprotected, 15, "the primary to go on unprotected")
     since = time.monotonic()
@@ -253,5 +256,5 @@ def test_failover_before_the_first_checkpoint_with_clients_arriving(run: Any) ->
     assert missing == 0, f"{missing} of {len(socks)} connections got no PONG after the failover:\n" \
                          f"{r.stderr()[-2000:]}"
     status = r.status()
-    assert status["nodes"]["secondary"]["active"], status
+    assert status["nodes"]["primary"]["active"] and status["nodes"]["primary"]["id"] == r.cluster.node_id("secondary")
     assert max(by_epoch(read_state_log(r.slog))) == 0, "the secondary applied a checkpoint that was never taken"

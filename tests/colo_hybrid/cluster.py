@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from colo.cli import LocalCluster
+from colo.cluster import LocalCluster
 from colo_e2e.helpers import Resp, RespError, Workload, by_epoch, events_named, read_state_log, wait_for
 from conftest import ROOT, guest
 

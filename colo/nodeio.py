@@ -1,0 +1,318 @@
+"""A node's one I/O thread: every link, the heartbeats, liveness, and (re)connecting to the gateway.
+
+The VM thread owns the VM and every decision; this thread owns the sockets. It hands the VM thread what happens as
+(source, event) pairs on one queue: messages as they arrive (source: the `Conn`), `Silent`/`Heard` when a link goes
+quiet past the heartbeat timeout or speaks again, `Closed` when it ends, `Opened` when a replication link is up,
+and `Detached`/`Attached` for the gateway. The VM thread sends on a `Conn` itself (no hand-off on the checkpoint
+path); anything that changes which sockets exist goes through `call()`, run by this thread.
+
+A node never gives up on the gateway by itself: when the link ends it reconnects, again and again, with a
+back-off; a gateway that is only silent (paused) keeps its link, and the node waits for it to speak again.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from colo.errors import ColoError
+from colo.link import Closed, Conn, Event, Opened, ProtocolFactory, Tracer, connect_nonblocking
+from colo.messages import Message
+
+log = logging.getLogger("colo.node")
+RECONNECT_MIN, RECONNECT_MAX = 0.05, 1.0  # seconds between attempts to reach the gateway
+
+
+class Silent:
+    """Event: the link has been silent for more than the heartbeat timeout."""
+
+    def __repr__(self) -> str:
+        return "Silent()"
+
+
+class Heard:
+    """Event: a link that was silent speaks again."""
+
+    def __repr__(self) -> str:
+        return "Heard()"
+
+
+class Detached:
+    """Event (source "gateway"): the gateway link ended; the node is reconnecting."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Detached({self.reason!r})"
+
+
+class Attached:
+    """Event (source "gateway"): a gateway link is up and the node's hello is sent on it."""
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+
+    def __repr__(self) -> str:
+        return f"Attached({self.conn!r})"
+
+
+NodeEvent = Event | Silent | Heard | Detached | Attached
+Source = Conn | str
+
+
+class NodeIO:
+    def __init__(self, *, key: bytes, gateway: tuple[str, int], role: Callable[[], str], heartbeat_timeout: float,
+                 hello: Callable[[], Message], status: Callable[[], Message], tracer: Tracer | None = None,
+                 on_message: Callable[[Source, Any], None] | None = None) -> None:
+        self.key = key
+        self.gateway_address = gateway
+        self.role = role
+        self.timeout = heartbeat_timeout
+        self.interval = heartbeat_timeout / 4
+        self.hello, self.status = hello, status
+        self.tracer = tracer
+        self.on_message = on_message  # called in this thread before the event is queued (e.g. stop the VM now)
+        self.inbox: queue.Queue[tuple[Source, NodeEvent]] = queue.Queue()
+        self.sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self.gateway: Conn | None = None  # the current gateway link, once authenticated
+        self.repl: Conn | None = None  # the replication link, once authenticated
+        self._gw_conn: Conn | None = None  # the gateway link being set up or open
+        self._conns: set[Conn] = set()
+        self._listener: socket.socket | None = None
+        self._repl_factory: ProtocolFactory | None = None  # how an accepted primary's link checks its messages
+        self._calls: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._silent: set[Conn] = set()
+        self._next_connect = 0.0
+        self._backoff = RECONNECT_MIN
+        self._last_beat = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="node-io", daemon=True)
+
+    # -- the VM thread's calls ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, flush: float = 0.5) -> None:
+        """Stop after writing what is queued (at most `flush` seconds)."""
+        deadline = time.monotonic() + flush
+        while time.monotonic() < deadline and any(c.queued and c.open for c in list(self._conns)):
+            time.sleep(0.01)
+        self._stop.set()
+        self.wake()
+        self._thread.join(2.0)
+
+    def wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run `fn` in the I/O thread (anything that adds or removes sockets)."""
+        self._calls.put(fn)
+        self.wake()
+
+    def send_gateway(self, msg: Message, block: float | None = None) -> bool:
+        gw = self.gateway
+        return gw is not None and gw.send(msg, block=block)
+
+    def listen(self, address: tuple[str, int], factory: ProtocolFactory) -> tuple[str, int]:
+        """Accept primaries on `address` (a secondary); returns the address bound."""
+        sock = socket.create_server(address, backlog=8)
+        sock.setblocking(False)
+        self._repl_factory = factory
+        self._listener = sock
+        self.call(lambda: self.sel.register(sock, selectors.EVENT_READ, "listen"))
+        return sock.getsockname()[:2]
+
+    def connect_repl(self, address: tuple[str, int], factory: ProtocolFactory) -> None:
+        """Open the replication link to a secondary (a primary): (conn, Opened) or (conn, Closed) follows."""
+        def go() -> None:
+            try:
+                sock = connect_nonblocking(address)
+            except OSError as e:
+                self.inbox.put(("repl", Closed(f"cannot connect to {address[0]}:{address[1]}: {e}")))
+                return
+            c = Conn(sock, key=self.key, role="primary", peer_role="secondary", name="secondary", connecting=True,
+                     tracer=self.tracer, protocol=factory)
+            self._add(c)
+        self.call(go)
+
+    def close_repl(self, reason: str) -> None:
+        repl = self.repl
+        self.repl = None
+        if repl is not None:
+            self.call(lambda: self._drop(repl, reason, tell=False))
+
+    # -- the thread -----------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._turn()
+        except Exception:  # noqa: BLE001 - a bug here must not leave the node deaf: say so, and stop the node
+            log.exception("node: the I/O thread failed")
+            self.inbox.put(("gateway", Detached("the I/O thread failed")))
+            self.inbox.put(("io", Closed("the I/O thread failed")))
+        finally:
+            for c in list(self._conns):
+                c.close("the node stops")
+            if self._listener is not None:
+                self._listener.close()
+
+    def _turn(self) -> None:
+        while True:
+            try:
+                self._calls.get_nowait()()
+            except queue.Empty:
+                break
+        now = time.monotonic()
+        if self._gw_conn is None and now >= self._next_connect:
+            self._connect_gateway()
+        for c in list(self._conns):
+            events = c.interest()
+            try:
+                key = self.sel.get_key(c.sock)
+                if key.events != events:
+                    self.sel.modify(c.sock, events, c) if events else self.sel.unregister(c.sock)
+            except (KeyError, ValueError):
+                if events and not c.closed:
+                    self.sel.register(c.sock, events, c)
+        wait = max(0.0, min(self.interval / 2, self._next_connect - now if self._gw_conn is None else 1.0))
+        for key, mask in self.sel.select(wait):
+            if key.data is None:
+                try:
+                    self._wake_r.recv(4096)
+                except OSError:
+                    pass
+            elif key.data == "listen":
+                self._accept()
+            else:
+                self._serve(key.data, mask)
+        now = time.monotonic()
+        for c in list(self._conns):
+            if c.handshake_expired(now):
+                self._drop(c, "authentication timed out")
+            elif c.open:
+                silent = now - c.last_heard > self.timeout
+                if silent and c not in self._silent:
+                    self._silent.add(c)
+                    self._post(c, Silent())
+                elif not silent and c in self._silent:
+                    self._silent.discard(c)
+                    self._post(c, Heard())
+        if now - self._last_beat >= self.interval:
+            self._last_beat = now
+            gw = self.gateway
+            if gw is not None:
+                try:
+                    gw.try_heartbeat(self.status())
+                except ColoError:
+                    pass
+            if self.repl is not None:
+                self.repl.try_heartbeat()
+
+    def _serve(self, c: Conn, mask: int) -> None:
+        for ev in c.on_ready(mask):
+            if isinstance(ev, Opened):
+                self._opened(c)
+            elif isinstance(ev, Closed):
+                self._drop(c, ev.reason)
+                return
+            else:
+                if isinstance(ev, Message) and self.on_message is not None:
+                    self.on_message(self._source(c), ev)
+                self._post(c, ev)
+        if c.closed:
+            self._drop(c, c.closed_reason)
+
+    def _source(self, c: Conn) -> Source:
+        return "gateway" if c is self.gateway else c
+
+    def _post(self, c: Conn, ev: NodeEvent) -> None:
+        self.inbox.put((c, ev))
+
+    def _add(self, c: Conn) -> None:
+        self._conns.add(c)
+        c.on_change = self.wake
+        try:
+            self.sel.register(c.sock, c.interest(), c)
+        except (KeyError, ValueError):
+            pass
+
+    def _opened(self, c: Conn) -> None:
+        if c is self._gw_conn:
+            self.gateway = c
+            self._backoff = RECONNECT_MIN
+            c.send(self.hello())  # first, before anything the VM thread may send
+            self.inbox.put(("gateway", Attached(c)))
+        elif c.peer_role == "secondary":  # our outgoing replication link
+            self.repl = c
+            self._post(c, Opened())
+        elif self.repl is not None and self.repl.open:
+            log.error("secondary: refused a second primary: one is already attached")
+            self._drop(c, "a primary is already attached", tell=False)
+        else:
+            self.repl = c
+            self._post(c, Opened())
+
+    def _drop(self, c: Conn, reason: str, tell: bool = True) -> None:
+        if c not in self._conns:
+            return
+        self._conns.discard(c)
+        self._silent.discard(c)
+        try:
+            self.sel.unregister(c.sock)
+        except (KeyError, ValueError):
+            pass
+        was_open = c.open
+        c.close(reason)
+        if c is self._gw_conn:
+            self._gw_conn = None
+            if self.gateway is c:
+                self.gateway = None
+            self._next_connect = time.monotonic() + self._backoff
+            self._backoff = min(RECONNECT_MAX, self._backoff * 2)
+            if was_open or c.hs.done:
+                self.inbox.put(("gateway", Detached(reason)))
+            return
+        if c is self.repl:
+            self.repl = None
+        if tell and (was_open or c.hs.done or c.peer_role == "secondary"):
+            self._post(c, Closed(reason))
+
+    def _connect_gateway(self) -> None:
+        try:
+            sock = connect_nonblocking(self.gateway_address)
+        except OSError as e:
+            log.debug("node: cannot reach the gateway: %s", e)
+            self._next_connect = time.monotonic() + self._backoff
+            self._backoff = min(RECONNECT_MAX, self._backoff * 2)
+            return
+        c = Conn(sock, key=self.key, role=self.role(), peer_role="gateway", name="gateway", connecting=True,
+                 tracer=self.tracer)
+        self._gw_conn = c
+        self._add(c)
+
+    def _accept(self) -> None:
+        assert self._listener is not None and self._repl_factory is not None
+        while True:
+            try:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("secondary: cannot accept: %s", e)
+                return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._add(Conn(sock, key=self.key, role="secondary", peer_role="primary", name=f"{peer[0]}:{peer[1]}",
+                           tracer=self.tracer, protocol=self._repl_factory))
