@@ -144,8 +144,7 @@ class Gateway:
         now = time.monotonic()
         for link, c in list(self.conns.items()):
             if c.handshake_expired(now):
-                c.close("authentication timed out")
-                self._conn_closed(link, f"no authentication within {now - c.started:.0f} s")
+                self._conn_closed(link, f"authentication timed out after {now - c.started:.0f} s")
         self.clients.poll(now)
         self._drain()
 
@@ -219,6 +218,10 @@ class Gateway:
         except (KeyError, ValueError):
             pass
         c.close(why)
+        if not c.authenticated:
+            log.error("gateway: refused a connection from %s: %s", c.name, why)
+        elif link not in self.attached:
+            log.error("gateway: dropped %s: %s", c.name, why)
         self.control.discard(link)
         if link in self.attached:
             self.attached.discard(link)

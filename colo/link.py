@@ -151,6 +151,10 @@ class Conn:
         now = time.monotonic() if now is None else now
         return self.open and now - self.last_heard < timeout
 
+    @property
+    def authenticated(self) -> bool:
+        return self.hs.done
+
     def handshake_expired(self, now: float) -> bool:
         return self.state in (State.CONNECTING, State.HANDSHAKE) and now - self.started > AUTH_TIMEOUT
 
@@ -184,11 +188,13 @@ class Conn:
                 if not data:
                     events += self._eof()
                     return events
+                was_open = self.open
                 try:
                     events += self._feed(data)
                 except (ColoError, AuthError) as e:
-                    reason = f"bad input from the {self.peer_role or 'peer'}: {e}"
-                    log.error("%s: %s", self.name or "link", reason)
+                    # Before the handshake completes the serving loop reports the refusal (it knows its role);
+                    # after it, this is an authenticated peer misbehaving.
+                    reason = f"bad input from {self.peer_role or 'the peer'}: {e}" if was_open else str(e)
                     events += self._fail(reason)
                     return events
                 if self.closed:
@@ -203,6 +209,8 @@ class Conn:
             out = self.hs.receive_data(data)
             if out:
                 self._queue(out)
+                with self._wlock:  # at once: the peer must get our proof even if we close right after
+                    self._flush_some_locked()
             if not self.hs.done:
                 return events
             self.peer_role = self.hs.peer_role
@@ -255,6 +263,10 @@ class Conn:
             except ColoError:
                 pass
         if self.state is State.HANDSHAKE:
+            try:
+                self.hs.receive_data(b"")  # it names the problem (a frame cut off, ...)
+            except AuthError as e:
+                return events + self._fail(str(e))
             return events + self._fail("connection closed during authentication")
         return events + self._fail("closed by peer")
 
@@ -378,6 +390,11 @@ class Conn:
     def _shut(self, reason: str) -> None:
         if self.state is State.CLOSED:
             return
+        if self._out_bytes and self._wlock.acquire(blocking=False):
+            try:  # what is queued (a proof, a fence, an error) goes out if the socket takes it now
+                self._flush_some_locked()
+            finally:
+                self._wlock.release()
         self.state = State.CLOSED
         self.closed_reason = self.closed_reason or reason
         if self.proto is not None:

@@ -276,6 +276,10 @@ class NodeIO:
             pass
         was_open = c.open
         c.close(reason)
+        if c.peer_role != "secondary" and c is not self._gw_conn and not c.authenticated:
+            log.error("secondary: refused a connection from %s: %s", c.name, reason)
+        elif was_open and reason.startswith("bad input"):
+            log.error("%s: %s", self.role(), reason)
         if c is self._gw_conn:
             self._gw_conn = None
             if self.gateway is c:

@@ -6,6 +6,7 @@ replication layer makes a test fail, never hang.
 from __future__ import annotations
 
 import json
+import queue
 import os
 import signal
 import socket
@@ -506,3 +507,85 @@ def verify_ledger(w: Workload, address: tuple[str, int], *, allow_cli_failures: 
     sets = len(keys)
     assert not problems, "ledger violations:\n  " + "\n  ".join(problems[:40])
     return {"sets": sets, "incrs": sum(len(c.incr_replies) for c in w.clients)}
+
+
+# -- a hand-driven peer --------------------------------------------------------------------------------------
+class PeerLink:
+    """An authenticated connection driven by a test: a reader thread queues what arrives (messages, then
+    `Closed`); `send` writes at once. With `protocol`, a checkpoint state machine checks both ways, as on a real
+    replication link. For playing a node, a control client or a fake primary against the real processes."""
+
+    def __init__(self, address: tuple[str, int], key: bytes, role: str, peer_role: str,
+                 protocol: Callable[[Any], Any] | None = None) -> None:
+        from colo.link import authenticate, connect
+        from colo.wire import FrameDecoder
+
+        self.sock = connect(address)
+        hs = authenticate(self.sock, key, role, peer_role)
+        self.proto = protocol(hs) if protocol is not None else None
+        self._decoder = None
+        if self.proto is None:
+            self._decoder = FrameDecoder()
+            self._decoder.feed(hs.unused_data)
+        self.events: "queue.Queue[Any]" = queue.Queue()
+        self._lock = threading.Lock()
+        self.closed = False
+        self._drain()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _drain(self) -> None:
+        from colo.protocol import ConnectionClosed
+
+        while True:
+            ev = self.proto.next_event() if self.proto is not None else self._decoder.next_message()
+            if ev is None:
+                return
+            self.events.put(ev)
+            if isinstance(ev, ConnectionClosed):
+                return
+
+    def _read(self) -> None:
+        from colo.link import Closed
+
+        reason = "closed by peer"
+        try:
+            while True:
+                data = self.sock.recv(1 << 20)
+                with self._lock:
+                    if self.proto is not None:
+                        self.proto.receive_data(data)
+                    elif data:
+                        self._decoder.feed(data)
+                    self._drain()
+                if not data:
+                    break
+        except Exception as e:  # noqa: BLE001 - a protocol or wire error, or the socket closed under us
+            reason = f"{type(e).__name__}: {e}"
+        self.closed = True
+        self.events.put(Closed(reason))
+
+    def send(self, msg: Any) -> None:
+        from colo.wire import encode_frame
+
+        with self._lock:
+            frame = self.proto.send(msg) if self.proto is not None else encode_frame(msg)
+        self.sock.sendall(frame)
+
+    def heartbeat(self) -> None:
+        from colo.messages import Heartbeat
+
+        self.send(Heartbeat())
+
+    def get(self, timeout: float | None = None) -> Any:
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from colo.node import NodeState
 from colo_e2e.helpers import Workload, child_env, events_named, verify_ledger, wait_for
 from conftest import ROOT, guest
 
@@ -98,15 +99,21 @@ def test_colo_up_status_and_failover_through_the_cli(up: Up) -> None:
     assert (up.run_dir / "key").stat().st_mode & 0o077 == 0, "the run directory's key is readable by others"
 
     def protected() -> dict[str, Any] | None:
+        # Each node's own state reaches the gateway with its next heartbeat (every timeout/4): wait for both,
+        # not only for the protection the primary reports at once (reading too early was flaky).
         s = up.status()
-        return s if s["gateway"]["protected"] and s["nodes"]["primary"].get("checkpoints", 0) >= 3 else None
+        p, sec = s["nodes"]["primary"], s["nodes"]["secondary"]
+        ok = (s["gateway"]["protected"] and p.get("checkpoints", 0) >= 3 and sec.get("epoch", 0) >= 1
+              and p.get("state") == NodeState.PROTECTED.value and sec.get("state") == NodeState.SECONDARY.value)
+        return s if ok else None
     st = wait_for(protected, 30, "colo status to show the primary protected with checkpoints")
     g, p, s = st["gateway"], st["nodes"]["primary"], st["nodes"]["secondary"]
     assert g["pid"] == pids["gateway"] and g["service"] == "%s:%d" % tuple(info["service"])
-    assert p["pid"] == pids["primary"] and p["connected"] and p["active"] and p["state"] == "protected"
-    assert s["pid"] == pids["secondary"] and s["connected"] and not s["active"] and s["state"] == "secondary"
+    assert p["pid"] == pids["primary"] and p["connected"] and p["active"]
+    assert s["pid"] == pids["secondary"] and s["connected"] and not s["active"]
     assert p["epoch"] >= 3 and s["epoch"] >= 1 and p["triggers"].get("timer", 0) >= 3, st
-    assert [e["role"] for e in events_named(st, "attached")] == ["secondary", "primary"], st["events"]
+    assert [e["role"] for e in events_named(st, "attached")] == ["spare", "primary"], st["events"]
+    primary_id, secondary_id = p["id"], s["id"]
 
     text = up.cli("status")
     assert text.returncode == 0, text.stderr
@@ -126,22 +133,23 @@ def test_colo_up_status_and_failover_through_the_cli(up: Up) -> None:
 
         def promoted() -> dict[str, Any] | None:
             s = up.status()
-            return s if events_named(s, "promoted") and s["nodes"]["secondary"].get("active") else None
+            return s if events_named(s, "promoted") and s["nodes"]["primary"].get("id") == secondary_id else None
         st = wait_for(promoted, 15, "the secondary to become active")
         since = time.monotonic()
         wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20,
                  f"every client to get replies from the secondary (errors: {w.errors()})")
         # A second failover has nothing to fail over from: refused, with the reason, and nothing changes.
         again = up.cli("failover")
-        assert again.returncode == 1 and "no active primary" in again.stderr, (again.stdout, again.stderr)
+        assert again.returncode == 1 and "no ready secondary" in again.stderr, (again.stdout, again.stderr)
     finally:
         w.stop()
     verify_ledger(w, service)  # type: ignore[arg-type]
     w.close()
 
     st = up.status()
-    assert st["nodes"]["secondary"]["active"] and not st["nodes"]["primary"]["connected"], st
-    assert any(e.get("role") == "primary" and "manual failover" in e.get("reason", "")
+    assert st["nodes"]["primary"]["active"] and st["nodes"]["primary"]["id"] == secondary_id, st
+    assert st["gateway"]["generation"] == 2 and not st["nodes"]["secondary"]["connected"], st
+    assert any(e.get("node") == primary_id and "manual failover" in e.get("reason", "")
                for e in events_named(st, "fenced")), st["events"]
     assert events_named(st, "promote")[0]["reason"].startswith("manual failover"), st["events"]
     # The fenced primary stopped (a node the gateway fenced must never serve again); the others run on.

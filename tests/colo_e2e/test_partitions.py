@@ -1,6 +1,6 @@
-"""Failures that are not a clean crash: a frozen primary (detected by heartbeat silence, not by a closed socket),
-a lost gateway, and a cut replication link. In every case exactly one node serves (no split brain) and clients
-keep every acknowledged write.
+"""Failures that are not a clean crash: a frozen primary (detected by heartbeat silence, not by a closed socket)
+and a cut replication link. In every case exactly one node serves (no split brain) and clients keep every
+acknowledged write. (Losing the gateway itself is tests/colo_e2e/test_gateway_loss.py.)
 """
 from __future__ import annotations
 
@@ -66,14 +66,10 @@ class Blackhole:
             s.close()
 
 
-def start(procs: Procs, secondary: tuple[str, int] | None = None) -> None:
+def start(procs: Procs) -> None:
     procs.start_gateway()
-    procs.start_secondary()
-    real = procs.secondary
-    if secondary is not None:
-        procs.secondary = secondary
+    procs.start_secondary(interval_ms=INTERVAL_MS)
     procs.start_primary(guest("kvstore"), ram=RAM, interval_ms=INTERVAL_MS)
-    procs.secondary = real
 
     def protected() -> bool:
         s = procs.status()
@@ -104,15 +100,17 @@ def test_a_frozen_primary_is_replaced_and_stops_when_it_wakes(tmp_path: Path) ->
             wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, f"replies from the secondary ({w.errors()})")
         finally:
             primary.send_signal(signal.SIGCONT)
-        # The old primary wakes up cut off from the gateway: it must stop, never serve again.
+        # The old primary wakes up fenced (a newer generation exists): it must stop, never serve again.
         code = wait_exit(procs, "primary")
-        assert code in (3, 4), f"the woken primary exited with {code}:\n{procs.stderr('primary')[-2000:]}"
+        assert code == 4, f"the woken primary exited with {code}:\n{procs.stderr('primary')[-2000:]}"
         since = time.monotonic()
         wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, f"replies after the old primary woke ({w.errors()})")
         w.stop()
         verify_ledger(w, procs.service)
         st = procs.status()
-        assert st["nodes"]["secondary"]["active"] and not st["nodes"]["primary"]["connected"], st
+        survivor = procs.wait_ready("secondary")["node"]
+        assert st["nodes"]["primary"]["active"] and st["nodes"]["primary"]["id"] == survivor, st
+        assert st["gateway"]["generation"] == 2, st["gateway"]
         lost = [e for e in events_named(st, "lost") if e.get("role") == "primary"]
         assert lost and "silent" in lost[0]["reason"], st["events"]
     finally:
@@ -125,20 +123,6 @@ def test_a_frozen_primary_is_replaced_and_stops_when_it_wakes(tmp_path: Path) ->
 
 
 @pytest.mark.slow
-def test_nodes_stop_when_the_gateway_is_lost(tmp_path: Path) -> None:
-    procs = Procs(tmp_path / "c")
-    try:
-        start(procs)
-        procs.procs["gateway"].send_signal(signal.SIGKILL)
-        for role in ("primary", "secondary"):
-            code = wait_exit(procs, role)
-            assert code == 3, f"the {role} exited with {code}:\n{procs.stderr(role)[-2000:]}"
-            assert "lost the gateway" in procs.stderr(role), procs.stderr(role)
-    finally:
-        procs.stop()
-
-
-@pytest.mark.slow
 def test_a_cut_replication_link_leaves_one_active_node(tmp_path: Path) -> None:
     """Primary and secondary lose each other but both still reach the gateway: the primary goes on unprotected;
     the secondary asks to be promoted, but the gateway still hears the primary, so it fences the secondary."""
@@ -147,10 +131,11 @@ def test_a_cut_replication_link_leaves_one_active_node(tmp_path: Path) -> None:
     w: Workload | None = None
     try:
         procs.start_gateway()
-        procs.start_secondary()
-        hole = Blackhole(procs.secondary)
-        procs.start_primary(guest("kvstore"), ram=RAM, interval_ms=INTERVAL_MS, protected=False,
-                            extra=("--secondary", "%s:%d" % hole.address))
+        # The secondary tells the gateway to send primaries to the relay in front of it.
+        hole = Blackhole(("127.0.0.1", 0))
+        procs.start_secondary(interval_ms=INTERVAL_MS, extra=("--advertise", "%s:%d" % hole.address))
+        hole.upstream = procs.secondary
+        procs.start_primary(guest("kvstore"), ram=RAM, interval_ms=INTERVAL_MS)
 
         def protected() -> bool:
             s = procs.status()
@@ -168,7 +153,8 @@ def test_a_cut_replication_link_leaves_one_active_node(tmp_path: Path) -> None:
         st = wait_for(settled, 20, "the primary to go on alone and the secondary to be fenced")
         assert st["nodes"]["primary"]["active"], st
         assert not events_named(st, "promote") and not events_named(st, "promoted"), st["events"]
-        assert [e["role"] for e in events_named(st, "fenced")] == ["secondary"], st["events"]
+        secondary = procs.wait_ready("secondary")["node"]
+        assert [e["node"] for e in events_named(st, "fenced")] == [secondary], st["events"]
         code = wait_exit(procs, "secondary")
         assert code == 4, f"the fenced secondary exited with {code}:\n{procs.stderr('secondary')[-2000:]}"
         since = time.monotonic()
