@@ -63,6 +63,7 @@ EXIT_GATEWAY = 3  # (kept for scripts: a node no longer exits when it loses the 
 EXIT_FENCED = 4
 EXIT_NOTHING = 6  # a secondary lost its primary before it held anything to take over
 EXIT_FAULT = 125  # the guest faulted (as `toyvm run`)
+LEAVING = "leaving: "  # an error message that starts so is a deliberate end (a stop, a guest that ended), not a loss
 
 
 class Mode(enum.Enum):
@@ -219,7 +220,7 @@ class Node:
             return e.exit_code
         finally:
             if self.role is not None:
-                self.role.close()
+                self.role.close(f"{LEAVING}the {self.mode.value} stops")
             self.io.stop()
 
     def request_shutdown(self) -> None:

@@ -41,7 +41,7 @@ from colo.messages import (
     VmstateSend,
     VmstateSize,
 )
-from colo.node import EXIT_FAULT, SLICE, GuestExited, Mode, Node, NodeState
+from colo.node import EXIT_FAULT, LEAVING, SLICE, GuestExited, Mode, Node, NodeState
 from colo.nodeio import Heard, NodeEvent, Silent, Source
 from colo.protocol import ConnectionClosed, PrimaryProtocol
 from colo.stats import CheckpointRecord, PhaseClock, StatsWriter
@@ -74,6 +74,7 @@ class PrimaryRole:
         self.requested_trigger: Trigger | None = None
         self.stats = StatsWriter(node.cfg.stats, mode=node.cfg.mode, interval_ms=self.interval * 1e3)
         self.fresh = False  # a guest booted here, not yet run
+        self.ran = False  # the guest ran in the last serve()
         self.faults = FaultPlan()
 
     @property
@@ -134,12 +135,14 @@ class PrimaryRole:
                 continue
             trigger = self.requested_trigger or Trigger.TIMER
             self.requested_trigger = None
+            if trigger is Trigger.TIMER and not self.ran:
+                continue  # the guest held still (no gateway): nothing changed that a checkpoint could carry
             self.checkpoint(trigger, suspended_at=started + self.interval)
 
-    def close(self) -> None:
+    def close(self, why: str) -> None:
         self.stats.close()
         if self.repl is not None:
-            self.node.close_repl("the primary stops", self.repl)
+            self.node.close_repl(why, self.repl)
 
     # -- the gateway's say ---------------------------------------------------------------------------------
     def on_attached(self) -> None:
@@ -177,6 +180,7 @@ class PrimaryRole:
         node, vm = self.node, self.node.vm
         assert vm is not None
         deadline = time.monotonic() + seconds
+        self.ran = False
         while self.requested_trigger is None and self.pending_protect is None:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -186,6 +190,7 @@ class PrimaryRole:
                 self._handle(node.next_event(min(left, 0.05)))
                 continue
             node.deliver_inputs()
+            self.ran = True
             try:
                 r = vm.run_slice(min(SLICE, left))
             except GuestFault as e:
@@ -210,6 +215,10 @@ class PrimaryRole:
             return
         if isinstance(ev, (Heartbeat, Heard)):
             return
+        if isinstance(ev, ErrorMessage) and ev.reason.startswith(LEAVING):
+            log.info("primary: the secondary left (%s): running unprotected", ev.reason[len(LEAVING):])
+            self._unprotect(ev.reason, quiet=True)
+            return
         self._unprotect(self._describe_loss(ev))
 
     def guest_ended(self, code: int, why: str) -> None:
@@ -227,7 +236,7 @@ class PrimaryRole:
             node.next_event(0.05)
         node.send_gateway(GuestEnded(node.generation, code, why[:1000]), block=1.0)
         if self.repl is not None:
-            node.close_repl(f"the guest ended: {why}", self.repl)
+            node.close_repl(f"{LEAVING}the guest ended: {why}", self.repl)
             self.repl = None
         raise GuestExited(code, why)
 
@@ -291,10 +300,11 @@ class PrimaryRole:
     def held_inputs(self) -> list[list[Any]]:
         return [e.as_list() for _, e in sorted(self.node.backlog.items())]
 
-    def _unprotect(self, why: str, tell: bool = True) -> None:
+    def _unprotect(self, why: str, tell: bool = True, quiet: bool = False) -> None:
         """Go on alone: the gateway releases what it held and everything from now on."""
         node = self.node
-        log.warning("primary: running unprotected: %s", why)
+        if not quiet:
+            log.warning("primary: running unprotected: %s", why)
         if self.repl is not None:
             node.close_repl(why, self.repl)
         self.repl = None

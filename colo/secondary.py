@@ -40,7 +40,7 @@ from colo.messages import (
     VmstateSize,
 )
 from colo.netevents import NetEvent
-from colo.node import SLICE, Mode, Node, NodeState
+from colo.node import LEAVING, SLICE, Mode, Node, NodeState
 from colo.nodeio import Heard, NodeEvent, Silent, Source
 from colo.protocol import ConnectionClosed, SecondaryProtocol
 from toyvm import Machine, StopReason
@@ -114,9 +114,9 @@ class SecondaryRole:
                 self.drop_primary(str(e))
         return self.take_over(self.promote)
 
-    def close(self) -> None:
+    def close(self, why: str) -> None:
         if self.repl is not None:
-            self.node.close_repl(None, self.repl)
+            self.node.close_repl(why, self.repl)
 
     def step(self, got: tuple[Source, NodeEvent] | None) -> None:
         if got is None:
@@ -312,6 +312,11 @@ class SecondaryRole:
         if self.repl is not None:
             node.close_repl(None, self.repl)
         self.repl = None
+        if why.startswith(f"the primary reported an error: {LEAVING}"):
+            # It left on purpose (a stop, or its guest ended): not a failure. The gateway says what comes next.
+            log.info("secondary: the primary left (%s)", why.split(LEAVING, 1)[1])
+            node.state = NodeState.SECONDARY if self.applied is not None else NodeState.SPARE
+            return
         if self.applied is None:
             log.warning("secondary: the primary was lost before its copy arrived (%s): waiting as a spare", why)
             node.state = NodeState.SPARE

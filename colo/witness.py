@@ -956,6 +956,8 @@ class Witness:
             self.failover_request_at = None
             if self.service in (S.PROTECTING, S.PROTECTED):
                 self._go("secondary-lost")
+                self._record("unprotected", node=self.active, reason=f"the secondary {n.id} was lost: {why}",
+                             level="warning")
             if n.id == self.mirror:
                 self._stop_comparing()
             self._unprotected()

@@ -62,13 +62,13 @@ def check_promoted(run: HybridRun, gateway_pid: int) -> dict[str, Any]:
     """The secondary is the active node, behind the same gateway; exactly one promotion was recorded."""
     st = run.status()
     assert st["gateway"]["pid"] == gateway_pid, "the gateway was replaced"
-    sec = st["nodes"]["secondary"]
-    assert sec["connected"] and sec["active"], st["nodes"]
-    assert not st["nodes"]["primary"]["connected"], st["nodes"]
+    survivor, old = run.cluster.node_id("secondary"), run.cluster.node_id("primary")
+    act = st["nodes"]["primary"]  # the promoted node is the primary now, of a new generation
+    assert act["connected"] and act["active"] and act["id"] == survivor and act["generation"] == 2, st["nodes"]
+    assert not st["nodes"]["secondary"]["connected"], st["nodes"]
     promoted = events_named(st, "promoted")
-    assert len(promoted) == 1 and promoted[0]["role"] == "secondary", st["events"]
-    assert any(e.get("role") == "primary" for e in events_named(st, "lost") + events_named(st, "fenced")), \
-        st["events"]
+    assert len(promoted) == 1 and promoted[0]["node"] == survivor, st["events"]
+    assert any(e.get("node") == old for e in events_named(st, "lost") + events_named(st, "fenced")), st["events"]
     assert run.alive("secondary") and run.alive("gateway"), run.stderr()[-3000:]
     return st
 
@@ -169,7 +169,8 @@ def test_primary_hangs_after_state_sent_idle_guest(hybrid: Callable[..., HybridR
     finally:
         r.close()
     st = run.status()
-    assert st["nodes"]["secondary"]["active"] and len(events_named(st, "promoted")) == 1, st
+    assert st["nodes"]["primary"]["id"] == run.cluster.node_id("secondary"), st
+    assert len(events_named(st, "promoted")) == 1, st
 
 
 @pytest.mark.parametrize("phase", PRIMARY_PHASES)
@@ -194,5 +195,6 @@ def test_noisy_kill_primary_during_mismatch_checkpoint(hybrid: Callable[..., Hyb
     finally:
         loop.abort()
     st = run.status()
-    assert st["nodes"]["secondary"]["active"] and not st["nodes"]["primary"]["connected"], st["nodes"]
+    assert st["nodes"]["primary"]["id"] == run.cluster.node_id("secondary"), st["nodes"]
+    assert st["nodes"]["primary"]["active"] and not st["nodes"]["secondary"]["connected"], st["nodes"]
     check_states(run, events_named(st, "promoted")[0]["epoch"], expected_resume(phase, 4))
