@@ -20,6 +20,7 @@ from colo.link import Link, authenticate, connect
 from colo.messages import CommandResult, FailoverCommand, StatusReply, StatusRequest
 from colo.node import DEFAULT_HEARTBEAT_TIMEOUT
 from toyvm.errors import ToyVMError
+from toyvm.guests import argument as guest_argument
 from toyvm.netbridge import parse_address
 from toyvm.ram import parse_size
 
@@ -105,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("primary", help="run the primary VM and checkpoint it to the secondary",
                        description="Boot GUEST, serve it through the gateway, checkpoint it to the secondary.")
-    p.add_argument("guest", help="guest image (flat binary or ELF64)")
+    p.add_argument("guest", type=guest_argument, metavar="GUEST",
+                   help="guest image (flat binary or ELF64) or a bundled guest's name, e.g. kvstore")
     p.add_argument("--gateway", type=_address, required=True, metavar="HOST:PORT", help="the gateway's --listen")
     p.add_argument("--secondary", type=_address, metavar="HOST:PORT",
                    help="the secondary's --listen (without it the primary runs unprotected)")
@@ -124,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("up", help="start gateway, secondary and primary locally; Ctrl-C stops them",
                        description="Start the three roles as separate local processes with a fresh key.")
-    u.add_argument("guest", help="guest image (flat binary or ELF64)")
+    u.add_argument("guest", type=guest_argument, metavar="GUEST",
+                   help="guest image (flat binary or ELF64) or a bundled guest's name, e.g. kvstore")
     u.add_argument("--service", type=_address, default=("127.0.0.1", 0), metavar="HOST:PORT",
                    help="where clients connect (default: a free port on 127.0.0.1)")
     _vm_options(u)

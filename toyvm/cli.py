@@ -14,6 +14,7 @@ from types import FrameType
 from . import state as state_file
 from .contract import DEFAULT_RAM
 from .errors import GuestFault, ToyVMError
+from .guests import bundled_names, resolve
 from .machine import Machine
 from .netbridge import TcpBridge
 from .ram import parse_size
@@ -105,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="boot a guest image (flat or ELF64) and run it",
                        description="Boot a guest and run it; its serial output goes to stdout.")
     p.add_argument("guest", metavar="GUEST",
-                   help="guest image: a flat binary (loaded at 0x100000) or an ELF64 executable")
+                   help="guest image: a flat binary (loaded at 0x100000) or an ELF64 executable, or the name of "
+                        f"a bundled guest ({', '.join(bundled_names())})")
     p.add_argument("--ram", default=f"{DEFAULT_RAM >> 20}M", metavar="SIZE",
                    help=f"RAM size, e.g. 64M or 1G, from 2M to 4G (default: {DEFAULT_RAM >> 20}M)")
     p.add_argument("--cmdline", default="", metavar="TEXT", help="command line passed to the guest, e.g. 'pages=256'")
@@ -136,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             return _inspect(args.state, args.json)
         if args.command == "run":
+            image = resolve(args.guest)
+            logging.info("guest image %s", image)
             vm = Machine(parse_size(args.ram), hooks=args.hooks)
-            vm.boot(args.guest, args.cmdline)
+            vm.boot(image, args.cmdline)
         else:
             vm = Machine.from_state(state_file.read_file(args.state), hooks=args.hooks)
         return _run(vm, args)
