@@ -150,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "acknowledged write was lost.")
     d.add_argument("--seconds", type=float, default=12.0, help="how long the client workload runs (default 12)")
     d.add_argument("--clients", type=int, default=8, help="concurrent writers (default 8)")
+
+    sts = sub.add_parser("stats", help="summarise (or plot) a --stats file",
+                         description="Summarise the checkpoints of a --stats file, run by run: triggers, "
+                                     "pause percentiles, bytes, dirty pages, phase medians.")
+    sts.add_argument("file", metavar="FILE", help="a file written by --stats (JSON lines)")
+    sts.add_argument("--run", metavar="ID", help="only the run with this id (a unique prefix is enough)")
+    sts.add_argument("--json", action="store_true", help="print the summary as JSON")
+    sts.add_argument("--plot", metavar="OUT.png",
+                     help="also draw pause, phases and dirty pages over time (needs matplotlib: "
+                          "pip install 'toyvm-colo[bench]')")
     return parser
 
 
@@ -182,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from colo.demo import run_demo
             return run_demo(args)
+        if args.command == "stats":
+            return cmd_stats(args)
     except (ColoError, ToyVMError, OSError, ValueError) as e:
         print(f"colo {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -300,6 +312,25 @@ def cmd_failover(args: argparse.Namespace) -> int:
         link.close()
     print(f"colo failover: {res.reason}", file=sys.stderr if not res.ok else sys.stdout)
     return 0 if res.ok else 1
+
+
+# -- stats files -----------------------------------------------------------------------------------------------
+def cmd_stats(args: argparse.Namespace) -> int:
+    from colo import statsview
+    if args.plot:
+        statsview.require_matplotlib()  # before reading a large file for nothing
+    records, skipped = statsview.load(args.file)
+    runs = statsview.select(statsview.group_runs(records), args.run)
+    if args.json:
+        print(json.dumps([statsview.summarize(r) for r in runs], indent=2))
+    else:
+        print(statsview.report(args.file, runs, skipped))
+    if args.plot:
+        if not runs:
+            raise ColoError(f"{args.file} has no checkpoint records to plot")
+        statsview.plot(runs, args.plot, title=Path(args.file).name)
+        print(f"colo stats: plot written to {args.plot}")
+    return 0
 
 
 # -- colo up ---------------------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ class PrimaryNode(Node):
         self.triggers: dict[str, int] = {}
         self.last_pause_ms = 0.0
         self.protected = False
-        self.stats = StatsWriter(cfg.stats)
+        self.stats = StatsWriter(cfg.stats, mode=cfg.mode, interval_ms=cfg.interval * 1000)
         self.faults = FaultPlan()
 
     def status_info(self) -> dict[str, Any]:

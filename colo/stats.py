@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,10 @@ class CheckpointRecord:
     phases_ms: dict[str, float] = field(default_factory=dict)
     pause_ms: float = 0.0
     time: float = field(default_factory=time.time)
+    # Which run wrote it: one --stats file may collect several runs (the writer appends). StatsWriter stamps these.
+    run_id: str = ""
+    mode: str | None = None  # "periodic" or "hybrid"
+    interval_ms: float | None = None  # the checkpoint timer: the periodic interval, or the hybrid backstop
 
     @property
     def ratio(self) -> float:
@@ -32,6 +37,8 @@ class CheckpointRecord:
         d["compression_ratio"] = round(self.ratio, 2)
         d["phases_ms"] = {k: round(v, 3) for k, v in self.phases_ms.items()}
         d["pause_ms"] = round(self.pause_ms, 3)
+        if self.interval_ms is not None:
+            d["interval_ms"] = round(self.interval_ms, 3)
         return json.dumps(d, sort_keys=True)
 
 
@@ -51,13 +58,25 @@ class PhaseClock:
         return (self.last - self.t0) * 1e3
 
 
+def new_run_id() -> str:
+    """A short random id: enough to tell apart the runs appended to one file."""
+    return secrets.token_hex(4)
+
+
 class StatsWriter:
-    def __init__(self, path: str | Path | None) -> None:
+    """Appends one JSON line per checkpoint to `path` (nothing when it is None), each stamped with the run."""
+
+    def __init__(self, path: str | Path | None, *, run_id: str | None = None, mode: str | None = None,
+                 interval_ms: float | None = None) -> None:
         self._f: IO[str] | None = open(path, "a", buffering=1) if path else None
         self._lock = threading.Lock()
+        self.run_id = run_id or new_run_id()
+        self.mode = mode
+        self.interval_ms = interval_ms
 
     def write(self, rec: CheckpointRecord) -> None:
         if self._f is not None:
+            rec.run_id, rec.mode, rec.interval_ms = self.run_id, self.mode, self.interval_ms
             with self._lock:
                 self._f.write(rec.to_json() + "\n")
 
