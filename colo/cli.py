@@ -151,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=float, default=12.0, help="how long the client workload runs (default 12)")
     d.add_argument("--clients", type=int, default=8, help="concurrent writers (default 8)")
 
+    k = sub.add_parser("keygen", help="write a fresh shared key file (mode 0600) for roles on several hosts",
+                       description="Write a fresh random key to FILE, readable by its owner only. Copy it to "
+                                   "each host and pass it to every role with --key-file.")
+    k.add_argument("file", metavar="FILE", help="where to write the key")
+    k.add_argument("--force", action="store_true", help="replace FILE if it exists")
+
     sts = sub.add_parser("stats", help="summarise (or plot) a --stats file",
                          description="Summarise the checkpoints of a --stats file, run by run: triggers, "
                                      "pause percentiles, bytes, dirty pages, phase medians.")
@@ -192,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from colo.demo import run_demo
             return run_demo(args)
+        if args.command == "keygen":
+            return cmd_keygen(args)
         if args.command == "stats":
             return cmd_stats(args)
     except (ColoError, ToyVMError, OSError, ValueError) as e:
@@ -314,7 +322,14 @@ def cmd_failover(args: argparse.Namespace) -> int:
     return 0 if res.ok else 1
 
 
-# -- stats files -----------------------------------------------------------------------------------------------
+# -- keys and stats files --------------------------------------------------------------------------------------
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from colo.keyfile import write_new_key
+    path = write_new_key(args.file, force=args.force)
+    print(f"colo keygen: wrote a new key to {path} (mode 0600); copy it to each host and pass --key-file {path}")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from colo import statsview
     if args.plot:
