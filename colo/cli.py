@@ -23,8 +23,20 @@ from toyvm.errors import ToyVMError
 from toyvm.guests import argument as guest_argument
 from toyvm.netbridge import parse_address
 from toyvm.ram import parse_size
+from toyvm.version import version_line
 
 EXIT_ERROR = 2
+# `colo --help` and the README show this table; the node codes come from colo.node (NodeStop and its kinds).
+EXIT_CODES = """\
+exit status:
+  0    stopped cleanly: SIGINT or SIGTERM (Ctrl-C), or the command did what it was asked
+  1    colo failover: the gateway refused; colo demo: a write was lost or a connection broke
+  2    a bad command line, or an error that stopped the command (the message says which)
+  3    primary or secondary: lost the gateway, stopped so that there is never a second active copy
+  4    primary or secondary: fenced by the gateway (another node is active)
+  6    secondary: promoted, or lost the primary, before the initial copy arrived: nothing to take over
+  N    primary, or a promoted secondary: the guest powered off with exit code N
+"""
 
 
 def run_dir() -> Path:
@@ -64,7 +76,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT, metavar="S",
                    help=f"a peer silent this long is lost (default {DEFAULT_HEARTBEAT_TIMEOUT} s)")
     p.add_argument("--trace", action="store_true", help="print every protocol message with a timestamp")
-    p.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
+    loud.add_argument("-q", "--quiet", action="store_true", help="log only errors to stderr")
     p.add_argument("--ready-file", help=argparse.SUPPRESS)  # `colo up` learns the chosen ports from it
 
 
@@ -89,7 +103,9 @@ def _vm_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="colo", description="COLO-style replication of toyvm guests: "
-                                     "a gateway, a primary and a secondary, each may run on its own host.")
+                                     "a gateway, a primary and a secondary, each may run on its own host.",
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_line("colo"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("gateway", help="run the gateway (client-facing network and failover witness)",
@@ -170,8 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="colo %(message)s", stream=sys.stderr)  # messages start with the role
+    level = (logging.ERROR if getattr(args, "quiet", False) else
+             logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
+    # Local wall-clock time to the millisecond: lines from roles on several hosts can be merged and compared.
+    logging.basicConfig(level=level, format="%(asctime)s.%(msecs)03d colo %(message)s",  # messages start with the role
+                        datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr)
 
 
 def _on_term(handler: Any) -> None:

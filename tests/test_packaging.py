@@ -71,5 +71,7 @@ def test_built_wheel_runs_the_guests_outside_the_repository(tmp_path: Path) -> N
     r = _run([str(venv / "bin" / "toyvm"), "run", "hello", "--cmdline", "from=wheel"], cwd=elsewhere, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "Hello from a toyvm guest!\ncmdline: from=wheel\n"
+    r = _run([str(venv / "bin" / "colo"), "--version"], cwd=elsewhere, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("colo 0."), r.stdout + r.stderr
     r = _run([str(venv / "bin" / "colo"), "demo", "--seconds", "4", "--clients", "2"], cwd=elsewhere, timeout=90)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
