@@ -7,6 +7,7 @@ needs matplotlib, an optional extra.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
@@ -197,7 +198,7 @@ def plot(runs: list[Run], out: str | Path, title: str = "") -> None:
         recs = run.records
         t0 = min(float(r.get("time", 0.0)) for r in recs)
         x = [float(r.get("time", 0.0)) - t0 for r in recs]
-        gaps = [b - a for a, b in zip(x, x[1:]) if b > a]
+        gaps = [b - a for a, b in itertools.pairwise(x) if b > a]
         # Bars as wide as the usual spacing, but never so wide that a sparse (hybrid) run shows slabs.
         width = 0.8 * min(statistics.median(gaps), max(x) / 20) if gaps else 0.1
         pause_ax, phase_ax, dirty_ax = axes[0][col], axes[1][col], axes[2][col]
@@ -207,7 +208,7 @@ def plot(runs: list[Run], out: str | Path, title: str = "") -> None:
         for phase in summarize(run)["phases_ms_median"]:
             height = [float(r.get("phases_ms", {}).get(phase, 0.0)) for r in recs]
             phase_ax.bar(x, height, width=width, bottom=bottom, label=phase)
-            bottom = [b + h for b, h in zip(bottom, height)]
+            bottom = [b + h for b, h in zip(bottom, height, strict=True)]
         dirty_ax.bar(x, [int(r.get("dirty_pages", 0)) for r in recs], width=width, color="tab:gray")
         dirty_ax.set_xlabel("seconds since the run's first checkpoint")
     axes[0][0].set_ylabel("pause (ms)")

@@ -16,7 +16,7 @@ GUESTS = ROOT / "guests"
 HOOK_MODES = ["python", "native"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def asm(src: str, org: int = 0x100000) -> bytes:
     """Assemble Intel-syntax x86-64 source into a flat binary linked at `org` (binutils: as, ld, objcopy)."""
     with tempfile.TemporaryDirectory(prefix="toyvm-asm-") as d:
@@ -41,8 +41,9 @@ def toyvm_cli(*args: str, timeout: float = 60, **kw: object) -> subprocess.Compl
     """Run `python -m toyvm ...` in a fresh process."""
     env = dict(os.environ)
     env.setdefault("PYTHONPATH", str(ROOT))
-    return subprocess.run([sys.executable, "-m", "toyvm", *args], capture_output=True, timeout=timeout, cwd=ROOT,
-                          env=env, **kw)  # type: ignore[call-overload]
+    done: subprocess.CompletedProcess[bytes] = subprocess.run(  # type: ignore[call-overload]
+        [sys.executable, "-m", "toyvm", *args], capture_output=True, timeout=timeout, cwd=ROOT, env=env, **kw)
+    return done
 
 
 def ram_digest(vm: object) -> str:

@@ -36,7 +36,7 @@ def page_runs(pages: bytes) -> list[list[int]]:
     breaks = np.flatnonzero(np.diff(idx) != 1)
     starts = np.concatenate(([idx[0]], idx[breaks + 1]))
     ends = np.concatenate((idx[breaks], [idx[-1]]))
-    return [[int(a), int(b)] for a, b in zip(starts, ends)]
+    return [[int(a), int(b)] for a, b in zip(starts, ends, strict=True)]
 
 
 def ram_summary(ram: dict[str, Any]) -> dict[str, Any]:
