@@ -14,10 +14,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# As root, redis-tools is installed first when missing; otherwise the run ends saying what was skipped and why.
 test: $(STAMP)
+	@scripts/need-redis-tools --optional
 	$(PY) -m pytest
 
 test-fast: $(STAMP)
+	@scripts/need-redis-tools --optional
 	$(PY) -m pytest -m "not slow"
 
 # ruff and mypy, configured in pyproject.toml; both must be clean.

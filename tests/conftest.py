@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from skipsummary import pytest_terminal_summary  # noqa: F401  (a hook: pytest finds it here by name)
+
 ROOT = Path(__file__).resolve().parent.parent
 GUESTS = ROOT / "guests"
 HOOK_MODES = ["python", "native"]
