@@ -32,6 +32,12 @@ def test_version_and_exit_codes_in_help() -> None:
     assert codes == ["0", "1", "2", "3", "4", "6", "N"]
 
 
+def test_readme_documents_the_same_exit_codes() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for code in ("0", "1", "2", "3", "4", "6"):
+        assert re.search(rf"^\| `{code}` \|", readme, re.MULTILINE), f"README lacks exit status {code}"
+
+
 @contextlib.contextmanager
 def bare_root_logger() -> Iterator[logging.Logger]:
     """The root logger with no handlers (pytest's own are back afterwards), as in a fresh `colo` process."""
