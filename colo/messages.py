@@ -146,7 +146,7 @@ def _events_rule(v: object) -> str | None:
         if type(event) is not list or len(event) != len(_EVENT_FIELDS):
             got = f"{len(event)} items" if type(event) is list else type(event).__name__
             return f"has a bad event at index {i}: must be a {_EVENT_SHAPE} list, got {got}"
-        for name, value in zip(_EVENT_FIELDS, event, strict=True):  # the length is checked above
+        for name, value in zip(_EVENT_FIELDS, event):
             problem = _FIELD_RULES[name](value)
             if problem is not None:
                 return f"has a bad event at index {i}: {name!r} {problem}"
