@@ -4,21 +4,29 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo demo-kvstore bench bench-checkpoint bench-colo guests guests-check clean
+.PHONY: setup test test-fast lint demo demo-kvstore bench bench-checkpoint bench-colo guests guests-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,lint]'
 	@touch $(STAMP)
 
 setup: $(STAMP)
 
+# As root, redis-tools is installed first when missing; otherwise the run ends saying what was skipped and why.
 test: $(STAMP)
+	@scripts/need-redis-tools --optional
 	$(PY) -m pytest
 
 test-fast: $(STAMP)
+	@scripts/need-redis-tools --optional
 	$(PY) -m pytest -m "not slow"
+
+# ruff and mypy, configured in pyproject.toml; both must be clean.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m mypy
 
 # The replicated key-value guest survives a SIGKILLed primary; it uses redis-cli only if it is installed.
 demo: $(STAMP)
@@ -50,4 +58,4 @@ guests-check:
 	$(MAKE) -C guests check
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache

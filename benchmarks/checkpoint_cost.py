@@ -315,7 +315,8 @@ def markdown(info: dict[str, Any], args: argparse.Namespace, results: list[tuple
         a = anchor_of(cfg)
         lines.append(
             f"| {cfg.ram} | {cfg.pages} | {cfg.fill} | {s['dirty_pages_median']:g} | "
-            f"**{fmt_ms(s['pause_median_ms'])}** | {fmt_ms(s['pause_p99_ms'])} | {f'{a:g}' if a else '-'} | {fmt_bytes(s['bytes_raw_median'])} | "
+            f"**{fmt_ms(s['pause_median_ms'])}** | {fmt_ms(s['pause_p99_ms'])} | {f'{a:g}' if a else '-'} | "
+            f"{fmt_bytes(s['bytes_raw_median'])} | "
             f"{fmt_bytes(s['bytes_wire_median'])} | {s['compression_ratio']:.1f}x | "
             f"{fmt_ms(f['floor_ms'])} ({fmt_ms(f['copy_ms'])} + {fmt_ms(f['lz4_ms'])}) | "
             f"{s['pause_over_floor']:.0f}x |")
@@ -415,7 +416,7 @@ def machine_info(hooks: str) -> dict[str, Any]:
     return {"nproc": len(os.sched_getaffinity(0)), "cpu": model, "python": platform.python_version(),
             "unicorn": unicorn.__version__, "lz4": lz4.__version__, "numpy": np.__version__,
             "platform": platform.platform(), "hooks": hooks, "source": source_info(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -296,7 +296,7 @@ class Runner:
         res["checkpoints_total"] = len(recs)
         pauses = sorted(r["pause_ms"] for r in recs)
         res["pause_median_ms"] = statistics.median(pauses) if pauses else None
-        for test, t in res["tests"].items():
+        for t in res["tests"].values():
             w = [r for r in recs if t.get("start", 0) <= r["time"] <= t.get("end", 0)]
             if w:
                 t["pause_median_ms"] = statistics.median(r["pause_ms"] for r in w)
@@ -437,7 +437,7 @@ def plot(summary: dict[str, Any], args: argparse.Namespace, info: dict[str, Any]
               ("p99_ms", "p99_ms_min", "p99_ms_max", "client latency: p99 bars, p50 ticks (ms, log scale)"),
               ("checkpoints_per_s", "checkpoints_per_s_min", "checkpoints_per_s_max",
                "checkpoints per second during the load (log scale)")]
-    for ax, (key, lo_key, hi_key, title) in zip(axes, panels):
+    for ax, (key, lo_key, hi_key, title) in zip(axes, panels, strict=True):
         zeros = []
         for i, (guest, test, color, label) in enumerate(series):
             vals, lo, hi, p50 = [], [], [], []
@@ -458,7 +458,7 @@ def plot(summary: dict[str, Any], args: argparse.Namespace, info: dict[str, Any]
             if key == "p99_ms":
                 ax.scatter(pos, p50, marker="_", s=90, color="black", linewidths=1.5, zorder=3,
                            label="p50" if i == 0 else None)
-            for p, v, h in zip(pos, vals, hi):
+            for p, v, h in zip(pos, vals, hi, strict=True):
                 if np.isfinite(v):  # above the whisker, if any
                     top = v + h if args.rounds > 1 else v
                     ax.annotate(fmt_ms(v) if key == "p99_ms" else fmt_rate(v), (p, top), xytext=(0, 4),
@@ -518,7 +518,7 @@ def machine_info(hooks: str) -> dict[str, Any]:
     return {"nproc": len(os.sched_getaffinity(0)), "cpu": model, "python": platform.python_version(),
             "unicorn": unicorn.__version__, "redis_benchmark": rb_version, "platform": platform.platform(),
             "hooks": hooks, "source": source_info(), "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def resolve_hooks(requested: str | None) -> str:

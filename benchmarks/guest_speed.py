@@ -51,10 +51,21 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
 import unicorn  # noqa: E402
-from unicorn import (UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_TLB_FILL, UC_MEM_WRITE,  # noqa: E402
-                     UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UC_TLB_VIRTUAL, Uc)
-from unicorn.x86_const import (UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_REG_RDI, UC_X86_REG_RFLAGS,  # noqa: E402
-                               UC_X86_REG_RSP)
+from unicorn import (  # noqa: E402
+    UC_ARCH_X86,
+    UC_HOOK_BLOCK,
+    UC_HOOK_INSN,
+    UC_HOOK_TLB_FILL,
+    UC_MEM_WRITE,
+    UC_MODE_64,
+    UC_PROT_ALL,
+    UC_PROT_EXEC,
+    UC_PROT_READ,
+    UC_PROT_WRITE,
+    UC_TLB_VIRTUAL,
+    Uc,
+)
+from unicorn.x86_const import UC_X86_INS_IN, UC_X86_INS_OUT, UC_X86_REG_RDI, UC_X86_REG_RFLAGS, UC_X86_REG_RSP  # noqa: E402
 
 import toyvm  # noqa: E402
 import toyvm.native  # noqa: E402
@@ -281,6 +292,7 @@ def run_toyvm(w: Workload, hooks: str) -> float:
 
         def counting_slice(*args: Any, **kw: Any) -> Any:
             r = run_slice(*args, **kw)
+            assert r.instructions is not None  # counted slices always know
             counted.append(r.instructions)
             return r
         vm.run_slice = counting_slice  # type: ignore[method-assign]
@@ -350,7 +362,8 @@ def summarize(workloads: list[Workload], seconds: dict[str, dict[str, list[float
         raw = per["raw"]
         res: dict[str, Any] = {"instructions": n, "configs": {}}
         for c, ts in per.items():
-            ratios = [r / t for r, t in zip(raw, ts)]  # MIPS ratio toyvm/raw = raw time / toyvm time, per round
+            # MIPS ratio toyvm/raw = raw time / toyvm time, per round
+            ratios = [r / t for r, t in zip(raw, ts, strict=True)]
             res["configs"][c] = {"seconds": ts, "mips": statistics.median(n / t / 1e6 for t in ts),
                                  "ratio": statistics.median(ratios), "ratio_min": min(ratios),
                                  "ratio_max": max(ratios)}
@@ -445,7 +458,7 @@ def machine_info() -> dict[str, Any]:
         pass
     return {"nproc": len(os.sched_getaffinity(0)), "cpu": model, "python": platform.python_version(),
             "unicorn": unicorn.__version__, "platform": platform.platform(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def fmt_ratio(c: dict[str, Any]) -> str:

@@ -21,9 +21,22 @@ from colo.messages import CommandResult, FailoverCommand, StatusReply, StatusReq
 from colo.node import DEFAULT_HEARTBEAT_TIMEOUT
 from tcpclients import parse_address
 from toyvm.errors import ToyVMError
+from toyvm.guests import argument as guest_argument
 from toyvm.ram import parse_size
+from toyvm.version import version_line
 
 EXIT_ERROR = 2
+# `colo --help` and the README show this table; the node codes come from colo.node (NodeStop and its kinds).
+EXIT_CODES = """\
+exit status:
+  0    stopped cleanly: SIGINT or SIGTERM (Ctrl-C), or the command did what it was asked
+  1    colo failover: the gateway refused; colo demo: a write was lost or a connection broke
+  2    a bad command line, or an error that stopped the command (the message says which)
+  3    primary or secondary: lost the gateway, stopped so that there is never a second active copy
+  4    primary or secondary: fenced by the gateway (another node is active)
+  6    secondary: promoted, or lost the primary, before the initial copy arrived: nothing to take over
+  N    primary, or a promoted secondary: the guest powered off with exit code N
+"""
 
 
 def run_dir() -> Path:
@@ -63,7 +76,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT, metavar="S",
                    help=f"a peer silent this long is lost (default {DEFAULT_HEARTBEAT_TIMEOUT} s)")
     p.add_argument("--trace", action="store_true", help="print every protocol message with a timestamp")
-    p.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
+    loud.add_argument("-q", "--quiet", action="store_true", help="log only errors to stderr")
     p.add_argument("--ready-file", help=argparse.SUPPRESS)  # `colo up` learns the chosen ports from it
 
 
@@ -92,7 +107,9 @@ def _checkpoint_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="colo", description="COLO-style replication of toyvm guests: "
-                                     "a gateway, a primary and a secondary, each may run on its own host.")
+                                     "a gateway, a primary and a secondary, each may run on its own host.",
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version_line("colo"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("gateway", help="run the gateway (client-facing network and failover witness)",
@@ -109,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("primary", help="run the primary VM and checkpoint it to the secondary",
                        description="Boot GUEST, serve it through the gateway, checkpoint it to the secondary.")
-    p.add_argument("guest", help="guest image (flat binary or ELF64)")
+    p.add_argument("guest", type=guest_argument, metavar="GUEST",
+                   help="guest image (flat binary or ELF64) or a bundled guest's name, e.g. kvstore")
     p.add_argument("--gateway", type=_address, required=True, metavar="HOST:PORT", help="the gateway's --listen")
     _vm_options(p)
     _common(p)
@@ -128,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("up", help="start gateway, secondary and primary locally; Ctrl-C stops them",
                        description="Start the three roles as separate local processes with a fresh key.")
-    u.add_argument("guest", help="guest image (flat binary or ELF64)")
+    u.add_argument("guest", type=guest_argument, metavar="GUEST",
+                   help="guest image (flat binary or ELF64) or a bundled guest's name, e.g. kvstore")
     u.add_argument("--service", type=_address, default=("127.0.0.1", 0), metavar="HOST:PORT",
                    help="where clients connect (default: a free port on 127.0.0.1)")
     _vm_options(u)
@@ -151,12 +170,31 @@ def build_parser() -> argparse.ArgumentParser:
                                    "acknowledged write was lost.")
     d.add_argument("--seconds", type=float, default=12.0, help="how long the client workload runs (default 12)")
     d.add_argument("--clients", type=int, default=8, help="concurrent writers (default 8)")
+
+    k = sub.add_parser("keygen", help="write a fresh shared key file (mode 0600) for roles on several hosts",
+                       description="Write a fresh random key to FILE, readable by its owner only. Copy it to "
+                                   "each host and pass it to every role with --key-file.")
+    k.add_argument("file", metavar="FILE", help="where to write the key")
+    k.add_argument("--force", action="store_true", help="replace FILE if it exists")
+
+    sts = sub.add_parser("stats", help="summarise (or plot) a --stats file",
+                         description="Summarise the checkpoints of a --stats file, run by run: triggers, "
+                                     "pause percentiles, bytes, dirty pages, phase medians.")
+    sts.add_argument("file", metavar="FILE", help="a file written by --stats (JSON lines)")
+    sts.add_argument("--run", metavar="ID", help="only the run with this id (a unique prefix is enough)")
+    sts.add_argument("--json", action="store_true", help="print the summary as JSON")
+    sts.add_argument("--plot", metavar="OUT.png",
+                     help="also draw pause, phases and dirty pages over time (needs matplotlib: "
+                          "pip install 'toyvm-colo[bench]')")
     return parser
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="colo %(message)s", stream=sys.stderr)  # messages start with the role
+    level = (logging.ERROR if getattr(args, "quiet", False) else
+             logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
+    # Local wall-clock time to the millisecond: lines from roles on several hosts can be merged and compared.
+    logging.basicConfig(level=level, format="%(asctime)s.%(msecs)03d colo %(message)s",  # messages start with the role
+                        datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr)
 
 
 def _on_term(handler: Any) -> None:
@@ -183,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from colo.demo import run_demo
             return run_demo(args)
+        if args.command == "keygen":
+            return cmd_keygen(args)
+        if args.command == "stats":
+            return cmd_stats(args)
     except (ColoError, ToyVMError, OSError, ValueError) as e:
         print(f"colo {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -299,6 +341,32 @@ def cmd_failover(args: argparse.Namespace) -> int:
     res: CommandResult = ask_gateway(_gateway_address(args), _key(args), FailoverCommand(args.reason), CommandResult)
     print(f"colo failover: {res.reason}", file=sys.stderr if not res.ok else sys.stdout)
     return 0 if res.ok else 1
+
+
+# -- keys and stats files --------------------------------------------------------------------------------------
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from colo.keyfile import write_new_key
+    path = write_new_key(args.file, force=args.force)
+    print(f"colo keygen: wrote a new key to {path} (mode 0600); copy it to each host and pass --key-file {path}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from colo import statsview
+    if args.plot:
+        statsview.require_matplotlib()  # before reading a large file for nothing
+    records, skipped = statsview.load(args.file)
+    runs = statsview.select(statsview.group_runs(records), args.run)
+    if args.json:
+        print(json.dumps([statsview.summarize(r) for r in runs], indent=2))
+    else:
+        print(statsview.report(args.file, runs, skipped))
+    if args.plot:
+        if not runs:
+            raise ColoError(f"{args.file} has no checkpoint records to plot")
+        statsview.plot(runs, args.plot, title=Path(args.file).name)
+        print(f"colo stats: plot written to {args.plot}")
+    return 0
 
 
 # -- colo up ---------------------------------------------------------------------------------------------------

@@ -415,7 +415,7 @@ class OutputComparer:
             )
             return actions + self._diverge(conn, c, why, now)
         # Now at most one side holds bytes. A close with more bytes on the other side: mismatch.
-        for (name, side), (other_name, other) in zip(c.sides(), c.sides()[::-1]):
+        for (name, side), (other_name, other) in zip(c.sides(), c.sides()[::-1], strict=True):
             if side.closed and other.held:
                 why = f"the {name} closed it after byte {c.released}; the {other_name} sent more"
                 return actions + self._diverge(conn, c, why, now)

@@ -31,9 +31,10 @@ from typing import Any
 from colo.cluster import LocalCluster
 from colo.errors import ColoError
 from colo.stats import read_records
+from toyvm.guests import bundled
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: colo/ sits at its top
-IMAGE = ROOT / "guests" / "kvstore.bin"
+IMAGE = bundled("kvstore")  # the package's copy, so the demo also runs from an installed wheel
 INTERVAL_MS = 100.0
 KILL_AT = 0.4  # kill the primary this far into the workload
 TICK = 0.5  # seconds between live lines

@@ -23,6 +23,10 @@ class CheckpointRecord:
     phases_ms: dict[str, float] = field(default_factory=dict)
     pause_ms: float = 0.0
     time: float = field(default_factory=time.time)
+    # Which run wrote it: one --stats file may collect several runs (the writer appends). StatsWriter stamps these.
+    run_id: str = ""
+    mode: str | None = None  # "periodic" or "hybrid"
+    interval_ms: float | None = None  # the checkpoint timer: the periodic interval, or the hybrid backstop
 
     @property
     def ratio(self) -> float:
@@ -33,6 +37,8 @@ class CheckpointRecord:
         d["compression_ratio"] = round(self.ratio, 2)
         d["phases_ms"] = {k: round(v, 3) for k, v in self.phases_ms.items()}
         d["pause_ms"] = round(self.pause_ms, 3)
+        if self.interval_ms is not None:
+            d["interval_ms"] = round(self.interval_ms, 3)
         return json.dumps(d, sort_keys=True)
 
 
@@ -52,20 +58,27 @@ class PhaseClock:
         return (self.last - self.t0) * 1e3
 
 
-class StatsWriter:
-    """Appends records to a JSON-lines file, each stamped with `meta` (the run id, mode, interval)."""
+def new_run_id() -> str:
+    """A short random id: enough to tell apart the runs appended to one file."""
+    return secrets.token_hex(4)
 
-    def __init__(self, path: str | Path | None, **meta: Any) -> None:
+
+class StatsWriter:
+    """Appends one JSON line per checkpoint to `path` (nothing when it is None), each stamped with the run."""
+
+    def __init__(self, path: str | Path | None, *, run_id: str | None = None, mode: str | None = None,
+                 interval_ms: float | None = None) -> None:
         self._f: IO[str] | None = open(path, "a", buffering=1) if path else None
         self._lock = threading.Lock()
-        self.meta = {"run_id": secrets.token_hex(4), **meta}
+        self.run_id = run_id or new_run_id()
+        self.mode = mode
+        self.interval_ms = interval_ms
 
     def write(self, rec: CheckpointRecord) -> None:
         if self._f is not None:
-            d = json.loads(rec.to_json())
-            d.update(self.meta)
+            rec.run_id, rec.mode, rec.interval_ms = self.run_id, self.mode, self.interval_ms
             with self._lock:
-                self._f.write(json.dumps(d, sort_keys=True) + "\n")
+                self._f.write(rec.to_json() + "\n")
 
     def close(self) -> None:
         if self._f is not None:

@@ -56,7 +56,8 @@ class EncodeStats:
 
 
 def _compress(block: memoryview) -> bytes:
-    return lz4.block.compress(block, store_size=False)
+    out: bytes = lz4.block.compress(block, store_size=False)  # lz4 is untyped
+    return out
 
 
 def _batches(ram_pages: npt.NDArray[np.uint8], idx: npt.NDArray[np.uint32]) -> list[tuple[Any, Any, Any]]:
@@ -90,7 +91,7 @@ def encode(vm: Machine, pages: npt.NDArray[np.int64], *, epoch: int, full: bool,
     blocks = [memoryview(p).cast("B") for _, _, p in parts]
     compressed = list(_pool.map(_compress, blocks)) if len(blocks) > 1 else [_compress(b) for b in blocks]
     batches = [{"index": i.tobytes(), "zero": np.packbits(z).tobytes(), "data": c, "raw": len(b)}
-               for (i, z, _), b, c in zip(parts, blocks, compressed)]
+               for (i, z, _), b, c in zip(parts, blocks, compressed, strict=True)]
     body = msgpack.packb({"format": FORMAT, "version": VERSION, "epoch": epoch, "full": full,
                           "generation": generation, "node": node, "conns": conns or [],
                           "vm": machine_state, "batches": batches, "outputs": outputs or [],

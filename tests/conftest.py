@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from skipsummary import pytest_terminal_summary  # noqa: F401  (a hook: pytest finds it here by name)
+
 ROOT = Path(__file__).resolve().parent.parent
 GUESTS = ROOT / "guests"
 HOOK_MODES = ["python", "native"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def asm(src: str, org: int = 0x100000) -> bytes:
     """Assemble Intel-syntax x86-64 source into a flat binary linked at `org` (binutils: as, ld, objcopy)."""
     with tempfile.TemporaryDirectory(prefix="toyvm-asm-") as d:
@@ -41,8 +43,9 @@ def toyvm_cli(*args: str, timeout: float = 60, **kw: object) -> subprocess.Compl
     """Run `python -m toyvm ...` in a fresh process."""
     env = dict(os.environ)
     env.setdefault("PYTHONPATH", str(ROOT))
-    return subprocess.run([sys.executable, "-m", "toyvm", *args], capture_output=True, timeout=timeout, cwd=ROOT,
-                          env=env, **kw)  # type: ignore[call-overload]
+    done: subprocess.CompletedProcess[bytes] = subprocess.run(  # type: ignore[call-overload]
+        [sys.executable, "-m", "toyvm", *args], capture_output=True, timeout=timeout, cwd=ROOT, env=env, **kw)
+    return done
 
 
 def ram_digest(vm: object) -> str:

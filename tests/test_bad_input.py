@@ -4,6 +4,7 @@ from __future__ import annotations
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -150,16 +151,16 @@ def rewrite(good: Path, out: Path, change: object) -> Path:
 
 
 def test_state_with_content_errors(good_state: Path, tmp_path: Path) -> None:
-    def page_outside(p: dict) -> None:
+    def page_outside(p: dict[str, Any]) -> None:
         p["ram"]["pages"] = struct.pack("<I", 10**6) + p["ram"]["pages"][4:]
 
-    def inner_version(p: dict) -> None:
+    def inner_version(p: dict[str, Any]) -> None:
         p["version"] = 2
 
-    def missing_register(p: dict) -> None:
+    def missing_register(p: dict[str, Any]) -> None:
         del p["cpu"]["regs"]["rip"]
 
-    def bad_device(p: dict) -> None:
+    def bad_device(p: dict[str, Any]) -> None:
         p["devices"]["serial"]["ier"] = "high"
 
     for fn, message in ((page_outside, "page index 1000000 is outside guest RAM"),

@@ -8,8 +8,19 @@ import pytest
 from toyvm.bus import PortBus
 from toyvm.contract import IO_COST_NS
 from toyvm.devices.clock import Clock
-from toyvm.devices.net import (BAD_DESC, CLOSE, DATA, EMPTY, FULL, OK, OPEN, TX_MAX_EVENTS, NetDevice, QueueFull,
-                               SequenceError)
+from toyvm.devices.net import (
+    BAD_DESC,
+    CLOSE,
+    DATA,
+    EMPTY,
+    FULL,
+    OK,
+    OPEN,
+    TX_MAX_EVENTS,
+    NetDevice,
+    QueueFull,
+    SequenceError,
+)
 from toyvm.devices.power import Power
 from toyvm.devices.rng import Rng
 from toyvm.devices.serial import Serial
@@ -53,7 +64,7 @@ def test_serial_transmit_receive_and_line_status() -> None:
 
 
 def test_power_records_the_exit_code() -> None:
-    seen = []
+    seen: list[int] = []
     p = Power(seen.append)
     p.write(0x500, 0x1_03)
     assert seen == [3] and p.save() == {"exit_code": 3}
@@ -169,7 +180,7 @@ def test_net_send_output_and_bounds(net: NetDevice) -> None:
 def test_net_dma_outside_ram_faults_and_keeps_the_event(net: NetDevice) -> None:
     net.deliver(DATA, 1, b"payload")
     write_desc(net.ram, 0x1000, buf=net.ram.size - 2, cap=100)
-    with pytest.raises(GuestFault, match="net RECV buffer .* outside guest RAM"):
+    with pytest.raises(GuestFault, match=r"net RECV buffer .* outside guest RAM"):
         net.write(0x544, 0x1000)
     assert net.state.rx == [[1, DATA, 1, b"payload"]]
     with pytest.raises(GuestFault, match="net RECV descriptor"):

@@ -8,6 +8,7 @@ it exactly, and must cover every page a shadow-copy diff finds changed.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -46,9 +47,10 @@ ops = st.one_of(
 )
 
 
-def build(program: list[tuple]) -> tuple[bytes, set[int], list[tuple[int, int]], int]:
+def build(program: list[tuple[Any, ...]]) -> tuple[bytes, set[int], list[tuple[int, int]], int]:
     """Machine code for the ops, the pages they write, the DMA descriptors to prepare, instruction count."""
-    code, written, dmas, ninsns = bytearray(), set[int](), [], 0
+    code, written, ninsns = bytearray(), set[int](), 0
+    dmas: list[tuple[int, int]] = []
     region_end = REGION + REGION_PAGES * PAGE
     for i, op in enumerate(program):
         kind = op[0]
@@ -87,7 +89,7 @@ def build(program: list[tuple]) -> tuple[bytes, set[int], list[tuple[int, int]],
     return bytes(code) + b"\xf4", written, dmas, ninsns + 1
 
 
-def prepare(hooks: str, program: list[tuple]) -> tuple[Machine, set[int], int]:
+def prepare(hooks: str, program: list[tuple[Any, ...]]) -> tuple[Machine, set[int], int]:
     code, written, dmas, ninsns = build(program)
     vm = Machine(RAM, hooks=hooks)
     vm.boot(code)
@@ -111,7 +113,7 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 
 @SETTINGS
 @given(program=st.lists(ops, min_size=1, max_size=25), hooks=st.sampled_from(["python", "native"]))
-def test_dirty_log_is_exactly_the_written_pages(program: list[tuple], hooks: str) -> None:
+def test_dirty_log_is_exactly_the_written_pages(program: list[tuple[Any, ...]], hooks: str) -> None:
     vm, written, _ = prepare(hooks, program)
     shadow = vm.ram.view.copy()
     r = vm.run_slice(seconds=5.0)
@@ -124,7 +126,7 @@ def test_dirty_log_is_exactly_the_written_pages(program: list[tuple], hooks: str
 @SETTINGS
 @given(program=st.lists(ops, min_size=2, max_size=25), hooks=st.sampled_from(["python", "native"]),
        cuts=st.lists(st.integers(1, 20), min_size=1, max_size=8))
-def test_dirty_log_over_many_epochs(program: list[tuple], hooks: str, cuts: list[int]) -> None:
+def test_dirty_log_over_many_epochs(program: list[tuple[Any, ...]], hooks: str, cuts: list[int]) -> None:
     """Epochs cut at exact instruction counts: each epoch's log covers what changed in it, none is lost."""
     vm, written, _ = prepare(hooks, program)
     seen: set[int] = set()

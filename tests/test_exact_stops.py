@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import threading
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,11 @@ from toyvm.cpu import save_cpu
 RAM = 4 << 20
 
 
-def fingerprint(vm: Machine) -> tuple:
+# CPU registers, a RAM digest, the exit code
+Fingerprint = tuple[dict[str, Any], str, int | None]
+
+
+def fingerprint(vm: Machine) -> Fingerprint:
     return (save_cpu(vm.uc)["regs"], ram_digest(vm), vm.exit_code)
 
 
@@ -35,19 +40,19 @@ def run_to_end(vm: Machine, **kw: object) -> tuple[int, bytes]:
 
 
 @pytest.fixture(scope="module")
-def reference() -> tuple[tuple, bytes]:
+def reference() -> tuple[Fingerprint, bytes]:
     vm = fresh("python")
     _, out = run_to_end(vm, seconds=60)
     return fingerprint(vm), out
 
 
-def test_python_and_native_agree(reference: tuple[tuple, bytes]) -> None:
+def test_python_and_native_agree(reference: tuple[Fingerprint, bytes]) -> None:
     vm = fresh("native")
     _, out = run_to_end(vm, seconds=60)
     assert (fingerprint(vm), out) == reference
 
 
-def test_instruction_count_slices_are_exact(hooks: str, reference: tuple[tuple, bytes]) -> None:
+def test_instruction_count_slices_are_exact(hooks: str, reference: tuple[Fingerprint, bytes]) -> None:
     vm = fresh(hooks)
     rng = random.Random(7)
     slices, out = 0, b""
@@ -60,14 +65,14 @@ def test_instruction_count_slices_are_exact(hooks: str, reference: tuple[tuple, 
     assert (fingerprint(vm), out) == reference
 
 
-def test_short_time_slices_are_exact(hooks: str, reference: tuple[tuple, bytes]) -> None:
+def test_short_time_slices_are_exact(hooks: str, reference: tuple[Fingerprint, bytes]) -> None:
     vm = fresh(hooks)
     slices, out = run_to_end(vm, seconds=0.0003)
     assert slices > 20
     assert (fingerprint(vm), out) == reference
 
 
-def test_stop_requests_from_another_thread_are_exact(hooks: str, reference: tuple[tuple, bytes]) -> None:
+def test_stop_requests_from_another_thread_are_exact(hooks: str, reference: tuple[Fingerprint, bytes]) -> None:
     vm = fresh(hooks)
     done = threading.Event()
 

@@ -398,14 +398,15 @@ def test_redis_cli_pipe_mode(port: int, ns: str) -> None:
     n = 3000
     payload = b"".join(encode("SET", f"{ns}p{i}", f"value-{i}-{'x' * (i % 50)}") for i in range(n))
     # redis-cli --pipe ends the stream with an ECHO of a random marker and waits until that marker comes back.
-    p = subprocess.run([REDIS_CLI, "-h", HOST, "-p", str(port), "--pipe", "--pipe-timeout", "10"], input=payload,
+    p = subprocess.run([REDIS_CLI, "-h", HOST, "-p", str(port), "--pipe", "--pipe-timeout", "10"],  # type: ignore[list-item]
+                       input=payload,
                        capture_output=True, timeout=CMD_TIMEOUT + 10)
     out, err = p.stdout.decode(), p.stderr.decode()
     assert p.returncode == 0, out + err
     assert f"errors: 0, replies: {n}" in out, out + err
     assert "Last reply received from server." in out, out
     with Resp(port) as r:
-        for i in [0, 1, 2, 999, 1500, n - 2, n - 1] + list(range(100, n, 97)):
+        for i in [0, 1, 2, 999, 1500, n - 2, n - 1, *range(100, n, 97)]:
             assert r.call("GET", f"{ns}p{i}") == f"value-{i}-{'x' * (i % 50)}".encode(), i
         assert r.call("EXISTS", *[f"{ns}p{i}" for i in range(0, n, 10)]) == n // 10
 
@@ -499,7 +500,7 @@ def test_many_connections_at_once(port: int, ns: str) -> None:
     try:
         for i, c in enumerate(conns):
             c.sock.sendall(encode("SET", f"{ns}c{i}", str(i)))
-        for i, c in enumerate(conns):
+        for c in conns:
             assert c.reply() == "OK"
         for i, c in enumerate(reversed(conns)):
             assert c.call("GET", f"{ns}c{len(conns) - 1 - i}") == str(len(conns) - 1 - i).encode()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,7 +42,7 @@ def total_instructions(image: Path, cmdline: str) -> int:
             return total
 
 
-def comparable(path: Path) -> dict:
+def comparable(path: Path) -> dict[str, Any]:
     s = state_file.read_file(path)
     return {"cpu": s["cpu"], "devices": s["devices"], "ram": s["ram"], "exit": s["machine"]["exit_code"]}
 

@@ -5,8 +5,15 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .contract import (BOOT_INFO_ADDR, BOOT_INFO_MAGIC, CMDLINE_ADDR, CMDLINE_MAX, CONTRACT_VERSION,
-                       FLAT_LOAD_ADDR, PAGE_SIZE)
+from .contract import (
+    BOOT_INFO_ADDR,
+    BOOT_INFO_MAGIC,
+    CMDLINE_ADDR,
+    CMDLINE_MAX,
+    CONTRACT_VERSION,
+    FLAT_LOAD_ADDR,
+    PAGE_SIZE,
+)
 from .errors import ConfigError, LoadError
 from .ram import GuestRAM
 

@@ -13,11 +13,33 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from unicorn import (UC_ARCH_X86, UC_ERR_EXCEPTION, UC_ERR_FETCH_PROT, UC_ERR_FETCH_UNMAPPED, UC_ERR_INSN_INVALID,
-                     UC_ERR_READ_PROT, UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_PROT, UC_ERR_WRITE_UNMAPPED,
-                     UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_MEM_UNMAPPED, UC_HOOK_TLB_FILL,
-                     UC_MEM_FETCH_UNMAPPED, UC_MEM_READ_UNMAPPED, UC_MEM_WRITE, UC_MODE_64, UC_PROT_ALL,
-                     UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE, UC_TLB_VIRTUAL, Uc, UcError)
+from unicorn import (
+    UC_ARCH_X86,
+    UC_ERR_EXCEPTION,
+    UC_ERR_FETCH_PROT,
+    UC_ERR_FETCH_UNMAPPED,
+    UC_ERR_INSN_INVALID,
+    UC_ERR_READ_PROT,
+    UC_ERR_READ_UNMAPPED,
+    UC_ERR_WRITE_PROT,
+    UC_ERR_WRITE_UNMAPPED,
+    UC_HOOK_BLOCK,
+    UC_HOOK_INSN,
+    UC_HOOK_INTR,
+    UC_HOOK_MEM_UNMAPPED,
+    UC_HOOK_TLB_FILL,
+    UC_MEM_FETCH_UNMAPPED,
+    UC_MEM_READ_UNMAPPED,
+    UC_MEM_WRITE,
+    UC_MODE_64,
+    UC_PROT_ALL,
+    UC_PROT_EXEC,
+    UC_PROT_READ,
+    UC_PROT_WRITE,
+    UC_TLB_VIRTUAL,
+    Uc,
+    UcError,
+)
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 from unicorn.x86_const import UC_X86_INS_IN, UC_X86_INS_OUT
 
@@ -44,7 +66,7 @@ HLT = 0xF4
 PYTHON_STOP_LATENCY = 0.01  # seconds
 
 
-class StopReason(str, enum.Enum):
+class StopReason(enum.StrEnum):
     """Why a slice ended. Every one of these is an exact stop: the VM can be saved and resumed here."""
 
     SLICE_END = "slice-end"  # the slice's time budget ran out

@@ -31,7 +31,8 @@ def check_ram_size(size: int) -> None:
     if size % PAGE_SIZE:
         raise ConfigError(f"RAM size {size} is not a multiple of the {PAGE_SIZE}-byte page")
     if not MIN_RAM <= size <= MAX_RAM:
-        raise ConfigError(f"RAM size {size >> 20} MiB is outside the supported {MIN_RAM >> 20} MiB .. {MAX_RAM >> 30} GiB")
+        raise ConfigError(f"RAM size {size >> 20} MiB is outside the supported "
+                          f"{MIN_RAM >> 20} MiB .. {MAX_RAM >> 30} GiB")
 
 
 class GuestRAM:

@@ -12,7 +12,7 @@ from .netbridge import TcpBridge
 IDLE_POLL = 0.5  # seconds the loop waits for a client while the guest is idle
 
 
-class RunEnd(str, enum.Enum):
+class RunEnd(enum.StrEnum):
     POWER_OFF = "power-off"
     INSTRUCTION_LIMIT = "instruction-limit"
     TIME_LIMIT = "time-limit"

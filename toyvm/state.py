@@ -70,7 +70,8 @@ def check_payload(payload: Any) -> dict[str, Any]:
 
 
 def pack(payload: dict[str, Any]) -> bytes:
-    return msgpack.packb(payload, use_bin_type=True)
+    body: bytes = msgpack.packb(payload, use_bin_type=True)  # msgpack is untyped
+    return body
 
 
 def unpack(blob: bytes) -> dict[str, Any]:
@@ -102,7 +103,8 @@ def read_file(path: str | Path) -> dict[str, Any]:
                 raise StateError(f"{path}: state file version {version} is not supported (this toyvm reads "
                                  f"version {VERSION})")
             if length > MAX_STATE_BYTES:
-                raise StateError(f"{path}: header claims {length} bytes of state, more than the {MAX_STATE_BYTES} limit")
+                raise StateError(f"{path}: header claims {length} bytes of state, more than the "
+                                 f"{MAX_STATE_BYTES} limit")
             body = f.read(length)
     except OSError as e:
         raise StateError(f"cannot read state file {path}: {e.strerror}") from None

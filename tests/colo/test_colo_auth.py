@@ -82,7 +82,7 @@ def test_wrong_key_fails_on_both_sides() -> None:
     proof_b = b.receive_data(challenge_a)
     with pytest.raises(AuthError, match="primary: authentication failed: auth-proof does not verify"):
         a.receive_data(proof_b)
-    with pytest.raises(AuthError, match="secondary: .* does not verify: the peer does not have our key"):
+    with pytest.raises(AuthError, match=r"secondary: .* does not verify: the peer does not have our key"):
         b.receive_data(proof_a)
     assert not a.done and not b.done
     with pytest.raises(AuthError, match="handshake already failed"):
@@ -137,7 +137,7 @@ def test_truncated_challenge_waits_then_fails_at_end_of_stream() -> None:
     a.start()
     challenge = Handshake(KEY, "secondary", "primary").start()
     assert a.receive_data(challenge[:20]) == b""  # partial frame: wait, no error
-    with pytest.raises(AuthError, match="connection closed during authentication .*20 bytes buffered"):
+    with pytest.raises(AuthError, match=r"connection closed during authentication .*20 bytes buffered"):
         a.receive_data(b"")
 
 
@@ -207,9 +207,9 @@ def test_load_key_from_file_strips_whitespace(tmp_path: Path) -> None:
 def test_load_key_errors(tmp_path: Path) -> None:
     short = tmp_path / "short.key"
     short.write_bytes(b"  tooshort \n")
-    with pytest.raises(AuthError, match="short.key' is 8 bytes long; at least 16 are needed"):
+    with pytest.raises(AuthError, match=r"short.key' is 8 bytes long; at least 16 are needed"):
         load_key(short)
-    with pytest.raises(AuthError, match="cannot read key file .*missing.key"):
+    with pytest.raises(AuthError, match=r"cannot read key file .*missing.key"):
         load_key(tmp_path / "missing.key")
 
 

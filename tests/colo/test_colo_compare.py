@@ -9,14 +9,17 @@ timeouts, the bound on held bytes, checkpoints and resync, and every misuse.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from colo.compare import NeedCheckpoint, OutputComparer, Release, ReleaseClose
+from colo.compare import Action, NeedCheckpoint, OutputComparer, Release, ReleaseClose
 from colo.messages import KIND_CLOSE, KIND_DATA, Trigger
 
 SETTINGS = settings(database=None, deadline=None, max_examples=150)
@@ -35,7 +38,7 @@ class Clients:
     closed: set[int] = field(default_factory=set)
     checkpoints: list[NeedCheckpoint] = field(default_factory=list)
 
-    def apply(self, actions: list) -> list:
+    def apply(self, actions: list[Action]) -> list[Action]:
         for a in actions:
             if isinstance(a, Release):
                 assert a.conn not in self.closed, f"data released after the close: {a}"
@@ -53,6 +56,13 @@ class Clients:
         return bytes(self.data.get(conn, b""))
 
 
+def asked(actions: list[Action]) -> NeedCheckpoint:
+    """The one action, which must be a checkpoint request."""
+    (a,) = actions
+    assert isinstance(a, NeedCheckpoint), a
+    return a
+
+
 class Feeder:
     """A comparer, the clients, and the primary's seq counter."""
 
@@ -61,11 +71,11 @@ class Feeder:
         self.clients = Clients()
         self.seq = 0  # the primary's last output seq
 
-    def p(self, kind: int, conn: int, data: bytes = b"", now: float = 0.0) -> list:
+    def p(self, kind: int, conn: int, data: bytes = b"", now: float = 0.0) -> list[Action]:
         self.seq += 1
         return self.clients.apply(self.cmp.primary_output(self.seq, kind, conn, data, now))
 
-    def s(self, kind: int, conn: int, data: bytes = b"", now: float = 0.0) -> list:
+    def s(self, kind: int, conn: int, data: bytes = b"", now: float = 0.0) -> list[Action]:
         return self.clients.apply(self.cmp.secondary_output(kind, conn, data, now))
 
     def feed(self, tagged: list[tuple[str, Event]]) -> None:
@@ -81,16 +91,20 @@ more_bytes = st.binary(min_size=1, max_size=10).map(lambda b: bytes(x % 4 + 97 f
 streams_st = st.dictionaries(st.integers(0, 4), st.tuples(small_bytes, st.booleans()), max_size=4)
 
 
-def segment(draw: st.DrawFn, conn: int, stream: Stream) -> list[Event]:
+# Both @st.composite's draw and st.data().draw: hypothesis types them differently.
+Draw = Callable[[st.SearchStrategy[Any]], Any]
+
+
+def segment(draw: Draw, conn: int, stream: Stream) -> list[Event]:
     """One VM's events for a stream: its bytes cut anywhere (empty events too), then the close."""
     data, closed = stream
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=5)))
     bounds = [0, *cuts, len(data)]
-    events: list[Event] = [(DATA, conn, data[a:b]) for a, b in zip(bounds, bounds[1:])]
+    events: list[Event] = [(DATA, conn, data[a:b]) for a, b in itertools.pairwise(bounds)]
     return events + [(CLOSE, conn, b"")] * closed
 
 
-def merge(draw: st.DrawFn, lists: list[list]) -> list:
+def merge(draw: Draw, lists: list[list[Any]]) -> list[Any]:
     """A random interleaving of the lists that keeps the order within each."""
     queues = [list(q) for q in lists if q]
     out = []
@@ -102,12 +116,12 @@ def merge(draw: st.DrawFn, lists: list[list]) -> list:
     return out
 
 
-def side_events(draw: st.DrawFn, streams: dict[int, Stream]) -> list[Event]:
+def side_events(draw: Draw, streams: dict[int, Stream]) -> list[Event]:
     """One VM's output for all its connections: each segmented, the connections interleaved."""
     return merge(draw, [segment(draw, conn, s) for conn, s in streams.items()])
 
 
-def both_sides(draw: st.DrawFn, p: dict[int, Stream], s: dict[int, Stream]) -> list:
+def both_sides(draw: Draw, p: dict[int, Stream], s: dict[int, Stream]) -> list[tuple[str, Event]]:
     """The two VMs' events as the gateway might see them: [("P" | "S", event), ...]."""
     pe = [("P", e) for e in side_events(draw, p)]
     se = [("S", e) for e in side_events(draw, s)]
@@ -120,9 +134,9 @@ def tokens(stream: Stream) -> list[int | None]:
     return [*data, *([None] * closed)]
 
 
-def first_difference(a: list, b: list) -> int | None:
+def first_difference(a: list[Any], b: list[Any]) -> int | None:
     """The first position both lists have where they differ (None: one is a prefix of the other)."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
 
 
 def primary_stream_upto(sent: list[tuple[int, int, int, bytes]], upto: int) -> dict[int, Stream]:
@@ -144,7 +158,7 @@ def test_same_streams_always_match(data: st.DataObject, streams: dict[int, Strea
     f = Feeder()
     f.feed(both_sides(data.draw, streams, streams))
     assert f.clients.checkpoints == []
-    for conn, (b, closed) in streams.items():
+    for conn, (b, _closed) in streams.items():
         assert f.clients.stream(conn) == b
     assert f.clients.closed == {conn for conn, (_, closed) in streams.items() if closed}
     assert f.cmp.held_total() == 0
@@ -188,6 +202,7 @@ def test_any_difference_is_caught_when_both_reach_it(
     p, s, bad = case
     d = first_difference(tokens(p[bad]), tokens(s[bad]))
     assume(d is not None)  # e.g. a byte added at the end of a stream that never closes
+    assert d is not None
     f = Feeder()
     produced = {"P": 0, "S": 0}  # positions of `bad` each VM has produced so far
     for side, (kind, conn, chunk) in both_sides(data.draw, p, s):
@@ -363,9 +378,9 @@ def test_a_close_against_more_data_is_a_mismatch(first: str) -> None:
     closer(DATA, 1, b"ab")
     closer(CLOSE, 1)
     assert other(DATA, 1, b"ab") == [Release(1, b"ab")]
-    actions = other(DATA, 1, b"c")
-    assert len(actions) == 1 and actions[0].trigger == Trigger.MISMATCH
-    assert "closed it after byte 2" in actions[0].reason
+    ask = asked(other(DATA, 1, b"c"))
+    assert ask.trigger == Trigger.MISMATCH
+    assert "closed it after byte 2" in ask.reason
     assert other(CLOSE, 1) == []  # the connection stays held: no close reaches the client
 
 
@@ -373,7 +388,7 @@ def test_a_close_against_held_data_is_a_mismatch_at_once() -> None:
     f = Feeder()
     f.p(DATA, 1, b"abc")
     assert f.s(DATA, 1, b"ab") == [Release(1, b"ab")]
-    (ask,) = f.s(CLOSE, 1)
+    ask = asked(f.s(CLOSE, 1))
     assert ask.trigger == Trigger.MISMATCH and "the secondary closed it after byte 2" in ask.reason
 
 
@@ -410,7 +425,7 @@ def test_output_unmatched_longer_than_the_timeout_asks_for_a_checkpoint() -> Non
     f = Feeder(timeout=1.0)
     f.p(DATA, 1, b"abc", now=10.0)
     assert f.cmp.poll(10.5) == [] and f.cmp.poll(11.0) == []
-    (ask,) = f.cmp.poll(11.25)
+    ask = asked(f.cmp.poll(11.25))
     assert ask.trigger == Trigger.TIMEOUT
     assert ask.reason == "conn 1: 3 bytes of primary output unmatched for 1.25 s (timeout 1 s)"
     assert f.cmp.checkpoint_requested
@@ -422,28 +437,28 @@ def test_output_matched_in_time_asks_nothing() -> None:
     f.p(DATA, 1, b"cd", now=10.8)
     f.s(DATA, 1, b"ab", now=10.9)
     assert f.cmp.poll(11.5) == []  # "ab" waited 0.9 s and is released; "cd" waits since 10.8
-    (ask,) = f.cmp.poll(11.85)
+    ask = asked(f.cmp.poll(11.85))
     assert "2 bytes of primary output" in ask.reason
 
 
 def test_the_timeout_counts_on_both_sides_and_for_a_close() -> None:
     f = Feeder(timeout=1.0)
     f.s(DATA, 1, b"xy", now=0.0)
-    (ask,) = f.cmp.poll(1.5)
+    ask = asked(f.cmp.poll(1.5))
     assert "2 bytes of secondary output" in ask.reason
     g = Feeder(timeout=1.0)
     g.p(CLOSE, 1, now=0.0)
-    (ask,) = g.cmp.poll(1.5)
+    ask = asked(g.cmp.poll(1.5))
     assert "a close of primary output" in ask.reason
 
 
 def test_an_unresolved_request_is_repeated_after_each_further_timeout() -> None:
     f = Feeder(timeout=1.0)
     f.p(DATA, 1, b"a", now=0.0)
-    (first,) = f.s(DATA, 1, b"b", now=0.5)
+    first = asked(f.s(DATA, 1, b"b", now=0.5))
     assert first.trigger == Trigger.MISMATCH
     assert f.cmp.poll(1.5) == []  # asked at 0.5: not yet a full timeout
-    (again,) = f.cmp.poll(1.6)
+    again = asked(f.cmp.poll(1.6))
     assert again.trigger == Trigger.MISMATCH and again.reason.endswith(first.reason)
     assert f.cmp.poll(2.5) == []
     assert len(f.cmp.poll(2.7)) == 1
@@ -460,13 +475,13 @@ def test_one_request_per_divergence() -> None:
     f.cmp.checkpoint_committed(f.seq)
     f.cmp.secondary_resynced()
     f.p(DATA, 4, b"e", now=2.0)
-    assert [a.trigger for a in f.s(DATA, 4, b"f", now=2.0)] == [Trigger.MISMATCH]  # a new one
+    assert asked(f.s(DATA, 4, b"f", now=2.0)).trigger == Trigger.MISMATCH  # a new one
 
 
 def test_held_bytes_over_the_bound_ask_for_a_checkpoint_and_are_kept() -> None:
     f = Feeder(max_pending=4)
     assert f.p(DATA, 1, b"abcd") == []  # at the bound: fine
-    (ask,) = f.p(DATA, 1, b"e")
+    ask = asked(f.p(DATA, 1, b"e"))
     assert ask.trigger == Trigger.TIMEOUT
     assert ask.reason == "conn 1: primary held bytes exceed max_pending (5 > 4)"
     assert f.p(DATA, 1, b"fgh") == []  # nothing dropped, nothing asked again
@@ -476,7 +491,7 @@ def test_held_bytes_over_the_bound_ask_for_a_checkpoint_and_are_kept() -> None:
 
 def test_the_secondary_over_the_bound_too() -> None:
     f = Feeder(max_pending=2)
-    (ask,) = f.s(DATA, 7, b"xyz")
+    ask = asked(f.s(DATA, 7, b"xyz"))
     assert ask.reason == "conn 7: secondary held bytes exceed max_pending (3 > 2)"
 
 

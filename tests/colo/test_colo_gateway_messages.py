@@ -8,6 +8,7 @@ builds) and through the decoder (what a peer sends).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import msgpack
@@ -250,7 +251,7 @@ def test_round_trip_through_the_frame_decoder(cls: type[Message], data: st.DataO
     points = sorted({0, len(stream), *cuts})
     decoder = FrameDecoder()
     out: list[Message] = []
-    for a, b in zip(points, points[1:]):
+    for a, b in itertools.pairwise(points):
         decoder.feed(stream[a:b])
         while (m := decoder.next_message()) is not None:
             out.append(m)
@@ -460,9 +461,9 @@ def test_events_with_one_bad_element_are_refused() -> None:
 
 
 def test_info_with_non_str_keys_is_refused() -> None:
-    with pytest.raises(WireError, match="^status-reply: field 'info' must have str keys, got key"):
+    with pytest.raises(WireError, match=r"^status-reply: field 'info' must have str keys, got key"):
         StatusReply({1: "x"})  # type: ignore[dict-item]
-    with pytest.raises(WireError, match="^node-status: field 'info' must have str keys, got key b"):
+    with pytest.raises(WireError, match=r"^node-status: field 'info' must have str keys, got key b"):
         decode_frame(packed({"msg": "node-status", "generation": 1, "info": {b"k": 1}}))
     with pytest.raises(WireError, match="undecodable msgpack payload"):  # msgpack refuses int keys
         decode_frame(packed({"msg": "node-status", "generation": 1, "info": {1: 1}}))

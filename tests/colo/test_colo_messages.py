@@ -90,7 +90,7 @@ def test_from_fields_names_every_problem() -> None:
         from_fields("checkpoint-bogus", {})
     with pytest.raises(WireError, match="vmstate-size: bad fields: missing size; unexpected 'sz'"):
         from_fields("vmstate-size", {"epoch": 1, "sz": 3})
-    with pytest.raises(WireError, match="'trigger' must be one of .* got 'cron'"):
+    with pytest.raises(WireError, match=r"'trigger' must be one of .* got 'cron'"):
         from_fields("checkpoint-request", {"epoch": 1, "trigger": "cron"})
 
 

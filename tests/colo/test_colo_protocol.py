@@ -9,6 +9,7 @@ and what came, and leave the side in ERROR for good.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import msgpack
@@ -389,7 +390,7 @@ def test_every_legal_interleaving(data: st.DataObject) -> None:
     def pieces(blob: bytes) -> list[bytes]:
         cuts = data.draw(st.lists(st.integers(0, len(blob)), max_size=6), label="chunk cuts")
         points = sorted({0, len(blob), *cuts})
-        return [blob[a:b] for a, b in zip(points, points[1:])]
+        return [blob[a:b] for a, b in itertools.pairwise(points)]
 
     def send_initial_copy() -> None:
         for piece in pieces(initial):
@@ -592,7 +593,7 @@ def test_size_mismatch_on_the_receiving_side(claimed: int) -> None:
 def test_size_mismatch_on_the_sending_side() -> None:
     link = drive_to(State.SENDING)
     link.step(P, VmstateChunk(1, b"abc"))
-    with pytest.raises(ProtocolError, match="expected vmstate-size 3 for epoch 1 .* got vmstate-size 4"):
+    with pytest.raises(ProtocolError, match=r"expected vmstate-size 3 for epoch 1 .* got vmstate-size 4"):
         link.primary.send(VmstateSize(1, 4))
     assert_stuck_in_error(link.primary)
 
@@ -664,7 +665,7 @@ def test_initial_size_mismatch_on_the_receiving_side(claimed: int) -> None:
 def test_initial_size_mismatch_on_the_sending_side() -> None:
     link = Link()
     link.step(P, InitialChunk(b"abc"))
-    with pytest.raises(ProtocolError, match="expected initial-size 3 .* got initial-size 2"):
+    with pytest.raises(ProtocolError, match=r"expected initial-size 3 .* got initial-size 2"):
         link.primary.send(InitialSize(2))
     assert_stuck_in_error(link.primary)
 
@@ -678,7 +679,7 @@ def test_initial_chunk_after_initial_size() -> None:
         "secondary in INITIAL_RECEIVED (receiving): expected checkpoint-ready for epoch 1 from "
         "the secondary, got initial-chunk from the primary"
     )
-    with pytest.raises(ProtocolError, match="primary in INITIAL_RECEIVED .*got initial-size"):
+    with pytest.raises(ProtocolError, match=r"primary in INITIAL_RECEIVED .*got initial-size"):
         link.primary.send(InitialSize(link.primary.initial_bytes))  # a second size, same count
 
 
@@ -728,14 +729,14 @@ def test_duplicate_checkpoint_ready() -> None:
     assert "expected checkpoint-request for epoch 1 from the primary" in str(info.value)
     assert "got checkpoint-ready epoch 1 from the secondary" in str(info.value)
     link.primary.receive_data(encode_frame(CheckpointReady(1)))
-    with pytest.raises(ProtocolError, match="primary in IDLE .*got checkpoint-ready epoch 1"):
+    with pytest.raises(ProtocolError, match=r"primary in IDLE .*got checkpoint-ready epoch 1"):
         link.primary.next_event()
 
 
 def test_auth_messages_are_not_part_of_the_protocol() -> None:
     link = drive_to(State.IDLE)
     link.primary.receive_data(encode_frame(AuthChallenge("secondary", bytes(NONCE_SIZE))))
-    with pytest.raises(ProtocolError, match="expected checkpoint-request .* got auth-challenge"):
+    with pytest.raises(ProtocolError, match=r"expected checkpoint-request .* got auth-challenge"):
         link.primary.next_event()
 
 
@@ -824,7 +825,7 @@ def test_no_protocol_without_a_completed_handshake() -> None:
     hp.start()
     with pytest.raises(AuthError, match="primary: the handshake is not complete"):
         PrimaryProtocol(hp)
-    hp, hs = handshakes()
+    hp, _ = handshakes()
     with pytest.raises(ValueError, match="needs a handshake as 'secondary' with 'primary'"):
         SecondaryProtocol(hp)
 
@@ -832,7 +833,8 @@ def test_no_protocol_without_a_completed_handshake() -> None:
 def test_bad_bytes_behind_the_handshake_fail_the_side_not_the_constructor() -> None:
     hp, hs = Handshake(KEY, "primary", "secondary"), Handshake(KEY, "secondary", "primary")
     to_s, to_p = hp.start(), hs.start()
-    proof_p, proof_s = hp.receive_data(to_p), hs.receive_data(to_s)
+    hp.receive_data(to_p)
+    proof_s = hs.receive_data(to_s)
     hp.receive_data(proof_s + b"NOTAFRAME")
     primary = PrimaryProtocol(hp)
     assert primary.state is State.ERROR

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 import tracemalloc
 
@@ -80,7 +81,7 @@ def packed(obj: object) -> bytes:
 def cut(data: bytes, cuts: list[int]) -> list[bytes]:
     """`data` split at the given offsets (any order, duplicates allowed: empty pieces too)."""
     points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
-    return [data[a:b] for a, b in zip(points, points[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
 @SETTINGS
@@ -236,7 +237,7 @@ def test_sender_refuses_oversized_frames_and_chunk_overhead_fits() -> None:
     limit = 4096
     fits = VmstateChunk(2**62, bytes(limit - CHUNK_OVERHEAD))
     assert decode_frame(encode_frame(fits, max_payload=limit), max_payload=limit) == fits
-    with pytest.raises(WireError, match="vmstate-chunk: payload of .* exceeds the limit of 4096"):
+    with pytest.raises(WireError, match=r"vmstate-chunk: payload of .* exceeds the limit of 4096"):
         encode_frame(VmstateChunk(1, bytes(limit)), max_payload=limit)
 
 

@@ -116,7 +116,7 @@ class Procs:
     def start_gateway(self) -> None:
         self.spawn("gateway", "--listen", f"{HOST}:0", "--service", f"{HOST}:0")
         g = self.wait_ready("gateway")
-        self.gateway, self.service = tuple(g["listen"]), tuple(g["service"])  # type: ignore[assignment]
+        self.gateway, self.service = tuple(g["listen"]), tuple(g["service"])
 
     def start_secondary(self, role: str = "secondary", *, interval_ms: float = 30,
                         extra: tuple[str, ...] = ()) -> tuple[str, int]:
@@ -282,7 +282,7 @@ class Resp:
                 if not data:
                     break
                 extra += data
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             pass
         finally:
             self.sock.settimeout(self.timeout)
@@ -410,7 +410,7 @@ class Workload:
                     n += 1
                     batch.append((f"{self.tag}:{c.name}:{n % self.BIG_KEYS}", os.urandom(self.BIG_VALUE // 2).hex()))
                 replies = c.conn.pipeline([("SET", k, v) for k, v in batch] + [("INCR", c.incr_key)])
-                for (k, v), r in zip(batch, replies):
+                for (k, v), r in zip(batch, replies, strict=False):  # the last reply is the INCR's
                     if r != "OK":
                         c.errors.append(f"SET {k} (big) answered {r!r}")
                         return
@@ -488,10 +488,10 @@ def verify_ledger(w: Workload, address: tuple[str, int], *, allow_cli_failures: 
         got_ctrs = checker.pipeline([("GET", c.incr_key) for c in w.clients])
     finally:
         checker.close()
-    for (c, key, value), got in zip(keys, got_sets):
+    for (_, key, value), got in zip(keys, got_sets, strict=True):
         if got != value.encode():
             problems.append(f"acknowledged SET {key}={value} reads back {got!r}")
-    for c, final in zip(w.clients, got_ctrs):
+    for c, final in zip(w.clients, got_ctrs, strict=True):
         final_n = int(final) if final is not None else 0
         last = c.incr_replies[-1] if c.incr_replies else 0
         if c.persistent:

@@ -29,9 +29,26 @@ import pytest
 from colo import vmstate
 from colo.auth import Handshake, generate_key
 from colo.link import Closed
-from colo.messages import (CheckpointReady, CheckpointReply, CheckpointRequest, CommandResult, ErrorMessage, Fence,
-                           Heartbeat, InitialChunk, InitialSize, Message, NodeHello, Output, Trigger, VmstateChunk,
-                           VmstateLoaded, VmstateReceived, VmstateSend, VmstateSize)
+from colo.messages import (
+    CheckpointReady,
+    CheckpointReply,
+    CheckpointRequest,
+    CommandResult,
+    ErrorMessage,
+    Fence,
+    Heartbeat,
+    InitialChunk,
+    InitialSize,
+    Message,
+    NodeHello,
+    Output,
+    Trigger,
+    VmstateChunk,
+    VmstateLoaded,
+    VmstateReceived,
+    VmstateSend,
+    VmstateSize,
+)
 from colo.node import state_digest
 from colo.protocol import ConnectionClosed, PrimaryProtocol
 from colo.wire import MAX_PAYLOAD, encode_frame
@@ -62,7 +79,7 @@ def wait_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
             got += data
     except ConnectionResetError:
         return got
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         pass
     raise AssertionError(f"the server kept the connection open for {timeout} s after bad input (got {got[:100]!r})")
 
@@ -182,7 +199,7 @@ def test_outside_attacks_on_both_ports_leave_the_cluster_working(cluster: Procs)
             keep.append(s)
             expect.append((role, port, "auth-proof does not verify: the peer does not have our key"))
         for role, addr in (("gateway", cluster.gateway), ("secondary", cluster.secondary)):
-            for name, payload, close, text in PRE_AUTH:
+            for _name, payload, close, text in PRE_AUTH:
                 s, port = attack(addr, payload, close=close)
                 keep.append(s)
                 expect.append((role, port, text))
@@ -192,7 +209,7 @@ def test_outside_attacks_on_both_ports_leave_the_cluster_working(cluster: Procs)
             keep.append(s)
             expect.append((role, port, "authentication timed out"))
         # Right key, then bad frames on the control link: each is dropped with the problem named.
-        for name, payload, text in POST_AUTH:
+        for _name, payload, text in POST_AUTH:
             link = authed_link(cluster.gateway, cluster.key, "control", "gateway")
             link.sock.sendall(payload)
             ev = get_until(link, lambda e: isinstance(e, Closed), 10)
@@ -342,7 +359,7 @@ def rebuild(blob: bytes, change: Callable[[dict[str, Any]], None], *, fix_crc: b
     intended field is wrong."""
     body = msgpack.unpackb(blob[8:], raw=False, strict_map_key=False)
     change(body)
-    packed = msgpack.packb(body, use_bin_type=True)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
     return struct.pack(">4sI", b"CVS1", zlib.crc32(packed) if fix_crc else 0) + packed
 
 
@@ -412,7 +429,7 @@ def assert_still_at(procs: Procs, digest: dict[str, str], epoch: int, lines: int
     assert sec["connected"] and sec["complete_epoch"] == epoch, sec
 
 
-BAD_STATES = [
+BAD_STATES: list[tuple[str, Callable[[bytes], bytes], str]] = [
     # name, how to make the blob from a good one, what the secondary must say
     ("page-outside-ram", lambda b: rebuild(b, page_outside_ram),
      f"page index {parse_size(RAM) // 4096} is outside guest RAM ({parse_size(RAM) // 4096} pages)"),

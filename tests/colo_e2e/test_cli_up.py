@@ -75,7 +75,7 @@ class Up:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        for role, pid in self.info.get("pids", {}).items():  # never leave a role behind, even if `up` was killed
+        for pid in self.info.get("pids", {}).values():  # never leave a role behind, even if `up` was killed
             if pid_running(pid):
                 os.kill(pid, signal.SIGKILL)
         self.out.close()
@@ -124,7 +124,7 @@ def test_colo_up_status_and_failover_through_the_cli(up: Up) -> None:
     assert str(pids["gateway"]) in row["gateway"], text.stdout
 
     service = tuple(info["service"])
-    w = Workload(service, persistent=2, cli=1).start()  # type: ignore[arg-type]
+    w = Workload(service, persistent=2, cli=1).start()
     try:
         wait_for(lambda: min(w.acks_by().values()) >= 3, 20, "the clients to get replies before the failover")
         r = up.cli("failover")
@@ -143,7 +143,7 @@ def test_colo_up_status_and_failover_through_the_cli(up: Up) -> None:
         assert again.returncode == 1 and "no ready secondary" in again.stderr, (again.stdout, again.stderr)
     finally:
         w.stop()
-    verify_ledger(w, service)  # type: ignore[arg-type]
+    verify_ledger(w, service)
     w.close()
 
     st = up.status()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from colo.node import state_digest
-from colo_e2e.helpers import wait_for, Procs, by_epoch, read_state_log
+from colo_e2e.helpers import Procs, by_epoch, read_state_log, wait_for
 from conftest import guest
 from toyvm import Machine, StopReason
 from toyvm.ram import parse_size
@@ -79,7 +79,7 @@ def test_replicated_guest_ends_like_the_solo_run(tmp_path: Path, name: str, cmdl
     secondary = read_state_log(slog)
     p, s = by_epoch(primary), by_epoch(secondary)
     assert "final" in p, f"the primary logged no final state: {primary}"
-    final = dict(zip(("ram", "cpu", "devices"), p["final"]))
+    final = dict(zip(("ram", "cpu", "devices"), p["final"], strict=True))
     assert final == solo_digest, f"replicated {name} ended in another state than the solo run"
 
     serial = procs.stdout("primary")

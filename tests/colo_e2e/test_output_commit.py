@@ -20,7 +20,7 @@ INTERVAL_MS = 250.0
 
 def latencies(conn: Resp, n: int, key: str) -> list[float]:
     out = []
-    for i in range(n):
+    for _ in range(n):
         t0 = time.monotonic()
         got = conn.call("INCR", key)
         out.append(time.monotonic() - t0)

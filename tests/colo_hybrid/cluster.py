@@ -385,5 +385,17 @@ def colo_cli(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[s
                           cwd=ROOT, env=env, stdin=subprocess.DEVNULL)
 
 
-__all__ = ["HybridCluster", "HybridRun", "Noisy", "NoisyLoop", "abort_workload", "assert_identical_at_checkpoints",
-           "colo_cli", "events_named", "probe", "wait_for", "wait_gone", "RAM"]
+__all__ = [
+    "RAM",
+    "HybridCluster",
+    "HybridRun",
+    "Noisy",
+    "NoisyLoop",
+    "abort_workload",
+    "assert_identical_at_checkpoints",
+    "colo_cli",
+    "events_named",
+    "probe",
+    "wait_for",
+    "wait_gone",
+]

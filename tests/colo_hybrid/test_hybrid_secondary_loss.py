@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -150,7 +149,7 @@ def test_secondary_hangs_inside_a_mismatch_checkpoint(hybrid: Callable[..., Hybr
         c.time()  # checkpoint 1
         try:
             c.time()  # checkpoint 2: the secondary hangs in it
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             pytest.fail(f"the TIME answer held for the mismatch never came after the secondary was lost "
                         f"(gateway {run.status()['gateway']})")
         c.ping()

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-
 from colo_e2e.helpers import Resp
 from colo_hybrid.cluster import HybridRun, Noisy, colo_cli, wait_for
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..contract import CLOCK_BASE, CLOCK_PORTS, IO_COST_NS
-from .base import state_to_dict, state_from_dict
+from .base import state_from_dict, state_to_dict
 
 VIRT_LO, VIRT_HI, HOST_LO, HOST_HI, DEADLINE_LO, DEADLINE_HI = 0x0, 0x4, 0x8, 0xC, 0x10, 0x14
 MASK32 = 0xFFFFFFFF

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 from ..contract import NET_BASE, NET_PORTS
 from ..errors import StateError
 from ..ram import GuestRAM
-from .base import state_to_dict, state_from_dict
+from .base import state_from_dict, state_to_dict
 
 OPEN, DATA, CLOSE = 1, 2, 3
 KIND_NAMES = {OPEN: "open", DATA: "data", CLOSE: "close"}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..contract import POWER_PORT
-from .base import state_to_dict, state_from_dict
+from .base import state_from_dict, state_to_dict
 
 
 @dataclass

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..contract import COM1_BASE, COM1_PORTS
-from .base import state_to_dict, state_from_dict
+from .base import state_from_dict, state_to_dict
 
 THR_RBR, IER, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)
 LSR_DATA_READY, LSR_THR_EMPTY, LSR_TX_EMPTY = 0x01, 0x20, 0x40
