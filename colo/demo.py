@@ -215,16 +215,21 @@ def read_back(address: tuple[str, int], writers: list[Writer]) -> tuple[int, int
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------
-def active_role(info: dict[str, Any]) -> str:
-    for role in ("primary", "secondary"):
-        if info["nodes"].get(role, {}).get("active"):
-            return role + ("" if info["gateway"].get("protected") else " (unprotected)")
-    return "none (failing over)"
+def active_role(info: dict[str, Any], ids: dict[str, str]) -> str:
+    """Which process serves: roles are modes, so after a failover the process started as the secondary is the
+    primary (of a new generation)."""
+    act = info["nodes"].get("primary", {})
+    if not act.get("active"):
+        return "none (failing over)"
+    name = "primary" if act.get("id") == ids.get("primary") else "the former secondary"
+    if act.get("id") != ids.get("primary"):
+        name += f" (generation {act.get('generation')})"
+    return name + ("" if info["gateway"].get("protected") else ", unprotected")
 
 
-def find_event(info: dict[str, Any], name: str, role: str) -> dict[str, Any] | None:
+def find_event(info: dict[str, Any], name: str, node: str) -> dict[str, Any] | None:
     for ev in info.get("events", []):
-        if ev.get("event") == name and ev.get("role") == role:
+        if ev.get("event") == name and ev.get("node") == node:
             return ev
     return None
 
@@ -300,6 +305,7 @@ def start(cluster: LocalCluster, logs: Any, started: float) -> dict[str, Any]:
     say(f"  secondary  pid {pids['secondary']:<7}  waits for the primary on %s:%d" % cluster.secondary_address)
     say(f"  primary    pid {pids['primary']:<7}  boots the guest and copies the whole VM to the secondary")
     info = cluster.wait_protected()
+    info["ids"] = {role: cluster.node_id(role) for role in ("primary", "secondary")}
     say(f"  protected: the secondary has the whole VM ({time.monotonic() - started:.1f} s after start); from now "
         "on only changes travel")
     return info
@@ -319,6 +325,7 @@ def workload(cluster: LocalCluster, run: Run, seconds: float, nclients: int, inf
         t.start()
 
     killed_wall = 0.0
+    ids = info["ids"]
     checkpoints = info["nodes"]["primary"].get("checkpoints", 0)
     next_line = t0 + TICK
     while (now := time.monotonic()) < t0 + seconds:
@@ -330,10 +337,11 @@ def workload(cluster: LocalCluster, run: Run, seconds: float, nclients: int, inf
         failing_over = run.killed_at is not None and run.promoted is None
         if failing_over or now >= next_line:
             info = cluster.status()
-            checkpoints = info["nodes"]["primary"].get("checkpoints", checkpoints)
-        if failing_over and (promoted := find_event(info, "promoted", "secondary")) is not None:
+            if info["nodes"]["primary"].get("id") == ids["primary"]:
+                checkpoints = info["nodes"]["primary"].get("checkpoints", checkpoints)
+        if failing_over and (promoted := find_event(info, "promoted", ids["secondary"])) is not None:
             run.promoted = promoted
-            lost = find_event(info, "lost", "primary")
+            lost = find_event(info, "lost", ids["primary"])
             if lost is not None:
                 run.detect_ms = max(0.0, (lost["time"] - killed_wall) * 1e3)
                 seen = (f"the gateway lost the primary ({lost['reason']}) {run.detect_ms:.0f} ms after the kill "
@@ -341,15 +349,16 @@ def workload(cluster: LocalCluster, run: Run, seconds: float, nclients: int, inf
             else:
                 seen = "the gateway promoted"
             text = (f"failover: {seen} the secondary, which resumed from checkpoint {promoted['epoch']} in "
-                    f"{promoted['failover_ms']} ms; the {promoted['replayed']} client inputs that came after that "
-                    "checkpoint were replayed to it. It now serves alone (unprotected): replies no longer wait "
-                    "for a checkpoint, so they come much faster.")
+                    f"{promoted['failover_ms']} ms as the primary of generation {promoted['generation']}; the "
+                    f"{promoted['replayed']} client inputs that came after that checkpoint were replayed to it. "
+                    "It now serves alone (unprotected): replies no longer wait for a checkpoint, so they come "
+                    "much faster.")
             say(textwrap.fill(text, WIDTH, initial_indent=f"  {time.monotonic() - t0:5.1f} s  ",
                               subsequent_indent=INDENT))
         if now >= next_line:
             acked = sum(len(w.ledger) + len(w.incr_acks) for w in run.writers)
             say(f"  {now - t0:5.1f} s  writes acknowledged {acked:6d}   checkpoints {checkpoints:4d}   "
-                f"active: {active_role(info)}")
+                f"active: {active_role(info, ids)}")
             next_line += TICK * max(1, math.ceil((time.monotonic() - next_line) / TICK))
         time.sleep(0.02)
     stop.set()
@@ -362,7 +371,7 @@ def workload(cluster: LocalCluster, run: Run, seconds: float, nclients: int, inf
         for e in w.errors[:3]:
             say(f"{INDENT}client {w.cid}: {e}")
     if run.promoted is None and run.killed_at is not None:  # the run ended first: one last look
-        run.promoted = find_event(cluster.status(), "promoted", "secondary")
+        run.promoted = find_event(cluster.status(), "promoted", ids["secondary"])
 
 
 def check(cluster: LocalCluster, run: Run) -> None:
