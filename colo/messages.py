@@ -36,6 +36,11 @@ MAX_EVENTS = 100_000  # events in one promoted message
 MAX_INFO_KEYS = 1000  # top-level keys of an info dict
 MAX_INFO_DEPTH = 64  # lists and maps nested inside one info value (msgpack's own limits are higher)
 
+# Handshake options, the bits of auth-challenge's `flags`. Both ends must send the same flags; the
+# proofs cover them, so a man in the middle cannot change them (no downgrade).
+FLAG_ENCRYPT = 1  # the session after the handshake is encrypted (colo.session), not only authenticated
+KNOWN_FLAGS = FLAG_ENCRYPT
+
 # Network-device events, the `kind` of input, output and every element of `events`.
 KIND_OPEN = 1  # a client connection opened
 KIND_DATA = 2  # bytes on a connection
@@ -128,6 +133,13 @@ def _conn_rule(v: object) -> str | None:
 def _protection_rule(v: object) -> str | None:
     choices = ", ".join(s.value for s in ProtectionState)
     return None if isinstance(v, ProtectionState) else f"must be one of {choices}, got {v!r}"
+
+
+def _flags_rule(v: object) -> str | None:
+    # Unknown bits are refused, not ignored: a peer asking for an option we lack must not be
+    # answered as if we had it.
+    ok = type(v) is int and 0 <= v and not v & ~KNOWN_FLAGS
+    return None if ok else f"must be an int made of the known bits {KNOWN_FLAGS:#x}, got {v!r}"
 
 
 def _bool_rule(v: object) -> str | None:
@@ -224,6 +236,7 @@ _FIELD_RULES: dict[str, Callable[[object], str | None]] = {
     "info": _info_rule,
     "state": _protection_rule,
     "ok": _bool_rule,
+    "flags": _flags_rule,
 }
 
 # Fields whose values travel as strings but live as enums: from_fields converts them.
@@ -360,16 +373,17 @@ class ErrorMessage(Message):
 
 @dataclass(frozen=True, slots=True)
 class AuthChallenge(Message):
-    """Handshake only: the sender's role and a fresh random nonce."""
+    """Handshake only: the sender's role, a fresh random nonce and its options (FLAG_ENCRYPT)."""
 
     NAME: ClassVar[str] = "auth-challenge"
     role: str
     nonce: bytes
+    flags: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class AuthProof(Message):
-    """Handshake only: HMAC(key, context, own role, own nonce, peer nonce); see colo.auth."""
+    """Handshake only: HMAC(key, context, own role, both nonces, both flags); see colo.auth."""
 
     NAME: ClassVar[str] = "auth-proof"
     mac: bytes
