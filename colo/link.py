@@ -21,7 +21,7 @@ from colo.auth import Handshake
 from colo.errors import AuthError, ColoError
 from colo.messages import Heartbeat, Message, VmstateChunk, describe
 from colo.protocol import ConnectionClosed, ProtocolSide
-from colo.wire import MAX_PAYLOAD, FrameDecoder, encode_frame
+from colo.wire import MAX_PAYLOAD
 
 log = logging.getLogger("colo.link")
 AUTH_TIMEOUT = 5.0
@@ -64,9 +64,10 @@ class Tracer:
                   file=self.stream, flush=True)
 
 
-def authenticate(sock: socket.socket, key: bytes, role: str, peer_role: str | Collection[str]) -> Handshake:
+def authenticate(sock: socket.socket, key: bytes, role: str, peer_role: str | Collection[str], *,
+                 encrypt: bool = False) -> Handshake:
     """Run the handshake on a connected socket; AuthError (or OSError) on failure."""
-    hs = Handshake(key, role, peer_role)
+    hs = Handshake(key, role, peer_role, encrypt=encrypt)
     sock.settimeout(AUTH_TIMEOUT)
     try:
         sock.sendall(hs.start())
@@ -106,19 +107,18 @@ class Link:
         self.closed = False
         self._send_lock = threading.Lock()
         self._tracer = tracer
-        self._decoder = FrameDecoder(max_payload)
-        self._start(hs.unused_data)
+        self._codec = hs.session(max_payload=max_payload)  # every frame sealed and verified
+        self._start()
 
-    def _start(self, unused: bytes) -> None:
-        if unused:
-            self._feed(unused)
+    def _start(self) -> None:
+        self._feed(b"")  # the bytes the peer sent behind its proof are in the codec already
         self._thread = threading.Thread(target=self._read_loop, name=f"link-{self.name}", daemon=True)
         self._thread.start()
 
     # -- receiving ----------------------------------------------------------------------------------
     def _feed(self, data: bytes) -> None:
-        self._decoder.feed(data)
-        while (msg := self._decoder.next_message()) is not None:
+        self._codec.feed(data)
+        while (msg := self._codec.next_message()) is not None:
             self._deliver(msg)
 
     on_arrival: Callable[[Event], None] | None = None  # called in the reader thread, before queueing
@@ -153,9 +153,8 @@ class Link:
     # -- sending ------------------------------------------------------------------------------------
     def send(self, msg: Message) -> None:
         """Send one message (thread-safe). OSError if the connection is gone."""
-        frame = encode_frame(msg)
-        with self._send_lock:
-            self.sock.sendall(frame)
+        with self._send_lock:  # sealing takes the next sequence number: under the lock
+            self.sock.sendall(self._codec.encode(msg))
         if self._tracer is not None:
             self._tracer("->", self.name, msg)
 
