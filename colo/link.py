@@ -107,7 +107,7 @@ class Link:
         self.closed = False
         self._send_lock = threading.Lock()
         self._tracer = tracer
-        self._codec = hs.session(max_payload=max_payload)  # every frame sealed and verified
+        self.codec = hs.session(max_payload=max_payload)  # seals and verifies every frame
         self._start()
 
     def _start(self) -> None:
@@ -117,8 +117,8 @@ class Link:
 
     # -- receiving ----------------------------------------------------------------------------------
     def _feed(self, data: bytes) -> None:
-        self._codec.feed(data)
-        while (msg := self._codec.next_message()) is not None:
+        self.codec.feed(data)
+        while (msg := self.codec.next_message()) is not None:
             self._deliver(msg)
 
     on_arrival: Callable[[Event], None] | None = None  # called in the reader thread, before queueing
@@ -154,7 +154,7 @@ class Link:
     def send(self, msg: Message) -> None:
         """Send one message (thread-safe). OSError if the connection is gone."""
         with self._send_lock:  # sealing takes the next sequence number: under the lock
-            self.sock.sendall(self._codec.encode(msg))
+            self.sock.sendall(self.codec.encode(msg))
         if self._tracer is not None:
             self._tracer("->", self.name, msg)
 

@@ -150,7 +150,13 @@ class SessionCodec:
 
     def encode(self, msg: Message) -> bytes:
         """The sealed frame for `msg`. An oversized message is refused without using a number."""
-        payload = encode_payload(msg, max_payload=self.max_payload)
+        return self.seal(encode_payload(msg, max_payload=self.max_payload))
+
+    def seal(self, payload: bytes) -> bytes:
+        """The sealed frame for any payload bytes (`encode` is this for a message's payload; tests
+        and fuzzers use it to put malformed payloads behind a valid MAC)."""
+        if len(payload) > self.max_payload:
+            raise WireError(f"payload of {len(payload)} bytes exceeds the limit of {self.max_payload} bytes")
         seq = self.frames_out + 1
         if seq > MAX_SEQ:
             raise WireError(f"{self.role}: session used up ({MAX_SEQ} frames): reconnect")
