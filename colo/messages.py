@@ -78,12 +78,20 @@ class ProtectionState(enum.StrEnum):
 # One rule per field name, shared by every message that has the field, so "epoch" means the same
 # thing everywhere. A rule returns None when the value is fine, else what is wrong with it.
 # `type(v) is int` on purpose: bool is a subclass of int and True is not an epoch.
-def _epoch_rule(v: object) -> str | None:
-    return None if type(v) is int and v >= 0 else f"must be an int >= 0, got {v!r}"
+MAX_U64 = 2**64 - 1  # the largest int msgpack carries: a message that exists must be sendable
 
 
-def _size_rule(v: object) -> str | None:
-    return None if type(v) is int and v >= 0 else f"must be an int >= 0, got {v!r}"
+def _count_rule(low: int) -> Callable[[object], str | None]:
+    def rule(v: object) -> str | None:
+        if type(v) is not int or v < low:
+            return f"must be an int >= {low}, got {v!r}"
+        return None if v <= MAX_U64 else f"must fit 64 bits (at most {MAX_U64}), got {v}"
+
+    return rule
+
+
+_epoch_rule = _size_rule = _count_rule(0)
+_seq_rule = _count_rule(1)
 
 
 def _bytes_rule(v: object) -> str | None:
@@ -112,10 +120,6 @@ def _text_rule(v: object) -> str | None:
 def _role_rule(v: object) -> str | None:
     ok = type(v) is str and 1 <= len(v) <= MAX_ROLE_LENGTH and v.isascii() and v.isprintable()
     return None if ok else f"must be 1..{MAX_ROLE_LENGTH} printable ASCII characters, got {v!r}"
-
-
-def _seq_rule(v: object) -> str | None:
-    return None if type(v) is int and v >= 1 else f"must be an int >= 1, got {v!r}"
 
 
 def _kind_rule(v: object) -> str | None:
