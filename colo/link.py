@@ -111,7 +111,6 @@ class Link:
         self._start()
 
     def _start(self) -> None:
-        self._feed(b"")  # the bytes the peer sent behind its proof are in the codec already
         self._thread = threading.Thread(target=self._read_loop, name=f"link-{self.name}", daemon=True)
         self._thread.start()
 
@@ -133,9 +132,17 @@ class Link:
         else:
             self.events.put(msg)
 
+    def _drain_pending(self) -> None:
+        """Messages in the bytes that came with the handshake (the codec holds them already)."""
+        while (msg := self.codec.next_message()) is not None:
+            self._deliver(msg)
+
     def _read_loop(self) -> None:
         reason = "closed by peer"
         try:
+            # Here, not in the constructor: a bad frame pipelined behind the peer's proof then takes
+            # the same path as any later one (logged, Closed), instead of escaping from __init__.
+            self._drain_pending()
             while True:
                 data = self.sock.recv(1 << 20)
                 if not data:
@@ -202,9 +209,11 @@ class ProtocolLink(Link):
         self._send_lock = threading.Lock()
         self._tracer = tracer
         self._thread = threading.Thread(target=self._read_loop, name=f"link-{name}", daemon=True)
+        self._thread.start()
+
+    def _drain_pending(self) -> None:
         with self._proto_lock:
             self._drain()
-        self._thread.start()
 
     def _drain(self) -> None:
         while (ev := self.proto.next_event()) is not None:
