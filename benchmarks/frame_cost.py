@@ -8,7 +8,11 @@ pages (both sides together; in the cluster they are two processes and overlap in
 on the same 1 MiB, including the two this design did not pick (HMAC-SHA256, ChaCha20-Poly1305),
 so the choice in docs/decisions.md can be checked on any machine.
 
-    .venv/bin/python benchmarks/frame_cost.py [--rounds 7] [--frames 64] [--json out.json]
+    .venv/bin/python benchmarks/frame_cost.py [--rounds 7] [--frames 64] [--default-malloc] [--json out.json]
+
+Like the nodes, it first raises glibc's mmap threshold (colo.memory), so that large buffers are
+reused rather than page-faulted in anew; --default-malloc leaves glibc as it is (then every row
+pays page faults, and which row pays more depends on allocation order more than on the sealing).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import cryptography  # noqa: E402
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305  # noqa: E402
 
 from colo.auth import Handshake  # noqa: E402
+from colo.memory import keep_buffers_on_heap  # noqa: E402
 from colo.messages import VmstateChunk  # noqa: E402
 from colo.session import SessionCodec  # noqa: E402
 from colo.wire import FrameDecoder, encode_frame  # noqa: E402
@@ -85,8 +90,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--frames", type=int, default=64, help="1 MiB frames per round and row")
+    ap.add_argument("--default-malloc", action="store_true", help="do not raise glibc's mmap threshold")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    heap = False if args.default_malloc else keep_buffers_on_heap()
 
     data = os.urandom(MIB)  # incompressible, like fill=random pages after lz4
     msgs = [VmstateChunk(1, data) for _ in range(args.frames)]
@@ -102,7 +109,8 @@ def main() -> None:
             times[name].append((enc / args.frames, dec / args.frames))
 
     print(f"python {platform.python_version()}, cryptography {cryptography.__version__}, "
-          f"{os.cpu_count()} CPUs; {args.rounds} rounds x {args.frames} frames of 1 MiB; medians")
+          f"{os.cpu_count()} CPUs; {args.rounds} rounds x {args.frames} frames of 1 MiB; medians; "
+          f"buffers kept on the heap: {'yes' if heap else 'no'}")
     print(f"{'frames':26s} {'encode':>8s} {'decode':>8s} {'MB/s':>8s} {'+encode':>8s} {'+decode':>8s} "
           f"{'+ms/16MiB':>10s}")
     print(f"{'':26s} {'ms/MiB':>8s} {'ms/MiB':>8s} {'enc+dec':>8s} {'ms/MiB':>8s} {'ms/MiB':>8s} "
