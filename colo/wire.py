@@ -103,7 +103,7 @@ def parse_header(header: bytes | bytearray, *, max_payload: int = MAX_PAYLOAD) -
     return int(length)
 
 
-def decode_payload(payload: bytes | bytearray) -> Message:
+def decode_payload(payload: bytes | bytearray | memoryview) -> Message:
     """The message in one frame payload."""
     try:
         # strict_map_key: only str/bytes keys. msgpack bounds every length by the buffer size.
