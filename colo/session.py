@@ -5,9 +5,9 @@ Key schedule (both ends compute it alone; nothing secret travels):
     salt    = SHA-256(transcript)   transcript: both challenges (role, nonce, flags), sorted by role
     secret  = HKDF-SHA256(ikm = shared key, salt, info = LABEL 0 sender 0 receiver), 32 bytes,
               one per direction
-    iv      = HKDF-Expand(secret, "iv", 12)
-    keys(j) = HKDF-Expand(secret, "keys" || j as 8 bytes, 64) = header key | frame key, for the
-              frames with sequence numbers in [j * REKEY_FRAMES, (j + 1) * REKEY_FRAMES)
+    iv      = HKDF-Expand(secret, LABEL 0 "iv", 12)
+    keys(j) = HKDF-Expand(secret, LABEL 0 "keys" || j as 8 bytes, 64) = header key | frame key,
+              for the frames with sequence numbers in [j * REKEY_FRAMES, (j + 1) * REKEY_FRAMES)
 
 The nonces make the keys differ per connection, the roles per direction: a frame moved to another
 connection, or reflected back to its sender, is checked under the wrong key and fails. The flags
@@ -21,7 +21,7 @@ associated data (integrity only, the payload stays readable) or as plaintext (en
 sequence number is sent, and checked once its header tag verifies, so the error says whether a
 frame was altered, replayed or dropped. The receiver verifies before msgpack sees a byte.
 
-Why GCM and a fresh key every REKEY_FRAMES frames: see docs/decisions.md ("Every frame sealed").
+Why GCM and a fresh key every REKEY_FRAMES frames: see docs/decisions.md ("Wire security").
 """
 
 from __future__ import annotations
