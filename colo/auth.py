@@ -2,22 +2,24 @@
 
 Both sides run the same `Handshake`, in two flights:
 
-    1. each sends  auth-challenge {role, nonce}        (a fresh 32-byte random nonce)
-    2. each sends  auth-proof {mac}, mac = HMAC-SHA256(key, b"COLO-AUTH-1" 0x00 role 0x00
-                                                         own nonce || peer nonce)
+    1. each sends  auth-challenge {role, nonce, flags}   (a fresh 32-byte random nonce; flags:
+                                                          FLAG_ENCRYPT or 0)
+    2. each sends  auth-proof {mac}, mac = HMAC-SHA256(key, b"COLO-AUTH-2" 0x00 role 0x00
+                                             own nonce || peer nonce || own flags || peer flags)
 
 and each checks the peer's mac with `hmac.compare_digest`. Knowing the key is the only way to
 compute a proof over a nonce we just chose, so a peer without the key fails; fresh nonces make an
 old proof worthless (no replay); the role inside the MAC makes our own proof useless to send back
-to us (no reflection), even from a second connection, since we only ever sign our own role.
+to us (no reflection), even from a second connection, since we only ever sign our own role. Both
+ends must ask for the same flags, and the proofs cover both, so nobody in the middle can turn
+encryption off (no downgrade).
 
 Enforcement: the handshake is a separate object that the socket layer completes first, and the
 protocol objects (`colo.protocol`) refuse to be built from a handshake that is not complete. Bytes
-that arrive after the peer's proof are kept in `unused_data` and handed to the protocol object.
+that arrive after the peer's proof are kept in `unused_data`; `session()` turns the completed
+handshake into the `colo.session.SessionCodec` that seals every later frame, fed with those bytes.
 Until then the decoder accepts only tiny frames (`AUTH_MAX_PAYLOAD`): an unauthenticated peer
 cannot make us buffer a 64 MiB frame.
-
-This authenticates the peer at connect time only; it does not encrypt or sign later frames.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ import secrets
 from collections.abc import Collection, Mapping
 from typing import NoReturn
 
-from colo.errors import AuthError, WireError
-from colo.messages import NONCE_SIZE, AuthChallenge, AuthProof, Message, describe
-from colo.wire import FrameDecoder, encode_frame
+from colo.errors import AuthError, ColoError, WireError
+from colo.messages import FLAG_ENCRYPT, NONCE_SIZE, AuthChallenge, AuthProof, Message, describe
+from colo.session import SessionCodec, direction_secret, transcript
+from colo.wire import MAX_PAYLOAD, FrameDecoder, encode_frame
 
 KEY_ENV = "COLO_KEY"
 MIN_KEY_BYTES = 16
-CONTEXT = b"COLO-AUTH-1"  # domain separation: these MACs mean "colo handshake, version 1" only
+CONTEXT = b"COLO-AUTH-2"  # domain separation: these MACs mean "colo handshake, version 2" only
 AUTH_MAX_PAYLOAD = 256  # the largest handshake payload is about 80 bytes
 
 
@@ -76,9 +79,12 @@ def load_key(
     return check_key(value.strip().encode("utf-8"), f"${KEY_ENV}")
 
 
-def compute_proof(key: bytes, role: str, own_nonce: bytes, peer_nonce: bytes) -> bytes:
-    """HMAC-SHA256 proof that the side playing `role` knows `key`, bound to both nonces."""
-    text = CONTEXT + b"\x00" + role.encode("ascii") + b"\x00" + own_nonce + peer_nonce
+def compute_proof(key: bytes, role: str, own_nonce: bytes, peer_nonce: bytes,
+                  own_flags: int = 0, peer_flags: int = 0) -> bytes:
+    """HMAC-SHA256 proof that the side playing `role` knows `key`, bound to both nonces and both
+    ends' flags."""
+    text = (CONTEXT + b"\x00" + role.encode("ascii") + b"\x00" + own_nonce + peer_nonce
+            + own_flags.to_bytes(4, "big") + peer_flags.to_bytes(4, "big"))
     return hmac.new(key, text, hashlib.sha256).digest()
 
 
@@ -90,9 +96,10 @@ class Handshake:
     """
 
     def __init__(self, key: bytes, role: str, peer_role: str | Collection[str], *,
-                 nonce: bytes | None = None) -> None:
+                 encrypt: bool = False, nonce: bytes | None = None) -> None:
         """`peer_role` is the role the peer must claim, or a collection of acceptable roles (a server
-        that several kinds of peer connect to); `peer_role` then becomes the one the peer claimed."""
+        that several kinds of peer connect to); `peer_role` then becomes the one the peer claimed.
+        `encrypt`: the session after the handshake is encrypted; the peer must want the same."""
         self._key = check_key(key)
         accepted = frozenset([peer_role] if isinstance(peer_role, str) else peer_role)
         if role in accepted or not accepted:
@@ -103,7 +110,11 @@ class Handshake:
         self.peer_role: str = peer_role if isinstance(peer_role, str) else ""
         # `nonce` is for tests only; real use takes a fresh one from the OS's CSPRNG.
         self._nonce = secrets.token_bytes(NONCE_SIZE) if nonce is None else nonce
-        self._challenge = encode_frame(AuthChallenge(role, self._nonce))  # validates role, nonce
+        if type(encrypt) is not bool:
+            raise ValueError(f"encrypt must be a bool, got {encrypt!r}")
+        self.encrypt = encrypt
+        self._flags = FLAG_ENCRYPT if encrypt else 0
+        self._challenge = encode_frame(AuthChallenge(role, self._nonce, self._flags))  # validates
         for accepted_role in accepted:
             AuthChallenge(accepted_role, self._nonce)  # validate peer roles by the same rule
         self._decoder = FrameDecoder(AUTH_MAX_PAYLOAD)
@@ -113,6 +124,7 @@ class Handshake:
         self._done = False
         self._unused = b""
         self._failed: AuthError | None = None
+        self._session_taken = False
 
     @property
     def done(self) -> bool:
@@ -125,6 +137,35 @@ class Handshake:
         if not self._done:
             raise RuntimeError("handshake not complete")
         return self._unused
+
+    def session(self, *, encrypt: bool | None = None, max_payload: int = MAX_PAYLOAD) -> SessionCodec:
+        """The codec that seals this connection's frames from now on, already fed with
+        `unused_data`. Once per handshake: two codecs would reuse sequence numbers, which are the
+        AEAD's nonces. `encrypt` defaults to what was negotiated; a different value is a bug.
+
+        Bad bytes in `unused_data` do not raise here: the codec is returned failed (its `error`
+        says why) and raises on the first `next_message()`, like any later bad frame."""
+        if not self._done:
+            raise RuntimeError("handshake not complete")
+        if self._session_taken:
+            raise RuntimeError("session() called twice: one codec per connection (its sequence "
+                               "numbers are the AEAD's nonces)")
+        if encrypt is not None and encrypt is not self.encrypt:
+            raise ValueError(f"session(encrypt={encrypt}) but the handshake negotiated "
+                             f"encrypt={self.encrypt}")
+        assert self._peer_nonce is not None
+        t = transcript([(self.role, self._nonce, self._flags),
+                        (self.peer_role, self._peer_nonce, self._flags)])
+        codec = SessionCodec(
+            send_secret=direction_secret(self._key, t, self.role, self.peer_role),
+            receive_secret=direction_secret(self._key, t, self.peer_role, self.role),
+            encrypt=self.encrypt, role=self.role, peer_role=self.peer_role, max_payload=max_payload)
+        self._session_taken = True
+        try:
+            codec.feed(self._unused)
+        except ColoError:
+            pass  # the codec stays failed and says so on its next call
+        return codec
 
     def start(self) -> bytes:
         """Our auth-challenge frame. Send it first, before reading anything."""
@@ -168,15 +209,21 @@ class Handshake:
             self.peer_role = msg.role
             if hmac.compare_digest(msg.nonce, self._nonce):
                 self._fail("peer sent our own nonce back (reflected challenge)")
+            if msg.flags != self._flags:  # the only flag is FLAG_ENCRYPT (the field rule)
+                wants = "wants encryption, we do not" if msg.flags & FLAG_ENCRYPT else \
+                    "does not want encryption, we do"
+                self._fail(f"the peer {wants}: start both with --encrypt or neither")
             self._peer_nonce = msg.nonce
-            self._own_proof = compute_proof(self._key, self.role, self._nonce, msg.nonce)
+            self._own_proof = compute_proof(self._key, self.role, self._nonce, msg.nonce,
+                                            self._flags, msg.flags)
             return encode_frame(AuthProof(self._own_proof))
         if not isinstance(msg, AuthProof):
             self._fail(f"expected auth-proof, got {describe(msg)}")
         assert self._own_proof is not None
         if hmac.compare_digest(msg.mac, self._own_proof):
             self._fail("peer sent our own proof back (reflected proof)")
-        wanted = compute_proof(self._key, self.peer_role, self._peer_nonce, self._nonce)
+        wanted = compute_proof(self._key, self.peer_role, self._peer_nonce, self._nonce,
+                               self._flags, self._flags)
         if not hmac.compare_digest(msg.mac, wanted):
             self._fail("auth-proof does not verify: the peer does not have our key")
         self._done = True

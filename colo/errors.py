@@ -20,6 +20,11 @@ class WireError(ColoError):
     """
 
 
+class IntegrityError(WireError):
+    """A frame after the handshake that is not authentic: altered, injected, replayed, reordered,
+    dropped, from another connection or reflected back. The connection cannot be trusted any more."""
+
+
 class ProtocolError(ColoError):
     """A message that is not legal in the current state, or carries the wrong epoch or size.
 

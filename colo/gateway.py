@@ -220,7 +220,7 @@ class Gateway:
         c.close(why)
         if not c.authenticated:
             log.error("gateway: refused a connection from %s: %s", c.name, why)
-        elif link not in self.attached:
+        elif link not in self.attached and why.startswith("bad input"):
             log.error("gateway: dropped %s: %s", c.name, why)
         self.control.discard(link)
         if link in self.attached:

@@ -28,7 +28,8 @@ from colo.auth import Handshake
 from colo.errors import AuthError, ColoError
 from colo.messages import ErrorMessage, Heartbeat, Message, VmstateChunk, describe
 from colo.protocol import ConnectionClosed, ProtocolSide
-from colo.wire import MAX_PAYLOAD, FrameDecoder, encode_frame
+from colo.session import SessionCodec
+from colo.wire import MAX_PAYLOAD
 
 log = logging.getLogger("colo.link")
 AUTH_TIMEOUT = 5.0  # seconds a peer has to connect and prove the key
@@ -97,12 +98,13 @@ class Conn:
 
     def __init__(self, sock: socket.socket, *, key: bytes, role: str, peer_role: str | Collection[str],
                  name: str = "", connecting: bool = False, tracer: Tracer | None = None,
-                 protocol: ProtocolFactory | None = None, max_payload: int = MAX_PAYLOAD) -> None:
+                 protocol: ProtocolFactory | None = None, max_payload: int = MAX_PAYLOAD,
+                 encrypt: bool = False) -> None:
         self.id = next(Conn._ids)
         self.sock = sock
         sock.setblocking(False)
         self.name = name
-        self.hs = Handshake(key, role, peer_role)
+        self.hs = Handshake(key, role, peer_role, encrypt=encrypt)
         self.peer_role = self.hs.peer_role
         self.state = State.CONNECTING if connecting else State.HANDSHAKE
         self.started = time.monotonic()
@@ -110,7 +112,7 @@ class Conn:
         self.closed_reason = ""
         self.proto: ProtocolSide | None = None
         self._protocol = protocol
-        self._decoder: FrameDecoder | None = None
+        self._codec: SessionCodec | None = None  # plain links: every frame sealed (colo.session)
         self._max_payload = max_payload
         self._tracer = tracer
         self._out: collections.deque[memoryview] = collections.deque()
@@ -220,16 +222,17 @@ class Conn:
                 with self._plock:
                     self.proto = self._protocol(self.hs)  # it takes the bytes pipelined after the proof
             else:
-                self._decoder = FrameDecoder(self._max_payload)
-                self._decoder.feed(self.hs.unused_data)
+                self._codec = self.hs.session(max_payload=self._max_payload)  # takes the pipelined bytes
+                if self._codec.error is not None:
+                    raise self._codec.error
             events.append(Opened())
             return events + self._drain()
         if self.proto is not None:
             with self._plock:
                 self.proto.receive_data(data)
         else:
-            assert self._decoder is not None
-            self._decoder.feed(data)
+            assert self._codec is not None
+            self._codec.feed(data)
         return events + self._drain()
 
     def _drain(self) -> list[Event]:
@@ -239,8 +242,8 @@ class Conn:
                 with self._plock:
                     ev = self.proto.next_event()
             else:
-                assert self._decoder is not None
-                ev = self._decoder.next_message()
+                assert self._codec is not None
+                ev = self._codec.next_message()
             if ev is None:
                 return events
             self.last_heard = time.monotonic()
@@ -290,7 +293,8 @@ class Conn:
                 with self._plock:
                     frame = self.proto.send(msg)
             else:
-                frame = encode_frame(msg, max_payload=self._max_payload)
+                assert self._codec is not None
+                frame = self._codec.encode(msg)  # under the write lock: frames leave in the order sealed
             self._queue(frame)
             ok = self._flush_some_locked()
         if not ok:
@@ -314,7 +318,8 @@ class Conn:
                 with self._plock:
                     frame = self.proto.send(hb)
             else:
-                frame = encode_frame(hb, max_payload=self._max_payload)
+                assert self._codec is not None
+                frame = self._codec.encode(hb)
             self._queue(frame)
             ok = self._flush_some_locked()
         except ColoError:
@@ -424,9 +429,10 @@ def connect_nonblocking(address: tuple[str, int]) -> socket.socket:
 
 
 # -- blocking helpers for one-shot clients (`colo status`, tests) ------------------------------------------------
-def authenticate(sock: socket.socket, key: bytes, role: str, peer_role: str | Collection[str]) -> Handshake:
+def authenticate(sock: socket.socket, key: bytes, role: str, peer_role: str | Collection[str], *,
+                 encrypt: bool = False) -> Handshake:
     """Run the handshake on a connected blocking socket; AuthError (or OSError) on failure."""
-    hs = Handshake(key, role, peer_role)
+    hs = Handshake(key, role, peer_role, encrypt=encrypt)
     sock.settimeout(AUTH_TIMEOUT)
     try:
         sock.sendall(hs.start())
@@ -454,19 +460,18 @@ class Client:
     """A blocking request/reply connection: the control commands (`colo status`, `colo failover`) and tests."""
 
     def __init__(self, address: tuple[str, int], key: bytes, role: str = "control", peer_role: str = "gateway",
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, encrypt: bool = False) -> None:
         self.sock = connect(address, timeout)
         try:
-            self.hs = authenticate(self.sock, key, role, peer_role)
+            self.hs = authenticate(self.sock, key, role, peer_role, encrypt=encrypt)
         except BaseException:
             self.sock.close()
             raise
-        self._decoder = FrameDecoder()
-        self._decoder.feed(self.hs.unused_data)
+        self._decoder = self.hs.session()
         self.timeout = timeout
 
     def send(self, msg: Message) -> None:
-        self.sock.sendall(encode_frame(msg))
+        self.sock.sendall(self._decoder.encode(msg))
 
     def receive(self, timeout: float | None = None) -> Message:
         """The next message (heartbeats skipped); ColoError when the peer closes or is silent too long."""

@@ -53,6 +53,11 @@ MAX_ADDRESS_LENGTH = 300  # characters of a "host:port" address
 MAX_EXIT_CODE = 255
 __all__ = ["EVENT_KINDS", "KIND_CLOSE", "KIND_DATA", "KIND_OPEN", "MAX_CONN"]  # re-exported from colo.netevents
 
+# Handshake options, the bits of auth-challenge's `flags`. Both ends must send the same flags; the
+# proofs cover them, so a man in the middle cannot change them (no downgrade).
+FLAG_ENCRYPT = 1  # the session after the handshake is encrypted (colo.session), not only authenticated
+KNOWN_FLAGS = FLAG_ENCRYPT
+
 
 class Role(enum.Enum):
     """Which end of the checkpoint conversation a side is. The transition table is keyed by it."""
@@ -84,12 +89,20 @@ class ProtectionState(enum.StrEnum):
 # One rule per field name, shared by every message that has the field, so "epoch" means the same
 # thing everywhere. A rule returns None when the value is fine, else what is wrong with it.
 # `type(v) is int` on purpose: bool is a subclass of int and True is not an epoch.
-def _epoch_rule(v: object) -> str | None:
-    return None if type(v) is int and v >= 0 else f"must be an int >= 0, got {v!r}"
+MAX_U64 = 2**64 - 1  # the largest int msgpack carries: a message that exists must be sendable
 
 
-def _size_rule(v: object) -> str | None:
-    return None if type(v) is int and v >= 0 else f"must be an int >= 0, got {v!r}"
+def _count_rule(low: int) -> Callable[[object], str | None]:
+    def rule(v: object) -> str | None:
+        if type(v) is not int or v < low:
+            return f"must be an int >= {low}, got {v!r}"
+        return None if v <= MAX_U64 else f"must fit 64 bits (at most {MAX_U64}), got {v}"
+
+    return rule
+
+
+_epoch_rule = _size_rule = _count_rule(0)
+_seq_rule = _count_rule(1)
 
 
 def _fixed_bytes_rule(size: int) -> Callable[[object], str | None]:
@@ -152,6 +165,13 @@ def _code_rule(v: object) -> str | None:
 def _protection_rule(v: object) -> str | None:
     choices = ", ".join(s.value for s in ProtectionState)
     return None if isinstance(v, ProtectionState) else f"must be one of {choices}, got {v!r}"
+
+
+def _flags_rule(v: object) -> str | None:
+    # Unknown bits are refused, not ignored: a peer asking for an option we lack must not be
+    # answered as if we had it.
+    ok = type(v) is int and 0 <= v and not v & ~KNOWN_FLAGS
+    return None if ok else f"must be an int made of the known bits {KNOWN_FLAGS:#x}, got {v!r}"
 
 
 def _bool_rule(v: object) -> str | None:
@@ -241,6 +261,7 @@ _FIELD_RULES: dict[str, Callable[[object], str | None]] = {
     "address": _address_rule,
     "conns": _conns_rule,
     "code": _code_rule,
+    "flags": _flags_rule,
 }
 
 # Fields whose values travel as strings but live as enums: from_fields converts them.
@@ -377,16 +398,17 @@ class ErrorMessage(Message):
 
 @dataclass(frozen=True, slots=True)
 class AuthChallenge(Message):
-    """Handshake only: the sender's role and a fresh random nonce."""
+    """Handshake only: the sender's role, a fresh random nonce and its options (FLAG_ENCRYPT)."""
 
     NAME: ClassVar[str] = "auth-challenge"
     role: str
     nonce: bytes
+    flags: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class AuthProof(Message):
-    """Handshake only: HMAC(key, context, own role, own nonce, peer nonce); see colo.auth."""
+    """Handshake only: HMAC(key, context, own role, both nonces, both flags); see colo.auth."""
 
     NAME: ClassVar[str] = "auth-proof"
     mac: bytes

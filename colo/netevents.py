@@ -36,8 +36,13 @@ class NetEvent(NamedTuple):
                f"data=<{len(self.data)} bytes>)"
 
 
+MAX_SEQ = 2**64 - 1  # msgpack carries unsigned 64 bits: an event that exists must be sendable
+
+
 def seq_problem(v: object) -> str | None:
-    return None if type(v) is int and v >= 1 else f"must be an int >= 1, got {v!r}"
+    if type(v) is not int or v < 1:
+        return f"must be an int >= 1, got {v!r}"
+    return None if v <= MAX_SEQ else f"must fit 64 bits (at most {MAX_SEQ}), got {v}"
 
 
 def kind_problem(v: object) -> str | None:

@@ -13,9 +13,12 @@ In every live state exactly one side may move the checkpoint forward; the other 
 heartbeat or an error. So the two sides can never disagree about the state for longer than the
 message between them is in flight, and any message outside the table is a bug or an attack.
 
-Any error (an illegal message, a wrong epoch, a size mismatch, a bad frame) puts the side in
-ERROR for good: every later call raises. After that the socket layer may tell the peer why with
-`colo.wire.encode_frame(ErrorMessage(str(exc)))`, then must drop the connection.
+Every frame goes through the handshake's session (colo.session): sealed when sent, verified
+before it is parsed when received.
+
+Any error (an illegal message, a wrong epoch, a size mismatch, a bad or forged frame) puts the
+side in ERROR for good: every later call raises. After that the socket layer may tell the peer why
+with `proto.error_frame(str(exc))`, then must drop the connection.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ from colo.messages import (
     epoch_of,
     field_names,
 )
-from colo.wire import MAX_PAYLOAD, FrameDecoder, check_max_payload, encode_frame
+from colo.session import SessionCodec
+from colo.wire import MAX_PAYLOAD, check_max_payload
 
 # The largest state one checkpoint (or the initial copy) may carry by default: above any RAM size
 # toyvm supports plus lz4's worst-case growth, but finite, so a runaway peer cannot make the
@@ -120,6 +124,8 @@ class ProtocolSide:
       loaded_epoch     the last epoch the secondary applied (vmstate-loaded)
       vmstate_bytes    vmstate-chunk bytes seen so far in the current epoch
       initial_bytes    initial-chunk bytes seen so far (after initial-size: the whole initial copy)
+      codec            the connection's SessionCodec (frame counters; tests forge frames with the
+                       peer's)
     """
 
     ROLE: ClassVar[Role]
@@ -160,12 +166,12 @@ class ProtocolSide:
         self._why_error = ""
         self._peer_closed = False
         self._closed_event: ConnectionClosed | None = None
-        self._decoder = FrameDecoder(max_payload)
-        try:  # bytes the peer pipelined behind its proof; a bad one fails the side, not __init__
-            self._decoder.feed(handshake.unused_data)
-        except ColoError as exc:
+        # The session is fed with the bytes the peer pipelined behind its proof; a bad one fails
+        # the side, not __init__.
+        self.codec: SessionCodec = handshake.session(max_payload=max_payload)
+        if self.codec.error is not None:
             self.state = State.ERROR
-            self._why_error = str(exc)
+            self._why_error = str(self.codec.error)
 
     # -- the three calls ---------------------------------------------------------------------
 
@@ -182,7 +188,7 @@ class ProtocolSide:
         if not data:
             self._peer_closed = True
             return
-        self._guarded(lambda: self._decoder.feed(data))
+        self._guarded(lambda: self.codec.feed(data))
 
     def next_event(self) -> Event | None:
         """The next event from the peer, or None until more bytes arrive.
@@ -194,6 +200,11 @@ class ProtocolSide:
         self._check_usable()
         return self._guarded(self._next_event)
 
+    def error_frame(self, reason: str) -> bytes:
+        """A sealed `error` frame telling the peer why we give up, outside the table: for the
+        socket layer after a failure, just before it drops the connection (works in ERROR)."""
+        return self.codec.encode(ErrorMessage(reason))
+
     def close(self) -> None:
         """We are closing the connection: every later call is refused (ERROR stays ERROR)."""
         if self.state is not State.ERROR:
@@ -203,15 +214,15 @@ class ProtocolSide:
 
     def _send(self, msg: Message) -> bytes:
         self._advance(self.ROLE, msg)
-        return encode_frame(msg, max_payload=self.max_payload)
+        return self.codec.encode(msg)
 
     def _next_event(self) -> Event | None:
-        msg = self._decoder.next_message()
+        msg = self.codec.next_message()
         if msg is not None:
             self._advance(self.ROLE.peer, msg)
             return msg
         if self._peer_closed:
-            self._closed_event = ConnectionClosed(self.state, self._decoder.buffered)
+            self._closed_event = ConnectionClosed(self.state, self.codec.buffered)
             self.state = State.CLOSED
             return self._closed_event
         return None

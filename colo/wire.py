@@ -1,6 +1,6 @@
 """Framing: how a message becomes bytes on a stream, and back.
 
-A frame is a fixed 9-byte header followed by a msgpack payload:
+A plain frame (version 1, the handshake's) is a fixed 9-byte header followed by a msgpack payload:
 
     offset 0  4 bytes  magic b"COLO"
     offset 4  1 byte   format version (1)
@@ -11,6 +11,19 @@ The length is checked against a per-connection bound as soon as the header is in
 payload is waited for or allocated, so a hostile peer cannot make us reserve 4 GiB by sending
 nine bytes. Every failure raises `WireError`, and a decoder that failed stays failed: after a bad
 frame the stream position is meaningless, so the only safe move is to drop the connection.
+
+Every frame after the handshake is sealed (version 2: authenticated; 3: also encrypted): the same
+first 9 bytes, then a sequence number, a tag over the header, the body and a tag over the whole
+frame. The layout is defined here, so that tools which only need frame boundaries (`frame_size`)
+do not depend on the keys; the sealing itself is `colo.session`.
+
+    offset 0   4 bytes  magic b"COLO"
+    offset 4   1 byte   2 (sealed) or 3 (sealed and encrypted)
+    offset 5   4 bytes  body length n, big-endian
+    offset 9   8 bytes  sequence number of the frame in its direction, from 1
+    offset 17  16 bytes header tag
+    offset 33  n bytes  body: the msgpack payload, or its ciphertext
+    offset 33+n 16 bytes frame tag
 """
 
 from __future__ import annotations
@@ -23,9 +36,15 @@ from colo.errors import WireError
 from colo.messages import Message, from_fields, to_fields
 
 MAGIC = b"COLO"
-VERSION = 1
+VERSION = 1  # a plain frame: only the handshake travels in these
+VERSION_SEALED = 2  # authenticated (colo.session)
+VERSION_ENCRYPTED = 3  # authenticated and encrypted (colo.session)
 _HEADER = struct.Struct(">4sBI")
 HEADER_SIZE = _HEADER.size
+SEALED_HEAD = struct.Struct(">4sBIQ")  # magic, version, length, sequence number: what the header tag covers
+TAG_SIZE = 16
+SEALED_HEADER_SIZE = SEALED_HEAD.size + TAG_SIZE  # 33: everything before the body
+SEALED_OVERHEAD = SEALED_HEADER_SIZE + TAG_SIZE  # 49: a sealed frame's bytes around its body
 MAX_PAYLOAD = 64 * 1024 * 1024  # default bound on one frame's payload; configurable per connection
 LENGTH_FIELD_LIMIT = 0xFFFF_FFFF  # the most a 4-byte length can say
 NAME_KEY = "msg"  # the payload key that holds the message name
@@ -43,14 +62,33 @@ def check_max_payload(max_payload: int) -> int:
     return max_payload
 
 
-def encode_frame(msg: Message, *, max_payload: int = MAX_PAYLOAD) -> bytes:
-    """The complete frame for `msg`. Refuses a payload the peer's decoder would reject."""
+def encode_payload(msg: Message, *, max_payload: int = MAX_PAYLOAD) -> bytes:
+    """The msgpack payload for `msg`. Refuses one the peer's decoder would reject."""
     payload: bytes = msgpack.packb({NAME_KEY: msg.NAME, **to_fields(msg)}, use_bin_type=True)
     if len(payload) > max_payload:
         raise WireError(
             f"{msg.NAME}: payload of {len(payload)} bytes exceeds the limit of {max_payload} bytes"
         )
+    return payload
+
+
+def encode_frame(msg: Message, *, max_payload: int = MAX_PAYLOAD) -> bytes:
+    """The complete plain frame for `msg` (the handshake's; later frames are sealed)."""
+    payload = encode_payload(msg, max_payload=max_payload)
     return _HEADER.pack(MAGIC, VERSION, len(payload)) + payload
+
+
+def frame_size(head: bytes | bytearray | memoryview) -> int:
+    """The whole size of the frame whose first HEADER_SIZE (or more) bytes are `head`, plain or
+    sealed, from its header alone: for tools that cut a stream into frames without the keys."""
+    magic, version, length = _HEADER.unpack(bytes(head[:HEADER_SIZE]))
+    if magic != MAGIC:
+        raise WireError(f"bad magic {magic!r}: expected {MAGIC!r} (not a colo peer, or out of sync)")
+    if version == VERSION:
+        return HEADER_SIZE + int(length)
+    if version in (VERSION_SEALED, VERSION_ENCRYPTED):
+        return SEALED_OVERHEAD + int(length)
+    raise WireError(f"unsupported frame format version {version}")
 
 
 def parse_header(header: bytes | bytearray, *, max_payload: int = MAX_PAYLOAD) -> int:
@@ -65,7 +103,7 @@ def parse_header(header: bytes | bytearray, *, max_payload: int = MAX_PAYLOAD) -
     return int(length)
 
 
-def decode_payload(payload: bytes | bytearray) -> Message:
+def decode_payload(payload: bytes | bytearray | memoryview) -> Message:
     """The message in one frame payload."""
     try:
         # strict_map_key: only str/bytes keys. msgpack bounds every length by the buffer size.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from unicorn import Uc
+from unicorn import Uc, UcError
 from unicorn import x86_const as x
 
 from .errors import StateError
@@ -48,6 +48,7 @@ def save_cpu(uc: Uc) -> dict[str, Any]:
 
 
 def restore_cpu(uc: Uc, state: dict[str, Any]) -> None:
+    name = "?"
     try:
         regs, msrs = state["regs"], state["msrs"]
         missing = (ALL_REGISTERS - regs.keys()) | (MSRS.keys() - msrs.keys())
@@ -70,6 +71,8 @@ def restore_cpu(uc: Uc, state: dict[str, Any]) -> None:
         raise
     except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
         raise StateError(f"CPU state is malformed: {e!r}") from None
+    except UcError as e:  # e.g. a control register value the CPU refuses (found by fuzzing vmstate.decode)
+        raise StateError(f"CPU state: the CPU refuses the value of {name}: {e}") from None
 
 
 def reg(uc: Uc, name: str) -> int:

@@ -161,7 +161,8 @@ def test_garbage_challenge_fails(data: bytes, pattern: str) -> None:
 def test_short_nonce_fails() -> None:
     import msgpack
 
-    payload = msgpack.packb({"msg": "auth-challenge", "role": "secondary", "nonce": b"x" * 16})
+    payload = msgpack.packb({"msg": "auth-challenge", "role": "secondary", "nonce": b"x" * 16,
+                             "flags": 0})
     a = Handshake(KEY, "primary", "secondary")
     a.start()
     with pytest.raises(AuthError, match="'nonce' must be exactly 32 bytes, got 16 bytes"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
-import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -57,7 +56,7 @@ from colo.protocol import (
     SecondaryProtocol,
     State,
 )
-from colo.wire import encode_frame
+from colo.wire import SEALED_HEADER_SIZE, encode_frame
 
 P, S = Role.PRIMARY, Role.SECONDARY
 KEY = b"test-key-0123456789abcdef"
@@ -110,6 +109,11 @@ class Link:
             if isinstance(ev, ErrorMessage):
                 break  # the side is in ERROR now: every further call raises
         return events
+
+    def forge(self, who: Role, msg: Message) -> bytes:
+        """The frame `who` would send for `msg`, sealed with its keys but past its own checks:
+        what a buggy or hostile peer that holds the key can send."""
+        return self.sides[who].codec.encode(msg)
 
     def step(self, who: Role, msg: Message) -> None:
         self.send(who, msg)
@@ -511,7 +515,7 @@ def test_illegal_receive_is_refused(case: tuple[State, Role, type[Message]]) -> 
     link = drive_to(state)
     receiver = link.sides[who.peer]
     msg = message_for(cls, receiver)
-    receiver.receive_data(encode_frame(msg))
+    receiver.receive_data(link.forge(who, msg))
     with pytest.raises(ProtocolError) as info:
         receiver.next_event()
     text = str(info.value)
@@ -553,7 +557,7 @@ def test_wrong_epoch_is_refused(
         if direction == "send":
             side.send(wrong)
         else:
-            side.receive_data(encode_frame(wrong))
+            side.receive_data(link.forge(who, wrong))
             side.next_event()
     assert f"expected {cls.NAME}" in str(info.value) or state is State.SENDING
     assert f"for epoch {side.epoch} from the {who.value}," in str(info.value)
@@ -567,7 +571,7 @@ def vars_of(msg: Message) -> dict[str, object]:
 
 def test_wrong_epoch_example_from_the_design() -> None:
     link = drive_to(State.SENDING, full_checkpoints=2)
-    link.secondary.receive_data(encode_frame(CheckpointRequest(4)))
+    link.secondary.receive_data(link.forge(P, CheckpointRequest(4)))
     with pytest.raises(ProtocolError) as info:
         link.secondary.next_event()
     assert str(info.value) == (
@@ -582,7 +586,7 @@ def test_size_mismatch_on_the_receiving_side(claimed: int) -> None:
     link = drive_to(State.SENDING)
     link.step(P, VmstateChunk(1, b"ab"))
     link.step(P, VmstateChunk(1, b"c"))
-    link.secondary.receive_data(encode_frame(VmstateSize(1, claimed)))
+    link.secondary.receive_data(link.forge(P, VmstateSize(1, claimed)))
     with pytest.raises(ProtocolError) as info:
         link.secondary.next_event()
     assert "expected vmstate-size 3 for epoch 1" in str(info.value)
@@ -602,7 +606,7 @@ def test_byte_count_restarts_each_epoch() -> None:
     link = drive_to(State.IDLE, full_checkpoints=1)  # epoch 1 carried 3 bytes
     for who, msg in one_checkpoint(2)[:3]:
         link.step(who, msg)
-    link.secondary.receive_data(encode_frame(VmstateSize(2, 3)))
+    link.secondary.receive_data(link.forge(P, VmstateSize(2, 3)))
     with pytest.raises(ProtocolError, match="expected vmstate-size 0 for epoch 2"):
         link.secondary.next_event()
 
@@ -614,7 +618,7 @@ def test_state_larger_than_the_bound_is_refused() -> None:
     for who, msg in one_checkpoint(1)[:3]:
         link.step(who, msg)
     link.step(P, VmstateChunk(1, b"x" * 10))
-    link.secondary.receive_data(encode_frame(VmstateChunk(1, b"y")))
+    link.secondary.receive_data(link.forge(P, VmstateChunk(1, b"y")))
     with pytest.raises(ProtocolError, match="expected at most 10 bytes of state for epoch 1, got 11"):
         link.secondary.next_event()
 
@@ -637,7 +641,7 @@ def test_checkpoint_ready_before_the_initial_copy() -> None:
 def test_checkpoint_ready_before_initial_size_is_refused_on_receipt() -> None:
     link = Link()
     link.step(P, InitialChunk(b"half of the vm"))
-    link.primary.receive_data(encode_frame(CheckpointReady(1)))
+    link.primary.receive_data(link.forge(S, CheckpointReady(1)))
     with pytest.raises(ProtocolError) as info:
         link.primary.next_event()
     assert str(info.value) == (
@@ -652,7 +656,7 @@ def test_initial_size_mismatch_on_the_receiving_side(claimed: int) -> None:
     link = Link()
     link.step(P, InitialChunk(b"abcde"))
     link.step(P, InitialChunk(b"fgh"))
-    link.secondary.receive_data(encode_frame(InitialSize(claimed)))
+    link.secondary.receive_data(link.forge(P, InitialSize(claimed)))
     with pytest.raises(ProtocolError) as info:
         link.secondary.next_event()
     assert str(info.value) == (
@@ -672,7 +676,7 @@ def test_initial_size_mismatch_on_the_sending_side() -> None:
 
 def test_initial_chunk_after_initial_size() -> None:
     link = drive_to(State.INITIAL_RECEIVED)
-    link.secondary.receive_data(encode_frame(InitialChunk(b"late")))
+    link.secondary.receive_data(link.forge(P, InitialChunk(b"late")))
     with pytest.raises(ProtocolError) as info:
         link.secondary.next_event()
     assert str(info.value) == (
@@ -686,7 +690,7 @@ def test_initial_chunk_after_initial_size() -> None:
 @pytest.mark.parametrize("state", [State.IDLE, State.SENDING, State.RECEIVED])
 def test_initial_copy_once_the_checkpoints_run(state: State) -> None:
     link = drive_to(state, full_checkpoints=1)
-    link.secondary.receive_data(encode_frame(InitialChunk(b"again")))
+    link.secondary.receive_data(link.forge(P, InitialChunk(b"again")))
     with pytest.raises(ProtocolError) as info:
         link.secondary.next_event()
     assert f"secondary in {state.name} (receiving)" in str(info.value)
@@ -700,7 +704,7 @@ def test_initial_copy_larger_than_the_bound_is_refused() -> None:
     link = Link(max_state_bytes=10)
     link.step(P, InitialChunk(b"x" * 6))
     link.step(P, InitialChunk(b"x" * 4))
-    link.secondary.receive_data(encode_frame(InitialChunk(b"y")))
+    link.secondary.receive_data(link.forge(P, InitialChunk(b"y")))
     with pytest.raises(ProtocolError) as info:
         link.secondary.next_event()
     assert info.value.expected == "at most 10 bytes of initial state"
@@ -728,14 +732,14 @@ def test_duplicate_checkpoint_ready() -> None:
         link.secondary.send(CheckpointReady(1))
     assert "expected checkpoint-request for epoch 1 from the primary" in str(info.value)
     assert "got checkpoint-ready epoch 1 from the secondary" in str(info.value)
-    link.primary.receive_data(encode_frame(CheckpointReady(1)))
+    link.primary.receive_data(link.forge(S, CheckpointReady(1)))
     with pytest.raises(ProtocolError, match=r"primary in IDLE .*got checkpoint-ready epoch 1"):
         link.primary.next_event()
 
 
 def test_auth_messages_are_not_part_of_the_protocol() -> None:
     link = drive_to(State.IDLE)
-    link.primary.receive_data(encode_frame(AuthChallenge("secondary", bytes(NONCE_SIZE))))
+    link.primary.receive_data(link.forge(S, AuthChallenge("secondary", bytes(NONCE_SIZE))))
     with pytest.raises(ProtocolError, match=r"expected checkpoint-request .* got auth-challenge"):
         link.primary.next_event()
 
@@ -755,7 +759,7 @@ def test_gateway_and_control_messages_are_not_part_of_the_protocol(msg: Message)
     link = drive_to(State.IDLE)
     with pytest.raises(ProtocolError, match=f"expected checkpoint-request .* got {msg.NAME}"):
         link.primary.send(msg)
-    link.secondary.receive_data(encode_frame(msg))
+    link.secondary.receive_data(link.forge(P, msg))
     with pytest.raises(ProtocolError, match=f"got {msg.NAME}"):
         link.secondary.next_event()
 
@@ -765,7 +769,7 @@ def test_bad_frame_puts_the_side_in_error() -> None:
     with pytest.raises(WireError, match="bad magic"):
         link.primary.receive_data(b"garbage!!!")
     assert_stuck_in_error(link.primary)
-    link.secondary.receive_data(encode_frame(Heartbeat())[:9] + msgpack.packb({"msg": "x"})[:1])
+    link.secondary.receive_data(link.forge(P, Heartbeat())[:SEALED_HEADER_SIZE + 1])
     # the header is good: the decoder waits for the rest of the payload, no error yet
     assert link.secondary.next_event() is None
 
@@ -791,7 +795,7 @@ def test_error_is_not_legal_after_error() -> None:
 )
 def test_peer_closing_reports_where(state: State, unparsed: int) -> None:
     link = drive_to(state)
-    link.primary.receive_data(encode_frame(Heartbeat())[:unparsed] if unparsed else b"")
+    link.primary.receive_data(link.forge(S, Heartbeat())[:unparsed] if unparsed else b"")
     if unparsed:
         link.primary.receive_data(b"")
     event = link.primary.next_event()
@@ -806,7 +810,7 @@ def test_peer_closing_reports_where(state: State, unparsed: int) -> None:
 
 def test_messages_before_end_of_stream_come_first() -> None:
     link = drive_to(State.IDLE)
-    link.primary.receive_data(encode_frame(Heartbeat()))
+    link.primary.receive_data(link.forge(S, Heartbeat()))
     link.primary.receive_data(b"")
     assert link.primary.next_event() == Heartbeat()
     assert isinstance(link.primary.next_event(), ConnectionClosed)

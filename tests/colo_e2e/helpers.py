@@ -516,17 +516,17 @@ class PeerLink:
     replication link. For playing a node, a control client or a fake primary against the real processes."""
 
     def __init__(self, address: tuple[str, int], key: bytes, role: str, peer_role: str,
-                 protocol: Callable[[Any], Any] | None = None) -> None:
+                 protocol: Callable[[Any], Any] | None = None, max_payload: int | None = None,
+                 encrypt: bool = False) -> None:
         from colo.link import authenticate, connect
-        from colo.wire import FrameDecoder
 
         self.sock = connect(address)
-        hs = authenticate(self.sock, key, role, peer_role)
+        hs = authenticate(self.sock, key, role, peer_role, encrypt=encrypt)
         self.proto = protocol(hs) if protocol is not None else None
         self._decoder = None
         if self.proto is None:
-            self._decoder = FrameDecoder()
-            self._decoder.feed(hs.unused_data)
+            self._decoder = hs.session(**({"max_payload": max_payload} if max_payload else {}))
+        self.codec = self.proto.codec if self.proto is not None else self._decoder  # seals hand-made frames
         self.events: "queue.Queue[Any]" = queue.Queue()
         self._lock = threading.Lock()
         self.closed = False
@@ -565,11 +565,13 @@ class PeerLink:
         self.events.put(Closed(reason))
 
     def send(self, msg: Any) -> None:
-        from colo.wire import encode_frame
-
         with self._lock:
-            frame = self.proto.send(msg) if self.proto is not None else encode_frame(msg)
+            frame = self.proto.send(msg) if self.proto is not None else self._decoder.encode(msg)
         self.sock.sendall(frame)
+
+    def raw(self, data: bytes) -> None:
+        """Bytes straight to the socket, past the codec (tests of what the peer does with them)."""
+        self.sock.sendall(data)
 
     def heartbeat(self) -> None:
         from colo.messages import Heartbeat

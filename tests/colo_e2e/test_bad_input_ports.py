@@ -51,7 +51,8 @@ from colo.messages import (
 )
 from colo.node import state_digest
 from colo.protocol import ConnectionClosed, PrimaryProtocol
-from colo.wire import MAX_PAYLOAD, encode_frame
+from colo.session import SessionCodec
+from colo.wire import MAX_PAYLOAD, SEALED_HEADER_SIZE
 from colo_e2e.helpers import PeerLink, Procs, Workload, read_state_log, verify_ledger, wait_for
 from conftest import guest
 from toyvm import Machine
@@ -126,8 +127,8 @@ def wrong_key_handshake(address: tuple[str, int], role: str, peer_role: str) -> 
     return s, port
 
 
-def authed_link(address: tuple[str, int], key: bytes, role: str, peer_role: str) -> PeerLink:
-    return PeerLink(address, key, role, peer_role)
+def authed_link(address: tuple[str, int], key: bytes, role: str, peer_role: str, **options: Any) -> PeerLink:
+    return PeerLink(address, key, role, peer_role, **options)
 
 
 def get_until(link: PeerLink, pred: Callable[[Any], bool], timeout: float = 10.0) -> Any:
@@ -150,14 +151,20 @@ PRE_AUTH = [
      "unsupported frame format version 2"),
 ]
 
-# Post-authentication attacks on a plain (gateway or control) link: bytes, what the log must say.
-POST_AUTH = [
-    ("oversized-header", frame_header(MAX_PAYLOAD + 1), f"exceeds the limit of {MAX_PAYLOAD} bytes"),
-    ("garbage", b"\x00garbage bytes that are not a frame\xff" * 4, "bad magic"),
-    ("wrong-version", frame_header(15, version=7) + msgpack.packb({"msg": "heartbeat"}),
-     "unsupported frame format version 7"),
-    ("unknown-message", frame_header(len(msgpack.packb({"msg": "self-destruct"}))) +
-     msgpack.packb({"msg": "self-destruct"}), "unknown message name 'self-destruct'"),
+# Post-authentication attacks on a gateway or control link: bytes made with our link's session codec (an
+# attacker in the middle has none: it can only send the first four), what the log must say.
+POST_AUTH: list[tuple[str, Callable[[SessionCodec], bytes], str]] = [
+    ("plain-frame", lambda c: frame_header(15) + msgpack.packb({"msg": "heartbeat"}),
+     "a plain, unauthenticated frame where a sealed one must come"),
+    ("forged-header", lambda c: struct.pack(">4sBIQ", b"COLO", 2, 15, 1) + bytes(16),
+     "frame 1 from the control fails its MAC"),
+    ("garbage", lambda c: b"\x00garbage bytes that are not a frame\xff" * 4, "bad magic"),
+    ("wrong-version", lambda c: frame_header(15, version=7) + msgpack.packb({"msg": "heartbeat"}), "has version 7"),
+    # the peer holds the key: a header it sealed, announcing more than the bound (only the header is sent)
+    ("oversized-header", lambda c: c.seal(bytes(MAX_PAYLOAD + 1))[:SEALED_HEADER_SIZE],
+     f"exceeds the limit of {MAX_PAYLOAD} bytes"),
+    ("unknown-message", lambda c: c.seal(msgpack.packb({"msg": "self-destruct"})),
+     "unknown message name 'self-destruct'"),
 ]
 
 
@@ -209,9 +216,9 @@ def test_outside_attacks_on_both_ports_leave_the_cluster_working(cluster: Procs)
             keep.append(s)
             expect.append((role, port, "authentication timed out"))
         # Right key, then bad frames on the control link: each is dropped with the problem named.
-        for _name, payload, text in POST_AUTH:
-            link = authed_link(cluster.gateway, cluster.key, "control", "gateway")
-            link.sock.sendall(payload)
+        for name, make, text in POST_AUTH:
+            link = authed_link(cluster.gateway, cluster.key, "control", "gateway", max_payload=MAX_PAYLOAD + 1)
+            link.sock.sendall(make(link.codec))
             ev = get_until(link, lambda e: isinstance(e, Closed), 10)
             assert ev is not None
             link.close()
@@ -272,7 +279,9 @@ class FakePrimary:
 
     def __init__(self, address: tuple[str, int], key: bytes, vm: Machine) -> None:
         self.vm = vm
-        self.link = PeerLink(address, key, "primary", "secondary", protocol=PrimaryProtocol)
+        # a larger bound than the secondary's only for what we may send: the oversized-frame attack
+        self.link = PeerLink(address, key, "primary", "secondary",
+                             protocol=lambda hs: PrimaryProtocol(hs, max_payload=MAX_PAYLOAD + 1))
         self._stop = threading.Event()
         self._hb = threading.Thread(target=self._heartbeats, daemon=True)
         self._hb.start()
@@ -348,6 +357,19 @@ class FakePrimary:
         self._stop.set()
         self._hb.join(2)
         self.link.sock.sendall(data)
+
+    def forge(self, msg: Message) -> bytes:
+        """The sealed frame for `msg` past our protocol object's checks (what a primary with a bug could send);
+        heartbeats stop first, so nothing else takes a sequence number."""
+        self._stop.set()
+        self._hb.join(2)
+        return self.link.proto.codec.encode(msg)
+
+    def seal(self, payload: bytes) -> bytes:
+        """Any payload, sealed (a malformed one behind a valid MAC), past our protocol object."""
+        self._stop.set()
+        self._hb.join(2)
+        return self.link.proto.codec.seal(payload)
 
     def close(self) -> None:
         self._stop.set()
@@ -490,7 +512,7 @@ def test_state_cut_off_mid_transfer_is_discarded(standalone: Procs, where: str) 
         if where == "before-size":
             fake.link.send(VmstateChunk(2, blob[half:]))
         elif where == "inside-a-frame":
-            frame = encode_frame(VmstateChunk(2, blob[half:]))
+            frame = fake.forge(VmstateChunk(2, blob[half:]))
             fake.raw(frame[:len(frame) // 2])
         time.sleep(0.2)
     finally:
@@ -511,22 +533,23 @@ def send_size_mismatch(fake: FakePrimary) -> None:
     blob, _ = fake.next_state(2)
     fake.begin(2)
     fake.link.send(VmstateChunk(2, blob))
-    fake.raw(encode_frame(VmstateSize(2, len(blob) + 1)))
+    fake.raw(fake.forge(VmstateSize(2, len(blob) + 1)))
 
 
 PROTOCOL_ABUSE: list[tuple[str, Callable[[FakePrimary], None], str]] = [
     # name, what to do after a good checkpoint 1 (raw bytes bypass our own protocol checks), what must be logged
-    ("oversized-frame", lambda f: f.raw(frame_header(MAX_PAYLOAD + 1)), f"exceeds the limit of {MAX_PAYLOAD} bytes"),
+    ("plain-frame", lambda f: f.raw(frame_header(MAX_PAYLOAD + 1)), "a plain, unauthenticated frame"),
+    ("oversized-frame", lambda f: f.raw(f.seal(bytes(MAX_PAYLOAD + 1))[:SEALED_HEADER_SIZE]),
+     f"exceeds the limit of {MAX_PAYLOAD} bytes"),
     ("garbage", lambda f: f.raw(b"\xde\xad\xbe\xef" * 8), "bad magic"),
     ("wrong-frame-version", lambda f: f.raw(frame_header(15, version=9) + msgpack.packb({"msg": "heartbeat"})),
-     "unsupported frame format version 9"),
-    ("unknown-message", lambda f: f.raw(frame_header(len(msgpack.packb({"msg": "format-disk"}))) +
-                                        msgpack.packb({"msg": "format-disk"})),
+     "has version 9"),
+    ("unknown-message", lambda f: f.raw(f.seal(msgpack.packb({"msg": "format-disk"}))),
      "unknown message name 'format-disk'"),
-    ("wrong-epoch", lambda f: f.raw(encode_frame(CheckpointRequest(5, Trigger.TIMER))),
+    ("wrong-epoch", lambda f: f.raw(f.forge(CheckpointRequest(5, Trigger.TIMER))),
      "got checkpoint-request epoch 5"),
-    ("chunk-outside-send", lambda f: f.raw(encode_frame(VmstateChunk(2, b"x" * 100))), "got vmstate-chunk"),
-    ("message-of-the-wrong-side", lambda f: f.raw(encode_frame(VmstateLoaded(1))), "got vmstate-loaded"),
+    ("chunk-outside-send", lambda f: f.raw(f.forge(VmstateChunk(2, b"x" * 100))), "got vmstate-chunk"),
+    ("message-of-the-wrong-side", lambda f: f.raw(f.forge(VmstateLoaded(1))), "got vmstate-loaded"),
     ("size-mismatch", send_size_mismatch, "expected vmstate-size"),
 ]
 
