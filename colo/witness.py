@@ -280,6 +280,7 @@ SERVICE_TRANSITIONS: dict[tuple[Service, str], Service] = {
     (S.PROMOTING, "promoted"): S.ALONE,
     (S.PROMOTING, "promotion-failed"): S.DOWN,
     **{(s, "guest-ended"): S.ENDED for s in (S.ALONE, S.PROTECTING, S.PROTECTED)},
+    **{(s, "superseded"): S.DOWN for s in (S.ALONE, S.PROTECTING, S.PROTECTED)},
     **{(s, "shutdown"): S.STOPPED for s in Service if s is not S.STOPPED},
 }
 SERVING = (S.ALONE, S.PROTECTING, S.PROTECTED)  # an active node takes input and produces output
@@ -470,6 +471,8 @@ class Witness:
                                    f"{self.generation} exists (a newer primary took over)")
             return
         assert self.now is not None
+        # New clients never get an id a VM still has open (a past gateway's clients), whichever node serves next.
+        self.next_conn = max(self.next_conn, max(hello.conns, default=0) + 1)
         n = NodeView(hello.node, link, hello.role, hello.generation, hello.address, hello.peer, self.now,
                      self.wall, hello, dict(hello.info))
         self.nodes[hello.node] = n
@@ -500,6 +503,23 @@ class Witness:
         act = self._node(self.active)
         if self.service is S.PROMOTING:
             self._fence(n, "a failover is in progress: a second primary would split the brain")
+        elif act is not None and n.generation > act.generation:
+            # The active node is stale: a newer primary exists (promoted behind a gateway that is gone). The witness
+            # obeys the highest generation: the stale one goes, with its clients and its copy.
+            why = f"generation {n.generation} of node {n.id} exists"
+            self._record("superseded", node=act.id, generation=act.generation, by=n.id, level="error")
+            self.active = None
+            self._fence(act, why)
+            sec = self._node(self.secondary)
+            if sec is not None:
+                self.secondary = None
+                self._fence(sec, f"its primary was stale: {why}")
+            self._stop_comparing()
+            self._go("superseded")
+            self._close_all_clients(why)
+            self.generation = n.generation
+            self.active = n.id
+            self._start_active(n)
         elif act is not None:
             self._fence(n, f"node {act.id} is active: a second primary would split the brain")
             self._record("second-primary", node=n.id, generation=n.generation, active=act.id,
@@ -517,7 +537,7 @@ class Witness:
         if floor > hello.input_seq:
             self._send(n, InputFloor(floor))
         self.input_seq = floor
-        self.released_seq = max(self.released_seq, hello.output_seq)
+        self.released_seq = hello.output_seq  # its own numbering: what it produced before now is released or void
         self.taken = floor
         self._inflight.clear()
         for c in self.conns.values():
@@ -560,6 +580,8 @@ class Witness:
         best = max(primaries, key=lambda n: n.generation)
         if best.peer and self._node(best.peer) is None:
             return  # its secondary may be on its way: wait for it (or for the deadline)
+        if best.hello.gateway and not best.peer:
+            return  # it served behind a gateway that is gone: a newer primary may exist, give it the grace
         self._finish_learning()
 
     def _finish_learning(self) -> None:
@@ -604,7 +626,7 @@ class Witness:
                 self._pump_all()
         gen = getattr(msg, "generation", None)
         if gen is not None and gen < self.generation and (n.id == self.active or n.role == "primary"):
-            self._fence(n, f"it speaks for generation {gen}; generation {self.generation} exists")
+            self._lose(n, f"fenced: it speaks for generation {gen}; generation {self.generation} exists")
             return
         if isinstance(msg, (Heartbeat,)):
             return
@@ -724,7 +746,7 @@ class Witness:
 
     def _reap(self, conn: int, c: ConnState) -> None:
         if c.gone and c.input_closed:
-            del self.conns[conn]
+            self.conns.pop(conn, None)
 
     def _number(self, kind: int, conn: int, data: bytes) -> None:
         """Give the input its sequence number, log it while a failover could need it, and send it."""
@@ -775,6 +797,8 @@ class Witness:
             return
         if self._comparing():
             assert self.comparer is not None
+            if ev.seq <= self.comparer.last_primary_seq:
+                return  # a repeat (a promoted node repeating itself): the comparer has it
             self._compare_actions(self.comparer.primary_output(ev.seq, ev.kind, ev.conn, ev.data, self._t()))
             return
         if ev.seq <= self.released_seq or ev.seq in self.held:
@@ -830,6 +854,7 @@ class Witness:
                 return
             self._go("protected")
             self.commit_epoch = msg.epoch
+            self.primary_committed = msg.epoch  # the copy is this node's checkpoint `epoch`
             self.commit_output_seq = msg.output_seq
             self._trim_log(msg.input_seq)
             self._record("protected", node=n.id, secondary=msg.peer, epoch=msg.epoch)
@@ -853,6 +878,8 @@ class Witness:
             self._trim_log(self.taken)
 
     def _guest_ended(self, n: NodeView, msg: GuestEnded) -> None:
+        if self.service is S.ENDED:
+            return
         self._go("guest-ended")
         self.ended_code = msg.code
         self._stop_comparing()
@@ -878,6 +905,8 @@ class Witness:
             return
         sec = min(spares, key=lambda n: n.since)
         self.secondary = sec.id
+        if self.comparer is not None and self.comparer.failed_over:
+            self.comparer = None  # a new pair: compare again once the new secondary runs (its first resync)
         sec.role = "secondary"
         sec.peer = act.id
         self._go("copy-started")
@@ -1040,6 +1069,8 @@ class Witness:
         n.peer = ""
         self.failovers += 1
         self._go("promoted")
+        # Input numbering goes on past everything the survivor may have received (from a gateway that is gone, too).
+        self.input_seq = max(self.input_seq, ev.input_seq, n.hello.input_seq)
         replay = [e for e in self.log if e.seq > ev.input_seq]
         if replay and replay[0].seq > ev.input_seq + 1:
             # The log starts after its checkpoint (a gateway that restarted since): the inputs in between were
@@ -1059,9 +1090,9 @@ class Witness:
             if e.kind == KIND_DATA and e.conn in self.conns:
                 self.conns[e.conn].inflight += len(e.data)
                 self._inflight.append((e.seq, e.conn, len(e.data)))
-        # The survivor numbers its output on from its own state (after a hybrid failover that is not the
-        # primary's numbering).
-        self.released_seq = ev.output_seq if self.hybrid else max(self.released_seq, ev.output_seq)
+        # The survivor numbers its output on from its own state (after a hybrid failover that is not the primary's
+        # numbering); what the old primary numbered past it was held, or for clients of a gateway that is gone.
+        self.released_seq = ev.output_seq
         self._close_stale_conns(n, ev.conns, {e.conn for e in replay if e.kind == KIND_CLOSE})
         took = (self.now - self.failover_started) * 1e3 if self.now is not None and self.failover_started else 0.0
         self._record("promoted", node=n.id, generation=self.generation, epoch=ev.epoch, replayed=len(replay),
@@ -1188,8 +1219,8 @@ class Witness:
             ok, why = self.manual_failover(msg.reason)
             self._emit(Send(link, CommandResult(ok, why)))
         elif isinstance(msg, ShutdownCommand):
-            self._shutdown(msg.reason)
             self._emit(Send(link, CommandResult(True, "the service is stopping")))
+            self._shutdown(msg.reason)
         elif not isinstance(msg, Heartbeat):
             self._emit(Send(link, CommandResult(False, f"unexpected {msg.NAME}")))
 
