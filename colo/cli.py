@@ -79,7 +79,14 @@ def _common(p: argparse.ArgumentParser) -> None:
     loud = p.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
     loud.add_argument("-q", "--quiet", action="store_true", help="log only errors to stderr")
+    _encrypt_option(p)
     p.add_argument("--ready-file", help=argparse.SUPPRESS)  # `colo up` learns the chosen ports from it
+
+
+def _encrypt_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encrypt", action=argparse.BooleanOptionalAction, default=True,
+                   help="encrypt every frame (AES-256-GCM) besides authenticating it; both ends of a connection "
+                        "must agree (default: on; --no-encrypt: authenticated only)")
 
 
 def _mode_option(p: argparse.ArgumentParser) -> None:
@@ -158,11 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--gateway", type=_address, metavar="HOST:PORT", help="default: the `colo up` on this host")
     st.add_argument("--json", action="store_true", help="print the raw status as JSON")
     st.add_argument("--key-file", help="shared key file (default: as for the other commands)")
+    _encrypt_option(st)
 
     f = sub.add_parser("failover", help="force a failover to the secondary now",
                        description="Fence the primary and promote the secondary.")
     f.add_argument("--gateway", type=_address, metavar="HOST:PORT", help="default: the `colo up` on this host")
     f.add_argument("--key-file", help="shared key file")
+    _encrypt_option(f)
     f.add_argument("--reason", default="operator request", help="recorded with the failover")
 
     d = sub.add_parser("demo", help="the key-value guest survives a SIGKILLed primary (no arguments needed)",
@@ -234,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     from colo.gateway import Gateway, GatewayConfig
     gw = Gateway(GatewayConfig(_key(args), args.listen, args.service, args.heartbeat_timeout, args.trace,
-                               mode=args.mode, compare_timeout=args.compare_timeout / 1000))
+                               mode=args.mode, compare_timeout=args.compare_timeout / 1000, encrypt=args.encrypt))
     _on_term(lambda *_: gw.stop())
     print(f"colo gateway: nodes and control on {gw.listen_address[0]}:{gw.listen_address[1]}, "
           f"clients on {gw.service_address[0]}:{gw.service_address[1]}", file=sys.stderr, flush=True)
@@ -250,7 +259,7 @@ def _node_config(args: argparse.Namespace, **extra: Any) -> Any:
         raise ValueError("--interval and --backstop must be positive")
     return NodeConfig(key=_key(args), gateway=args.gateway, heartbeat_timeout=args.heartbeat_timeout,
                       trace=args.trace, hooks=args.hooks, mode=args.mode, interval=args.interval / 1000,
-                      backstop=args.backstop / 1000, stats=args.stats, **extra)
+                      backstop=args.backstop / 1000, stats=args.stats, encrypt=args.encrypt, **extra)
 
 
 def cmd_primary(args: argparse.Namespace) -> int:
@@ -289,7 +298,8 @@ def _gateway_address(args: argparse.Namespace) -> tuple[str, int]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    reply: StatusReply = ask_gateway(_gateway_address(args), _key(args), StatusRequest(), StatusReply)
+    reply: StatusReply = ask_gateway(_gateway_address(args), _key(args), StatusRequest(), StatusReply,
+                                     encrypt=args.encrypt)
     info = reply.info
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
@@ -338,7 +348,8 @@ def format_status(info: dict[str, Any]) -> str:
 
 
 def cmd_failover(args: argparse.Namespace) -> int:
-    res: CommandResult = ask_gateway(_gateway_address(args), _key(args), FailoverCommand(args.reason), CommandResult)
+    res: CommandResult = ask_gateway(_gateway_address(args), _key(args), FailoverCommand(args.reason), CommandResult,
+                                     encrypt=args.encrypt)
     print(f"colo failover: {res.reason}", file=sys.stderr if not res.ok else sys.stdout)
     return 0 if res.ok else 1
 
@@ -376,7 +387,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     cluster = LocalCluster(args.guest, ram=args.ram, cmdline=args.cmdline, interval_ms=args.interval,
                            service=args.service, stats=args.stats, trace=args.trace,
                            heartbeat_timeout=args.heartbeat_timeout, hooks=args.hooks, directory=d,
-                           verbose=args.verbose, mode=args.mode, backstop_ms=args.backstop)
+                           verbose=args.verbose, mode=args.mode, backstop_ms=args.backstop, encrypt=args.encrypt)
     stopping: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -31,9 +31,10 @@ def write_key(path: Path) -> None:
         f.write(generate_key())
 
 
-def ask_gateway(address: tuple[str, int], key: bytes, request: Any, reply: type, timeout: float = 5.0) -> Any:
+def ask_gateway(address: tuple[str, int], key: bytes, request: Any, reply: type, timeout: float = 5.0,
+                encrypt: bool = True) -> Any:
     """One control request to a gateway, and its reply."""
-    with Client(address, key, timeout=timeout) as c:
+    with Client(address, key, timeout=timeout, encrypt=encrypt) as c:
         return c.ask(request, reply, timeout)
 
 
@@ -45,7 +46,7 @@ class LocalCluster:
                  heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT, hooks: str | None = None,
                  directory: Path | None = None, env: dict[str, dict[str, str]] | None = None,
                  verbose: bool = False, mode: str = "periodic", backstop_ms: float = 2000.0,
-                 key_file: Path | None = None) -> None:
+                 key_file: Path | None = None, encrypt: bool = True) -> None:
         self.dir = directory or Path(tempfile.mkdtemp(prefix="colo-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         if key_file is None:
@@ -59,6 +60,7 @@ class LocalCluster:
         self.env = env or {}
         self.verbose = verbose
         self.mode, self.backstop_ms = mode, backstop_ms
+        self.encrypt = encrypt
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.gateway: tuple[str, int] = ("", 0)
         self.service_address: tuple[str, int] = ("", 0)
@@ -75,6 +77,8 @@ class LocalCluster:
             args.append("--trace")
         if self.verbose:
             args.append("-v")
+        if not self.encrypt:
+            args.append("--no-encrypt")
         return args
 
     def node_args(self) -> list[str]:
@@ -127,7 +131,7 @@ class LocalCluster:
         return str(self._wait_ready(role, timeout)["node"])
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
-        reply: StatusReply = ask_gateway(self.gateway, self.key, StatusRequest(), StatusReply, timeout)
+        reply: StatusReply = ask_gateway(self.gateway, self.key, StatusRequest(), StatusReply, timeout, self.encrypt)
         return dict(reply.info)
 
     def wait_protected(self, timeout: float = 30.0) -> dict[str, Any]:
@@ -152,7 +156,8 @@ class LocalCluster:
         gw = self.procs.get("gateway")
         if gw is not None and gw.poll() is None and self.gateway[1]:
             try:
-                ask_gateway(self.gateway, self.key, ShutdownCommand("colo up is stopping"), CommandResult, 2.0)
+                ask_gateway(self.gateway, self.key, ShutdownCommand("colo up is stopping"), CommandResult, 2.0,
+                            self.encrypt)
             except (ColoError, OSError):
                 pass
         deadline = time.monotonic() + timeout

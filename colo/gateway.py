@@ -64,6 +64,7 @@ class GatewayConfig:
     credit: int = 16 << 10
     out_limit: int = 1 << 20
     slow_timeout: float = 30.0
+    encrypt: bool = True  # every connection's frames encrypted as well as authenticated (colo.session)
 
 
 class Gateway:
@@ -173,7 +174,7 @@ class Gateway:
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             c = Conn(sock, key=self.cfg.key, role="gateway", peer_role=PEER_ROLES, name=f"{peer[0]}:{peer[1]}",
-                     tracer=self.tracer)
+                     tracer=self.tracer, encrypt=self.cfg.encrypt)
             self.conns[c.id] = c
 
     def _conn_ready(self, link: int, mask: int) -> None:

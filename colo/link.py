@@ -99,7 +99,7 @@ class Conn:
     def __init__(self, sock: socket.socket, *, key: bytes, role: str, peer_role: str | Collection[str],
                  name: str = "", connecting: bool = False, tracer: Tracer | None = None,
                  protocol: ProtocolFactory | None = None, max_payload: int = MAX_PAYLOAD,
-                 encrypt: bool = False) -> None:
+                 encrypt: bool = True) -> None:
         self.id = next(Conn._ids)
         self.sock = sock
         sock.setblocking(False)
@@ -430,7 +430,7 @@ def connect_nonblocking(address: tuple[str, int]) -> socket.socket:
 
 # -- blocking helpers for one-shot clients (`colo status`, tests) ------------------------------------------------
 def authenticate(sock: socket.socket, key: bytes, role: str, peer_role: str | Collection[str], *,
-                 encrypt: bool = False) -> Handshake:
+                 encrypt: bool = True) -> Handshake:
     """Run the handshake on a connected blocking socket; AuthError (or OSError) on failure."""
     hs = Handshake(key, role, peer_role, encrypt=encrypt)
     sock.settimeout(AUTH_TIMEOUT)
@@ -460,7 +460,7 @@ class Client:
     """A blocking request/reply connection: the control commands (`colo status`, `colo failover`) and tests."""
 
     def __init__(self, address: tuple[str, int], key: bytes, role: str = "control", peer_role: str = "gateway",
-                 timeout: float = 5.0, encrypt: bool = False) -> None:
+                 timeout: float = 5.0, encrypt: bool = True) -> None:
         self.sock = connect(address, timeout)
         try:
             self.hs = authenticate(self.sock, key, role, peer_role, encrypt=encrypt)

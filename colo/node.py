@@ -138,6 +138,7 @@ class NodeConfig:
     hooks: str | None = None
     mode: str = "periodic"  # "hybrid": the secondary's VM runs too
     console: bool = True  # print the guest's serial console on stdout
+    encrypt: bool = True  # frames encrypted as well as authenticated, on every link
     interval: float = 0.1  # periodic: seconds between checkpoints
     backstop: float = 2.0  # hybrid: a checkpoint at least this often
     stats: str | None = None  # append one JSON line per checkpoint
@@ -179,7 +180,7 @@ class Node:
         self._taken_sent = 0
         self.io = NodeIO(key=cfg.key, gateway=cfg.gateway, role=self.hello_role,
                          heartbeat_timeout=cfg.heartbeat_timeout, hello=self.hello, status=self.status,
-                         tracer=self.tracer, on_message=self._urgent)
+                         tracer=self.tracer, on_message=self._urgent, encrypt=cfg.encrypt)
         self.inbox = self.io.inbox
         keep_buffers_on_heap()
 

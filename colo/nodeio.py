@@ -69,8 +69,9 @@ Source = Conn | str
 class NodeIO:
     def __init__(self, *, key: bytes, gateway: tuple[str, int], role: Callable[[], str], heartbeat_timeout: float,
                  hello: Callable[[], Message], status: Callable[[], Message], tracer: Tracer | None = None,
-                 on_message: Callable[[Source, Any], None] | None = None) -> None:
+                 on_message: Callable[[Source, Any], None] | None = None, encrypt: bool = True) -> None:
         self.key = key
+        self.encrypt = encrypt
         self.gateway_address = gateway
         self.role = role
         self.timeout = heartbeat_timeout
@@ -144,7 +145,7 @@ class NodeIO:
                 self.inbox.put(("repl", Closed(f"cannot connect to {address[0]}:{address[1]}: {e}")))
                 return
             c = Conn(sock, key=self.key, role="primary", peer_role="secondary", name="secondary", connecting=True,
-                     tracer=self.tracer, protocol=factory)
+                     tracer=self.tracer, protocol=factory, encrypt=self.encrypt)
             self._add(c)
         self.call(go)
 
@@ -303,7 +304,7 @@ class NodeIO:
             self._backoff = min(RECONNECT_MAX, self._backoff * 2)
             return
         c = Conn(sock, key=self.key, role=self.role(), peer_role="gateway", name="gateway", connecting=True,
-                 tracer=self.tracer)
+                 tracer=self.tracer, encrypt=self.encrypt)
         self._gw_conn = c
         self._add(c)
 
@@ -319,4 +320,4 @@ class NodeIO:
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._add(Conn(sock, key=self.key, role="secondary", peer_role="primary", name=f"{peer[0]}:{peer[1]}",
-                           tracer=self.tracer, protocol=self._repl_factory))
+                           tracer=self.tracer, protocol=self._repl_factory, encrypt=self.encrypt))

@@ -33,7 +33,7 @@ def connected(extra: bytes | None = None) -> tuple[Conn, Handshake, socket.socke
     peer sends in the same write as its proof, sealed by its session unless it is raw bytes."""
     ours, theirs = socket.socketpair()
     conn = Conn(ours, key=KEY, role="gateway", peer_role=("control",), name="control")
-    b = Handshake(KEY, "control", "gateway")
+    b = Handshake(KEY, "control", "gateway", encrypt=True)  # as Conn, by default
     theirs.sendall(b.start())
     events = conn.on_ready(BOTH)  # sends our challenge
     while not b.done:
@@ -63,7 +63,7 @@ def test_messages_are_sealed_both_ways() -> None:
 def test_a_good_frame_behind_the_proof_is_delivered() -> None:
     ours, theirs = socket.socketpair()
     conn = Conn(ours, key=KEY, role="gateway", peer_role=("control",), name="control")
-    b = Handshake(KEY, "control", "gateway")
+    b = Handshake(KEY, "control", "gateway", encrypt=True)  # as Conn, by default
     theirs.sendall(b.start())
     events = conn.on_ready(BOTH)
     while not b.done:
@@ -80,7 +80,7 @@ def test_a_good_frame_behind_the_proof_is_delivered() -> None:
 
 def test_a_bad_frame_behind_the_proof_closes_the_link_instead_of_raising() -> None:
     # a sealed header with a bad tag, in the same write as the proof
-    conn, _, theirs, events = connected(extra=b"COLO\x02" + bytes(28))
+    conn, _, theirs, events = connected(extra=b"COLO\x03" + bytes(28))
     if not any(isinstance(e, Closed) for e in events):
         events += pump(conn, Closed)
     closed = [e for e in events if isinstance(e, Closed)]

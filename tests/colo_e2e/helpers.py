@@ -517,7 +517,7 @@ class PeerLink:
 
     def __init__(self, address: tuple[str, int], key: bytes, role: str, peer_role: str,
                  protocol: Callable[[Any], Any] | None = None, max_payload: int | None = None,
-                 encrypt: bool = False) -> None:
+                 encrypt: bool = True) -> None:
         from colo.link import authenticate, connect
 
         self.sock = connect(address)

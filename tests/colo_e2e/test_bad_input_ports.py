@@ -111,7 +111,7 @@ def wrong_key_handshake(address: tuple[str, int], role: str, peer_role: str) -> 
     server's (bytes fed one at a time), so the server sees a proof that does not verify."""
     s = socket.create_connection(address, timeout=15)
     port = s.getsockname()[1]
-    hs = Handshake(generate_key(), role, peer_role)
+    hs = Handshake(generate_key(), role, peer_role, encrypt=True)  # as the servers: only the key is wrong
     s.sendall(hs.start())
     try:
         while True:
@@ -156,7 +156,7 @@ PRE_AUTH = [
 POST_AUTH: list[tuple[str, Callable[[SessionCodec], bytes], str]] = [
     ("plain-frame", lambda c: frame_header(15) + msgpack.packb({"msg": "heartbeat"}),
      "a plain, unauthenticated frame where a sealed one must come"),
-    ("forged-header", lambda c: struct.pack(">4sBIQ", b"COLO", 2, 15, 1) + bytes(16),
+    ("forged-header", lambda c: struct.pack(">4sBIQ", b"COLO", 3 if c.encrypt else 2, 15, 1) + bytes(16),
      "frame 1 from the control fails its MAC"),
     ("garbage", lambda c: b"\x00garbage bytes that are not a frame\xff" * 4, "bad magic"),
     ("wrong-version", lambda c: frame_header(15, version=7) + msgpack.packb({"msg": "heartbeat"}), "has version 7"),
