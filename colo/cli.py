@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where nodes and control commands connect (default 127.0.0.1:0)")
     g.add_argument("--service", type=_address, default=("127.0.0.1", 0), metavar="HOST:PORT",
                    help="where clients of the guest connect (default 127.0.0.1:0)")
+    g.add_argument("--client-timeout", type=float, default=30.0, metavar="S",
+                   help="close a client that reads none of its unsent replies (over 1 MiB) for S seconds "
+                        "(default 30)")
     g.add_argument("--compare-timeout", type=float, default=200.0, metavar="MS",
                    help="hybrid mode: output left unmatched this long triggers a checkpoint (default 200)")
     _mode_option(g)
@@ -243,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     from colo.gateway import Gateway, GatewayConfig
     gw = Gateway(GatewayConfig(_key(args), args.listen, args.service, args.heartbeat_timeout, args.trace,
-                               mode=args.mode, compare_timeout=args.compare_timeout / 1000, encrypt=args.encrypt))
+                               mode=args.mode, compare_timeout=args.compare_timeout / 1000, encrypt=args.encrypt,
+                               slow_timeout=args.client_timeout))
     _on_term(lambda *_: gw.stop())
     print(f"colo gateway: nodes and control on {gw.listen_address[0]}:{gw.listen_address[1]}, "
           f"clients on {gw.service_address[0]}:{gw.service_address[1]}", file=sys.stderr, flush=True)

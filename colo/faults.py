@@ -10,6 +10,7 @@ import signal
 
 PRIMARY_PHASES = ("before-request", "after-request", "after-reply", "mid-send", "after-size", "after-received",
                   "after-commit", "after-loaded")
+COPY_PHASES = ("mid-copy",)  # the primary, halfway through the copy of its VM to a new secondary (epoch: the copy's)
 SECONDARY_PHASES = ("after-request", "after-reply", "mid-receive", "after-size", "after-received",
                     "after-loaded")
 ENV = "COLO_FAULT"

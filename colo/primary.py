@@ -291,7 +291,10 @@ class PrimaryRole:
                                  conns=sorted(node.conns_open))
         node.state_log.write(vm, self.epoch - 1, node.generation)
         timeout = self.cfg.heartbeat_timeout * REPLY_TIMEOUT_FACTOR
-        for lo in range(0, len(blob), DEFAULT_CHUNK_SIZE):
+        chunks = range(0, len(blob), DEFAULT_CHUNK_SIZE)
+        for n, lo in enumerate(chunks):
+            if n == len(chunks) // 2:
+                self.faults.reach("mid-copy", self.epoch - 1)
             if not repl.send(InitialChunk(blob[lo:lo + DEFAULT_CHUNK_SIZE]), block=timeout):
                 raise SecondaryLost(f"the copy could not be sent: {repl.closed_reason or 'the link is stuck'}")
         repl.send(InitialSize(len(blob)))

@@ -632,6 +632,7 @@ class Witness:
             return
         if isinstance(msg, NodeStatus):
             n.info = dict(msg.info)
+            n.generation = msg.generation  # a secondary's follows its primary's (it learns it from the copy)
             return
         if self.hybrid and n.id in (self.secondary, self.promoting, self.mirror) and n.id != self.active \
                 and isinstance(msg, (Output, Resynced, Promoted)):
@@ -1015,7 +1016,10 @@ class Witness:
                      level="error")
         if sec is not None:
             self.secondary = None
-            self._fence(sec, "the primary is gone and was not protected: there is nothing to take over")
+            if was is S.PROTECTING and sec.connected:
+                sec.role, sec.peer = "spare", ""  # its partial copy is discarded: it waits as a spare again
+            else:
+                self._fence(sec, "the primary is gone and was not protected: there is nothing to take over")
         self._close_all_clients("no node holds the service")
         self._emit(ListenClients(True))  # refuse new clients at once
 
@@ -1300,6 +1304,8 @@ class Witness:
             raise WitnessError(f"the witness cannot go from {self.service.value} on {what!r}")
         if nxt is not self.service:
             self._record("service", was=self.service.value, now=nxt.value, on=what)
+        if self.service is S.LEARNING and nxt is not S.LEARNING:
+            self._emit(ListenClients(True))  # from now on clients are served, or told at once that they cannot be
         self.service = nxt
 
     def _emit(self, action: WitnessAction) -> None:

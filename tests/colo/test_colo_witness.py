@@ -538,8 +538,9 @@ def test_primary_lost_while_unprotected_takes_the_service_down(copying: bool) ->
     assert sorted(a.conn for a in of(acts, CloseClient)) == [c1, c2]
     assert ListenClients(True) in acts
     assert not of(acts, Promote)
-    if s is not None:  # its copy is incomplete: nothing to take over, and it must not try
-        assert fenced(acts, s)
+    if s is not None:  # its copy is incomplete: nothing to take over; it waits as a spare again
+        assert not fenced(acts, s) and not of(acts, Promote)
+        assert [n["id"] for n in h.w.status()["spares"]] == [s.id]
     assert of(h.try_connect(), RefuseClient)
     assert h.w.status()["gateway"]["service_state"] == "down"
 

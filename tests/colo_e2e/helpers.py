@@ -73,7 +73,8 @@ class Procs:
     (`python -m colo ROLE ...`), but any subset of them, so a test can play a role itself."""
 
     def __init__(self, directory: Path, *, heartbeat_timeout: float = 0.8, env: dict[str, dict[str, str]] | None = None,
-                 key: bytes | None = None) -> None:
+                 key: bytes | None = None, mode: str = "periodic") -> None:
+        self.mode = mode
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.key_file = self.dir / "key"
@@ -89,13 +90,16 @@ class Procs:
         self.service: tuple[str, int] = ("", 0)
         self.secondary: tuple[str, int] = ("", 0)
 
-    def spawn(self, role: str, *args: str) -> subprocess.Popen[bytes]:
-        out = open(self.dir / f"{role}.out", "wb")
-        err = open(self.dir / f"{role}.err", "wb")
+    def spawn(self, role: str, *args: str, command: str | None = None) -> subprocess.Popen[bytes]:
+        """Start `python -m colo COMMAND ...` (COMMAND defaults to the role's name) with its own output files;
+        a role name may be new ("gateway-2", "secondary-2"), the command is one of colo's."""
+        out = open(self.dir / f"{role}.out", "ab")
+        err = open(self.dir / f"{role}.err", "ab")
         self._files += [out, err]
         (self.dir / f"{role}.json").unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "colo", role, *args, "--key-file", str(self.key_file),
-               "--heartbeat-timeout", str(self.heartbeat_timeout), "--ready-file", str(self.dir / f"{role}.json")]
+        cmd = [sys.executable, "-m", "colo", command or role, *args, "--key-file", str(self.key_file),
+               "--heartbeat-timeout", str(self.heartbeat_timeout), "--ready-file", str(self.dir / f"{role}.json"),
+               "--mode", self.mode]
         proc = subprocess.Popen(cmd, env=child_env(self.env.get(role)), cwd=ROOT, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=err, start_new_session=True)
         self.procs[role] = proc
@@ -113,16 +117,18 @@ class Procs:
             return None
         return wait_for(ready, timeout, f"the {role} to start")
 
-    def start_gateway(self) -> None:
-        self.spawn("gateway", "--listen", f"{HOST}:0", "--service", f"{HOST}:0")
-        g = self.wait_ready("gateway")
+    def start_gateway(self, *extra: str, role: str = "gateway", listen: tuple[str, int] = (HOST, 0),
+                      service: tuple[str, int] = (HOST, 0)) -> None:
+        """A gateway (again on the same addresses, to play one restarted on its host)."""
+        self.spawn(role, "--listen", "%s:%d" % listen, "--service", "%s:%d" % service, *extra, command="gateway")
+        g = self.wait_ready(role)
         self.gateway, self.service = tuple(g["listen"]), tuple(g["service"])
 
     def start_secondary(self, role: str = "secondary", *, interval_ms: float = 30,
                         extra: tuple[str, ...] = ()) -> tuple[str, int]:
         """A node that registers with the gateway as a spare; the gateway pairs it with the primary."""
         self.spawn(role, "--gateway", "%s:%d" % self.gateway, "--listen", f"{HOST}:0", "--interval",
-                   str(interval_ms), *extra)
+                   str(interval_ms), *extra, command="secondary")
         address = tuple(self.wait_ready(role)["listen"])
         if role == "secondary":
             self.secondary = address  # type: ignore[assignment]
