@@ -250,7 +250,7 @@ class Node:
                 if time.monotonic() >= deadline:
                     return None
                 continue
-            if source == "gateway" or source is self.io.gateway:
+            if source == "gateway":
                 self.on_gateway_event(ev)
                 return None
             return source, ev

@@ -237,10 +237,12 @@ class NodeIO:
             self._drop(c, c.closed_reason)
 
     def _source(self, c: Conn) -> Source:
-        return "gateway" if c is self.gateway else c
+        return "gateway" if c is self._gw_conn else c
 
     def _post(self, c: Conn, ev: NodeEvent) -> None:
-        self.inbox.put((c, ev))
+        # Tagged here, not judged by the VM thread later: by then the link may be gone (a shutdown message read
+        # just before the gateway closed must still count as the gateway's).
+        self.inbox.put(("gateway" if c is self._gw_conn else c, ev))
 
     def _add(self, c: Conn) -> None:
         self._conns.add(c)

@@ -216,7 +216,7 @@ class PrimaryRole:
         if isinstance(ev, (Heartbeat, Heard)):
             return
         if isinstance(ev, ErrorMessage) and ev.reason.startswith(LEAVING):
-            log.info("primary: the secondary left (%s): running unprotected", ev.reason[len(LEAVING):])
+            log.info("primary: the secondary left on purpose (%s)", ev.reason[len(LEAVING):])
             self._unprotect(ev.reason, quiet=True)
             return
         self._unprotect(self._describe_loss(ev))

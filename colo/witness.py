@@ -309,6 +309,7 @@ class NodeView:
     hello: NodeHello
     info: dict[str, Any] = field(default_factory=dict)
     silent: bool = False
+    not_before: float = 0.0  # a spare whose copy failed is not paired again before this witness time
     lost: str = ""  # why it was lost ("" while it is part of the service)
     lost_at: float = 0.0  # wall time
 
@@ -450,6 +451,8 @@ class Witness:
                                      fence=True)
         if self.comparer is not None and self._comparing():
             self._compare_actions(self.comparer.poll(now))
+        if self.service is S.ALONE and self.secondary is None:
+            self._assign_protection()  # a spare whose retry pause has passed
         if now - self._last_heartbeat >= self.cfg.heartbeat_interval:
             self._last_heartbeat = now
             for link in self.links:
@@ -690,9 +693,16 @@ class Witness:
         if c is None:
             return
         c.gone = c.gone or gone
+        if c.gone:
+            # Nobody reads its replies any more: its unsent output no longer holds its input back (what it sent
+            # before it went still reaches the guest, like a request piped in and the socket closed).
+            c.backlogged = False
         if not any(kind == KIND_CLOSE for kind, _ in c.pending) and not c.input_closed:
             self._queue(conn, KIND_CLOSE, b"")
-        self._reap(conn, c)
+        else:
+            self._pump(conn)
+        if conn in self.conns:
+            self._reap(conn, c)
 
     def _client_backlog(self, conn: int, over: bool) -> None:
         c = self.conns.get(conn)
@@ -862,12 +872,20 @@ class Witness:
             return
         self._record("unprotected", node=n.id, reason=msg.reason, level="warning")
         sec = self._node(self.secondary)
+        copying = self.service is S.PROTECTING
         if self.service in (S.PROTECTING, S.PROTECTED):
             self._go("unprotected")
         self._unprotected()
         if sec is not None:
             self.secondary = None
-            self._fence(sec, f"the primary dropped it: {msg.reason}")
+            if copying and sec.connected:
+                # The copy failed (a slow or refused connection): it held nothing yet, so it is a spare again, to
+                # be tried once more after a pause (not at once: the same failure would repeat in a loop).
+                sec.role, sec.peer = "spare", ""
+                assert self.now is not None
+                sec.not_before = self.now + 2 * self.cfg.heartbeat_timeout
+            else:
+                self._fence(sec, f"the primary dropped it: {msg.reason}")
         self._assign_protection()
 
     def _unprotected(self) -> None:
@@ -901,7 +919,9 @@ class Witness:
         act = self._node(self.active)
         if act is None or self.service is not S.ALONE or self.secondary is not None or not act.connected:
             return
-        spares = [n for n in self.nodes.values() if n.role == "spare" and n.connected and n.address]
+        assert self.now is not None
+        spares = [n for n in self.nodes.values() if n.role == "spare" and n.connected and n.address
+                  and n.not_before <= self.now]
         if not spares:
             return
         sec = min(spares, key=lambda n: n.since)
