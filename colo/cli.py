@@ -32,10 +32,9 @@ exit status:
   0    stopped cleanly: SIGINT or SIGTERM (Ctrl-C), or the command did what it was asked
   1    colo failover: the gateway refused; colo demo: a write was lost or a connection broke
   2    a bad command line, or an error that stopped the command (the message says which)
-  3    primary or secondary: lost the gateway, stopped so that there is never a second active copy
-  4    primary or secondary: fenced by the gateway (another node is active)
-  6    secondary: promoted, or lost the primary, before the initial copy arrived: nothing to take over
+  4    primary or secondary: fenced by the gateway (a newer generation exists, another node is active)
   N    primary, or a promoted secondary: the guest powered off with exit code N
+  125  primary, or a promoted secondary: the guest faulted (the message is toyvm's)
 """
 
 

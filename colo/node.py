@@ -182,6 +182,7 @@ class Node:
                          heartbeat_timeout=cfg.heartbeat_timeout, hello=self.hello, status=self.status,
                          tracer=self.tracer, on_message=self._urgent, encrypt=cfg.encrypt)
         self.inbox = self.io.inbox
+        sys.setswitchinterval(0.0005)  # hand the GIL over fast: the I/O thread must not wait 5 ms to run
         keep_buffers_on_heap()
 
     # -- what the gateway learns about us -----------------------------------------------------------------------
