@@ -634,6 +634,14 @@ class Fence(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Reset(Message):
+    """Gateway->secondary: discard your copy (it is of a past the service left) and wait as a spare."""
+
+    NAME: ClassVar[str] = "reset"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown(Message):
     """Gateway->node: the service is being stopped on purpose (`reason`): exit cleanly."""
 
@@ -722,6 +730,7 @@ GATEWAY_MESSAGES: tuple[type[Message], ...] = (
     Promote,
     Promoted,
     Fence,
+    Reset,
     Shutdown,
 )
 

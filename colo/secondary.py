@@ -32,6 +32,7 @@ from colo.messages import (
     Output,
     Promote,
     Promoted,
+    Reset,
     Resynced,
     VmstateChunk,
     VmstateLoaded,
@@ -183,6 +184,8 @@ class SecondaryRole:
                 log.error("secondary: promoted while holding no copy of the VM: ignored")
                 return
             self.promote = msg
+        elif isinstance(msg, Reset):
+            self.reset(msg.reason)
         else:
             log.warning("secondary: unexpected message from the gateway: %r", msg)
 
@@ -296,6 +299,20 @@ class SecondaryRole:
         node.vm.take_serial()
         node.vm.net.take_output()  # produced by the discarded run: never sent
         node.send_gateway(Resynced(node.generation, staged.epoch, staged.input_seq, staged.output_seq))
+
+    def reset(self, why: str) -> None:
+        """The gateway says our copy is of a past the service left: discard it and wait as a spare (the VM object
+        stays, to be filled by the next copy)."""
+        log.warning("secondary: reset by the gateway (%s): discarding the copy, waiting as a spare", why)
+        if self.repl is not None:
+            self.node.close_repl(f"{LEAVING}reset by the gateway", self.repl)
+        self.repl = None
+        self.applied = self.complete = None
+        self.cache = None
+        self.primary_id = ""
+        self.failover_asked = False
+        self.node.backlog.clear()
+        self.node.state = NodeState.SPARE
 
     # -- losing the primary ------------------------------------------------------------------------------------
     def drop_primary(self, why: str) -> None:

@@ -56,6 +56,7 @@ from colo.messages import (
     Protect,
     Protection,
     ProtectionState,
+    Reset,
     Resynced,
     Shutdown,
     ShutdownCommand,
@@ -496,9 +497,10 @@ class Witness:
         elif hello.role == "primary":
             self._primary_attached(n)
         elif hello.role == "secondary":
-            # It holds a copy of some primary's VM, but it is not the active node's secondary: that copy is
-            # of a past the service has left.
-            self._fence(n, "its copy is not of the active node")
+            # It holds a copy of some primary's VM, but it is not the active node's secondary (it came back after a
+            # partition, say): that copy is of a past the service has left. It starts again as a spare.
+            self._reset(n, "your copy is not of the active node")
+            self._assign_protection()
         else:
             self._assign_protection()
 
@@ -516,7 +518,7 @@ class Witness:
             sec = self._node(self.secondary)
             if sec is not None:
                 self.secondary = None
-                self._fence(sec, f"its primary was stale: {why}")
+                self._reset(sec, f"its primary was stale: {why}")
             self._stop_comparing()
             self._go("superseded")
             self._close_all_clients(why)
@@ -878,12 +880,12 @@ class Witness:
         self._unprotected()
         if sec is not None:
             self.secondary = None
-            if copying and sec.connected:
-                # The copy failed (a slow or refused connection): it held nothing yet, so it is a spare again, to
-                # be tried once more after a pause (not at once: the same failure would repeat in a loop).
-                sec.role, sec.peer = "spare", ""
-                assert self.now is not None
-                sec.not_before = self.now + 2 * self.cfg.heartbeat_timeout
+            if sec.connected:
+                # The copy failed, or the pair lost each other (a refused frame, a cut link): the secondary's copy
+                # no longer covers what clients saw. It starts again as a spare, copied anew after a pause (not at
+                # once: the same failure would repeat in a loop).
+                self._reset(sec, f"the primary dropped it: {msg.reason}" if not copying else
+                            f"the copy failed: {msg.reason}")
             else:
                 self._fence(sec, f"the primary dropped it: {msg.reason}")
         self._assign_protection()
@@ -1015,10 +1017,13 @@ class Witness:
             if act is not None and act.link is not None:
                 self._send(act, Unprotect(f"the secondary {n.id} was lost: {why}"))
         if fence and not n.lost:
-            n.lost, n.lost_at = why, self.wall
-            self._record("lost", node=n.id, role=n.role, reason=why, level="warning")
-            if n.link is not None:
-                self._fence(n, why)
+            if n.connected:
+                self._reset(n, why)  # heard, only out of step with the primary: a spare again, copied anew
+            else:
+                n.lost, n.lost_at = why, self.wall
+                self._record("lost", node=n.id, role=n.role, reason=why, level="warning")
+                if n.link is not None:
+                    self._fence(n, why)
         self._assign_protection()
 
     def _active_lost(self, n: NodeView, why: str) -> None:
@@ -1309,6 +1314,16 @@ class Witness:
             n.lost, n.lost_at = f"fenced: {why}", self.wall
         if self.active == n.id:
             self.active = None
+
+    def _reset(self, n: NodeView, why: str) -> None:
+        """`n` goes back to being a spare: it discards its copy, and is paired again after a pause."""
+        assert self.now is not None
+        if self.secondary == n.id:
+            self.secondary = None
+        n.role, n.peer = "spare", ""
+        n.not_before = self.now + 2 * self.cfg.heartbeat_timeout
+        self._record("reset", node=n.id, reason=why, level="warning")
+        self._send(n, Reset(why))
 
     def _fence_link(self, link: int, why: str) -> None:
         self._emit(Send(link, Fence(why)))

@@ -38,6 +38,7 @@ from colo.messages import (
     Protect,
     Protection,
     ProtectionState,
+    Reset,
     Resynced,
     Shutdown,
     ShutdownCommand,
@@ -247,6 +248,12 @@ def sent(actions: Iterable[Any], n: Node | int, cls: type[M]) -> list[M]:
 def fenced(actions: Iterable[Any], n: Node | int) -> bool:
     link = n.link if isinstance(n, Node) else n
     return bool(sent(actions, link, Fence)) and any(isinstance(a, CloseLink) and a.link == link for a in actions)
+
+
+def reset(actions: Iterable[Any], n: Node | int) -> bool:
+    """The witness told the node to discard its copy and wait as a spare (it stays connected)."""
+    link = n.link if isinstance(n, Node) else n
+    return bool(sent(actions, link, Reset)) and not any(isinstance(a, CloseLink) and a.link == link for a in actions)
 
 
 def released(actions: Iterable[Any]) -> list[tuple[int, int, bytes]]:
@@ -502,10 +509,10 @@ def test_secondary_lost_while_protected_releases_held_output_at_once(how: str) -
         assert sent(acts, p, Unprotect)
     elif how == "silent":
         acts = h.run_for(TIMEOUT + 2 * STEP, heard=[p])
-        assert fenced(acts, s) and sent(acts, p, Unprotect)
+        assert fenced(acts, s) and sent(acts, p, Unprotect)  # not heard: lost (it would be reset if it came back)
     else:
         acts = h.unprotected(p)
-        assert fenced(acts, s)  # the primary dropped it: it holds nothing the service counts on
+        assert reset(acts, s)  # the primary dropped it: it holds nothing the service counts on; a spare again
     assert released(acts) == [(1, c, b"one"), (2, c, b"two")]
     assert h.service is S.ALONE and not h.w.protected
     assert not of(acts, Promote)
@@ -618,7 +625,7 @@ def test_a_failover_request_while_the_primary_is_heard_fences_the_secondary_afte
     acts = h.run_for(2 * TIMEOUT - STEP, heard=[p, s])
     assert not fenced(acts, s) and h.service is S.PROTECTED
     acts = h.run_for(2 * STEP, heard=[p, s])
-    assert fenced(acts, s) and sent(acts, p, Unprotect)
+    assert reset(acts, s) and sent(acts, p, Unprotect)
     assert h.service is S.ALONE
     assert released(acts) == [(1, c, b"held")]
     assert not of(h.log, Promote)
@@ -641,7 +648,7 @@ def test_a_failover_request_before_the_copy_is_complete_fences_the_secondary_at_
     s = h.attach_spare()
     p = h.attach_primary()
     acts = h.msg(s, FailoverRequest(s.gen, "lost the primary"))
-    assert fenced(acts, s) and sent(acts, p, Unprotect)
+    assert reset(acts, s) and sent(acts, p, Unprotect)
     assert h.service is S.ALONE
 
 
@@ -850,7 +857,7 @@ def test_a_stall_does_not_count_against_a_failover_request() -> None:
     h.run_for(0.8, heard=[p, s])
     assert not fenced(h.log, s)
     acts = h.run_for(1.0, heard=[p, s])
-    assert fenced(acts, s)
+    assert reset(acts, s)
 
 
 def test_heartbeats_go_to_every_node_link() -> None:
@@ -941,7 +948,7 @@ def test_a_primary_naming_a_secondary_that_never_comes_is_chosen_at_the_deadline
     acts = h.run_for(2 * TIMEOUT + STEP, heard=[p])
     assert h.service is S.ALONE and h.w.active == "p"
     late = h.attach_secondary("s", peer="p", **SECONDARY_STATE)  # too late: its copy is of a past gone by
-    assert fenced(h.last, late)
+    assert reset(h.last, late)
 
 
 def test_a_secondary_whose_primary_comes_after_the_deadline_is_paired_again() -> None:

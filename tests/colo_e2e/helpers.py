@@ -57,9 +57,9 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def status_of(gateway: tuple[str, int], key: bytes, timeout: float = 5.0) -> dict[str, Any]:
+def status_of(gateway: tuple[str, int], key: bytes, timeout: float = 5.0, encrypt: bool = True) -> dict[str, Any]:
     """The gateway's status dict, asked over an authenticated control link (what `colo status` does)."""
-    reply: StatusReply = ask_gateway(gateway, key, StatusRequest(), StatusReply, timeout)
+    reply: StatusReply = ask_gateway(gateway, key, StatusRequest(), StatusReply, timeout, encrypt)
     return dict(reply.info)
 
 
@@ -73,8 +73,9 @@ class Procs:
     (`python -m colo ROLE ...`), but any subset of them, so a test can play a role itself."""
 
     def __init__(self, directory: Path, *, heartbeat_timeout: float = 0.8, env: dict[str, dict[str, str]] | None = None,
-                 key: bytes | None = None, mode: str = "periodic") -> None:
+                 key: bytes | None = None, mode: str = "periodic", common: tuple[str, ...] = ()) -> None:
         self.mode = mode
+        self.common = common  # options every role gets (e.g. --no-encrypt)
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.key_file = self.dir / "key"
@@ -99,7 +100,7 @@ class Procs:
         (self.dir / f"{role}.json").unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "colo", command or role, *args, "--key-file", str(self.key_file),
                "--heartbeat-timeout", str(self.heartbeat_timeout), "--ready-file", str(self.dir / f"{role}.json"),
-               "--mode", self.mode]
+               "--mode", self.mode, *self.common]
         proc = subprocess.Popen(cmd, env=child_env(self.env.get(role)), cwd=ROOT, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=err, start_new_session=True)
         self.procs[role] = proc
@@ -135,13 +136,14 @@ class Procs:
         return address  # type: ignore[return-value]
 
     def start_primary(self, guest: str | Path, *, ram: str = "16M", cmdline: str = "", interval_ms: float = 30,
-                      extra: tuple[str, ...] = ()) -> None:
-        args = [str(guest), "--gateway", "%s:%d" % self.gateway, "--ram", ram, "--cmdline", cmdline,
+                      extra: tuple[str, ...] = (), gateway: tuple[str, int] | None = None) -> None:
+        """`gateway`: where the primary is told the gateway is (a relay in front of it, say)."""
+        args = [str(guest), "--gateway", "%s:%d" % (gateway or self.gateway), "--ram", ram, "--cmdline", cmdline,
                 "--interval", str(interval_ms), *extra]
         self.spawn("primary", *args)
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
-        return status_of(self.gateway, self.key, timeout)
+        return status_of(self.gateway, self.key, timeout, encrypt="--no-encrypt" not in self.common)
 
     def cli_status(self, timeout: float = 20.0) -> dict[str, Any]:
         """`colo status --json` as an operator runs it, against this gateway."""
