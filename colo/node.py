@@ -212,6 +212,7 @@ class Node:
     # -- running the roles -------------------------------------------------------------------------------------
     def run(self, first_role: Any) -> int:
         self.role = first_role
+        self.role.prepare()  # before the I/O thread connects: the hello must say where a primary reaches us
         self.io.start()
         try:
             while True:

@@ -101,6 +101,9 @@ class PrimaryRole:
                 "interval_ms": round(self.interval * 1e3, 3), "secondary": self.secondary_id or None}
 
     # -- start -------------------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        pass
+
     @classmethod
     def boot(cls, node: Node) -> PrimaryRole:
         cfg = node.cfg

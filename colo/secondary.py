@@ -95,13 +95,18 @@ class SecondaryRole:
                 "address": self.address() or None}
 
     # -- the main loop -----------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Open the port primaries connect to (before the first hello, which gives the gateway its address)."""
+        if self.listen_address[1] == 0:
+            self.listen_address = self.node.io.listen(self.cfg.listen,
+                                                      lambda hs: SecondaryProtocol(hs, first_epoch=None))
+            if self.cfg.on_listening is not None:
+                self.cfg.on_listening(self.listen_address)
+
     def run(self) -> Any:
         node = self.node
         node.mode = Mode.SECONDARY
-        if self.listen_address[1] == 0:
-            self.listen_address = node.io.listen(self.cfg.listen, lambda hs: SecondaryProtocol(hs, first_epoch=None))
-            if self.cfg.on_listening is not None:
-                self.cfg.on_listening(self.listen_address)
+        self.prepare()
         node.state = NodeState.SPARE
         while self.promote is None:
             try:

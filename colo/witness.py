@@ -638,6 +638,10 @@ class Witness:
         if isinstance(msg, NodeStatus):
             n.info = dict(msg.info)
             n.generation = msg.generation  # a secondary's follows its primary's (it learns it from the copy)
+            address = n.info.get("address")
+            if not n.address and isinstance(address, str) and address.rpartition(":")[2].isdigit():
+                n.address = address  # it said hello before it knew where it listens
+                self._assign_protection()
             return
         if self.hybrid and n.id in (self.secondary, self.promoting, self.mirror) and n.id != self.active \
                 and isinstance(msg, (Output, Resynced, Promoted)):

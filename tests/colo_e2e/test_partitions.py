@@ -169,3 +169,28 @@ def test_a_cut_replication_link_leaves_one_active_node(tmp_path: Path) -> None:
         procs.stop()
         if hole is not None:
             hole.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["periodic", "hybrid"])
+def test_a_silent_secondary_is_noticed_within_a_heartbeat_timeout(tmp_path: Path, mode: str) -> None:
+    """A secondary that stops (SIGSTOP: its sockets stay open, a frame may be cut off mid-way) is noticed by the
+    primary from the silence, within about one heartbeat timeout (0.8 s), not only by a checkpoint's reply timeout
+    (3.2 s, before); in hybrid mode too, where the secondary's VM runs between checkpoints."""
+    procs = Procs(tmp_path / "c", mode=mode)
+    try:
+        start(procs)
+        secondary = procs.procs["secondary"]
+        t0 = time.monotonic()
+        secondary.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: events_named(procs.status(), "unprotected"), 10, "the primary to go on unprotected")
+            took = time.monotonic() - t0
+        finally:
+            secondary.send_signal(signal.SIGCONT)
+        assert took < procs.heartbeat_timeout + 0.7, f"the silence was noticed after {took:.2f} s"
+        st = procs.status()
+        assert st["nodes"]["primary"]["active"] and not events_named(st, "promote"), st["events"]
+    finally:
+        procs.procs["secondary"].send_signal(signal.SIGCONT)
+        procs.stop()

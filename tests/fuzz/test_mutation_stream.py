@@ -6,6 +6,8 @@ the conversation, and the secondary's VM is never touched (it only ever decodes,
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 
 import pytest
@@ -65,8 +67,12 @@ LARGE = "pages=12 iters=0 fill=random"  # incompressible pages: a few hundred KB
 def record(encrypt: bool, args: str = SMALL) -> Recording:
     vm = Machine(RAM)
     vm.boot(guest("memtouch"), args)
-    vm.run_slice(0.01)
-    assert b"memtouch: " in vm.take_serial() and not vm.powered_off
+    out_serial = b""
+    deadline = time.monotonic() + 10
+    while b"memtouch: " not in out_serial and time.monotonic() < deadline:  # a slice is time: under load, several
+        vm.run_slice(0.01)
+        out_serial += vm.take_serial()
+    assert b"memtouch: " in out_serial and not vm.powered_off
     vm.collect_dirty()
     primary, secondary = pair(encrypt)
     out = bytearray()
