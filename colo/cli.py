@@ -18,7 +18,7 @@ from colo.auth import load_key
 from colo.cluster import LocalCluster, ask_gateway
 from colo.errors import ColoError
 from colo.messages import CommandResult, FailoverCommand, StatusReply, StatusRequest
-from colo.node import DEFAULT_HEARTBEAT_TIMEOUT
+from colo.link import DEFAULT_HEARTBEAT_TIMEOUT
 from tcpclients import parse_address
 from toyvm.errors import ToyVMError
 from toyvm.guests import argument as guest_argument

@@ -20,7 +20,7 @@ from colo.auth import generate_key, load_key
 from colo.errors import ColoError
 from colo.link import Client
 from colo.messages import CommandResult, ShutdownCommand, StatusReply, StatusRequest
-from colo.node import DEFAULT_HEARTBEAT_TIMEOUT
+from colo.link import DEFAULT_HEARTBEAT_TIMEOUT  # not from colo.node: the control side needs no emulator
 
 ROLES = ("gateway", "secondary", "primary")
 

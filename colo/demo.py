@@ -30,6 +30,7 @@ from typing import Any
 
 from colo.cluster import LocalCluster
 from colo.errors import ColoError
+from colo.resp import Resp, RespError
 from colo.stats import read_records
 from toyvm.guests import bundled
 
@@ -46,72 +47,6 @@ WIDTH = 104
 
 def say(text: str = "") -> None:
     print(text, flush=True)
-
-
-# -- a tiny Redis client ----------------------------------------------------------------------------------------
-class RespError(Exception):
-    """The server answered with an error reply (the connection is still fine)."""
-
-
-class Resp:
-    """One TCP connection speaking RESP2: commands go out as arrays of bulk strings, replies are parsed in order."""
-
-    def __init__(self, address: tuple[str, int], timeout: float = REPLY_TIMEOUT) -> None:
-        self.sock = socket.create_connection(address, timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = bytearray()
-
-    @staticmethod
-    def encode(*args: str) -> bytes:
-        out = [b"*%d\r\n" % len(args)]
-        for a in args:
-            b = a.encode()
-            out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-        return b"".join(out)
-
-    def send(self, *commands: bytes) -> None:
-        self.sock.sendall(b"".join(commands))
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)  # raises socket.timeout (an OSError) after REPLY_TIMEOUT
-        if not data:
-            raise ConnectionError("the server closed the connection")
-        self.buf += data
-
-    def _line(self) -> bytes:
-        while (end := self.buf.find(b"\r\n")) < 0:
-            self._fill()
-        line = bytes(self.buf[:end])
-        del self.buf[:end + 2]
-        return line
-
-    def reply(self) -> bytes | int | None:
-        """The next reply: a simple or bulk string as bytes, an integer as int, a nil bulk string as None."""
-        line = self._line()
-        kind, rest = line[:1], line[1:]
-        if kind == b"+":
-            return rest
-        if kind == b":":
-            return int(rest)
-        if kind == b"-":
-            raise RespError(rest.decode(errors="replace"))
-        if kind == b"$":
-            n = int(rest)
-            if n < 0:
-                return None
-            while len(self.buf) < n + 2:
-                self._fill()
-            data = bytes(self.buf[:n])
-            del self.buf[:n + 2]
-            return data
-        raise ConnectionError(f"not a RESP reply: {line[:40]!r}")
-
-    def call(self, *args: str) -> bytes | int | None:
-        self.send(self.encode(*args))
-        return self.reply()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 # -- the workload ---------------------------------------------------------------------------------------------
@@ -148,11 +83,11 @@ class Writer:
         while not self.stop.is_set():
             try:
                 if conn is None:
-                    conn = Resp(self.address)
+                    conn = Resp(self.address, timeout=REPLY_TIMEOUT)
                 n += 1
                 key, value = f"demo:c{self.cid}:{n}", f"{tag}-{self.cid}-{n}"
                 sent = time.monotonic()
-                if conn.call("SET", key, value) == b"OK":
+                if conn.call("SET", key, value) == "OK":
                     self.ledger.append(Ack(key, value, sent, time.monotonic()))
                 if self.uses_counter and n % 2 == 0:
                     sent = time.monotonic()
@@ -180,7 +115,7 @@ class Writer:
 
 def read_back(address: tuple[str, int], writers: list[Writer]) -> tuple[int, int, list[str]]:
     """GET every acknowledged key (pipelined) and every counter: (values checked, lost or wrong, examples)."""
-    conn = Resp(address)
+    conn = Resp(address, timeout=REPLY_TIMEOUT)
     checked = bad = 0
     examples: list[str] = []
 

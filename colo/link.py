@@ -33,6 +33,7 @@ from colo.wire import MAX_PAYLOAD
 
 log = logging.getLogger("colo.link")
 AUTH_TIMEOUT = 5.0  # seconds a peer has to connect and prove the key
+DEFAULT_HEARTBEAT_TIMEOUT = 0.8  # seconds of silence after which a peer counts as lost (DESIGN: under 1 s)
 READ_SIZE = 1 << 20
 READS_PER_READY = 8  # reads per readiness before the loop serves other connections
 QUIET_MESSAGES = {"heartbeat", "node-status", "progress"}  # not traced: they would drown everything else

@@ -30,7 +30,7 @@ from typing import Any
 import msgpack
 
 from colo.errors import ColoError
-from colo.link import Closed, Conn, Tracer
+from colo.link import DEFAULT_HEARTBEAT_TIMEOUT, Closed, Conn, Tracer
 from colo.memory import keep_buffers_on_heap
 from colo.messages import (
     CheckpointNow,
@@ -57,7 +57,6 @@ from toyvm.devices.net import QueueFull
 
 log = logging.getLogger("colo.node")
 
-DEFAULT_HEARTBEAT_TIMEOUT = 0.8  # seconds of silence after which a peer counts as lost (DESIGN: under 1 s)
 SLICE = 0.01
 EXIT_GATEWAY = 3  # (kept for scripts: a node no longer exits when it loses the gateway)
 EXIT_FENCED = 4

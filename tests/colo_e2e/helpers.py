@@ -203,101 +203,10 @@ def by_epoch(entries: list[dict[str, Any]]) -> dict[Any, tuple[str, str, str]]:
     return out
 
 
-# -- a small RESP client ---------------------------------------------------------------------------------------
-class RespError(Exception):
-    """An error reply (-ERR ...)."""
+# -- the RESP client: colo's own (colo/resp.py), shared with `colo demo` ---------------------------------------
+from colo.resp import Resp, RespError  # noqa: E402 - re-exported for the tests
 
-
-class Resp:
-    """One persistent connection speaking RESP2, one request at a time, every read bounded by `timeout`."""
-
-    def __init__(self, address: tuple[str, int], timeout: float = 15.0) -> None:
-        self.sock = socket.create_connection(address, timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.timeout = timeout
-        self.buf = bytearray()
-
-    @staticmethod
-    def encode(*args: str | bytes | int) -> bytes:
-        parts = [b"*%d\r\n" % len(args)]
-        for a in args:
-            b = a if isinstance(a, bytes) else str(a).encode()
-            parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
-        return b"".join(parts)
-
-    def call(self, *args: str | bytes | int) -> Any:
-        self.sock.sendall(self.encode(*args))
-        return self.read_reply()
-
-    def pipeline(self, commands: list[tuple[str | bytes | int, ...]], batch: int = 200) -> list[Any]:
-        """Send many requests at once and read their replies in order (errors are returned, not raised): one
-        round trip per `batch`, which matters when every reply waits for a checkpoint to commit it."""
-        replies: list[Any] = []
-        for lo in range(0, len(commands), batch):
-            part = commands[lo:lo + batch]
-            self.sock.sendall(b"".join(self.encode(*c) for c in part))
-            for _ in part:
-                try:
-                    replies.append(self.read_reply())
-                except RespError as e:
-                    replies.append(e)
-        return replies
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise ConnectionError("the server closed the connection")
-        self.buf += data
-
-    def _line(self) -> bytes:
-        while True:
-            i = self.buf.find(b"\r\n")
-            if i >= 0:
-                line = bytes(self.buf[:i])
-                del self.buf[:i + 2]
-                return line
-            self._fill()
-
-    def read_reply(self) -> Any:
-        line = self._line()
-        kind, rest = line[:1], line[1:]
-        if kind == b"+":
-            return rest.decode()
-        if kind == b"-":
-            raise RespError(rest.decode())
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            n = int(rest)
-            if n < 0:
-                return None
-            while len(self.buf) < n + 2:
-                self._fill()
-            data = bytes(self.buf[:n])
-            del self.buf[:n + 2]
-            return data
-        if kind == b"*":
-            return [self.read_reply() for _ in range(int(rest))]
-        raise AssertionError(f"not a RESP reply: {line!r}")
-
-    def pending_bytes(self, wait: float = 0.3) -> bytes:
-        """Whatever arrives within `wait` seconds without a request (must be nothing: no reply twice)."""
-        extra = bytes(self.buf)
-        self.sock.settimeout(wait)
-        try:
-            while True:
-                data = self.sock.recv(65536)
-                if not data:
-                    break
-                extra += data
-        except TimeoutError:
-            pass
-        finally:
-            self.sock.settimeout(self.timeout)
-        return extra
-
-    def close(self) -> None:
-        self.sock.close()
+__all__ = ["Resp", "RespError"]
 
 
 def redis_cli(address: tuple[str, int], *args: str, timeout: float = 20.0) -> tuple[int, str]:
