@@ -176,6 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     _encrypt_option(f)
     f.add_argument("--reason", default="operator request", help="recorded with the failover")
 
+    sw = sub.add_parser("switchover", help="move the service to the secondary at a checkpoint (maintenance)",
+                        description="A planned move: the primary takes a checkpoint and holds still, the secondary "
+                                    "takes over from exactly that checkpoint. No acknowledged write is lost and no "
+                                    "client connection breaks; clients see a short stall, which the gateway reports "
+                                    "(`colo status`). The old primary then exits, or with --swap waits as a spare "
+                                    "and is copied anew by the new primary.")
+    sw.add_argument("--gateway", type=_address, metavar="HOST:PORT", help="default: the `colo up` on this host")
+    sw.add_argument("--key-file", help="shared key file")
+    sw.add_argument("--swap", action="store_true", help="keep the old primary, as the new secondary")
+    sw.add_argument("--reason", default="planned switchover", help="recorded with the switchover")
+    _encrypt_option(sw)
+
     d = sub.add_parser("demo", help="the key-value guest survives a SIGKILLed primary (no arguments needed)",
                        description="Replicate the key-value guest, write to it, kill the primary, check that no "
                                    "acknowledged write was lost.")
@@ -229,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(args)
         if args.command == "failover":
             return cmd_failover(args)
+        if args.command == "switchover":
+            return cmd_switchover(args)
         if args.command == "demo":
             from colo.demo import run_demo
             return run_demo(args)
@@ -348,6 +362,34 @@ def format_status(info: dict[str, Any]) -> str:
         details = ", ".join(f"{k}={v}" for k, v in ev.items() if k not in ("time", "event"))
         lines.append(f"  {time.strftime('%H:%M:%S', time.localtime(ev['time']))} {ev['event']} {details}")
     return "\n".join(lines)
+
+
+def cmd_switchover(args: argparse.Namespace) -> int:
+    from colo.messages import SwitchoverCommand
+    address, key = _gateway_address(args), _key(args)
+    res: CommandResult = ask_gateway(address, key, SwitchoverCommand(args.swap, args.reason), CommandResult,
+                                     encrypt=args.encrypt)
+    if not res.ok:
+        print(f"colo switchover: {res.reason}", file=sys.stderr)
+        return 1
+    # Wait for the promotion, and say what clients saw.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        info: StatusReply = ask_gateway(address, key, StatusRequest(), StatusReply, encrypt=args.encrypt)
+        events = info.info.get("events", [])
+        done = [e for e in events if e.get("event") == "promoted" and "switchover" in str(e.get("reason", ""))]
+        failed = [e for e in events if e.get("event") == "switchover-failed"]
+        if done:
+            e = done[-1]
+            print(f"colo switchover: done: node {e.get('node')} serves from checkpoint {e.get('epoch')} as the "
+                  f"primary of generation {e.get('generation')}; clients stalled {e.get('failover_ms')} ms")
+            return 0
+        if failed:
+            print(f"colo switchover: failed: {failed[-1].get('reason')}", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    print("colo switchover: no result within 30 s (see colo status)", file=sys.stderr)
+    return 1
 
 
 def cmd_failover(args: argparse.Namespace) -> int:

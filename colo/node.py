@@ -84,6 +84,7 @@ class NodeState(enum.Enum):
     PROTECTING = "active (copying to a secondary)"
     PROTECTED = "active (protected)"
     DETACHED = "waiting for the gateway"
+    HANDED_OVER = "handed over (holding still)"
     ENDED = "ended"
 
 

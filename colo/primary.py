@@ -23,8 +23,11 @@ from colo.messages import (
     CheckpointReply,
     CheckpointRequest,
     Commit,
+    Demote,
     ErrorMessage,
     GuestEnded,
+    HandedOver,
+    Handover,
     Heartbeat,
     InitialChunk,
     InitialSize,
@@ -73,6 +76,8 @@ class PrimaryRole:
         self.pending_protect: Protect | None = None
         self.requested_trigger: Trigger | None = None
         self.stats = StatsWriter(node.cfg.stats, mode=node.cfg.mode, interval_ms=self.interval * 1e3)
+        self.handover: Handover | None = None  # a switchover asked: checkpoint, then hold still
+        self.demoted = False
         self.fresh = False  # a guest booted here, not yet run
         self.ran = False  # the guest ran in the last serve()
         self.faults = FaultPlan()
@@ -141,6 +146,10 @@ class PrimaryRole:
             if trigger is Trigger.TIMER and not self.ran:
                 continue  # the guest held still (no gateway): nothing changed that a checkpoint could carry
             self.checkpoint(trigger, suspended_at=started + self.interval)
+            if self.handover is not None:
+                nxt = self.hand_over()
+                if nxt is not None:
+                    return nxt
 
     def close(self, why: str) -> None:
         self.stats.close()
@@ -171,6 +180,14 @@ class PrimaryRole:
         elif isinstance(msg, Unprotect):
             if self.repl is not None:
                 self._unprotect(f"the gateway says so: {msg.reason}", tell=False)
+        elif isinstance(msg, Handover):
+            if self.repl is not None and self.protected:
+                self.handover = msg
+                self.requested_trigger = Trigger.MANUAL
+            else:
+                log.warning("primary: asked to hand over with no secondary: ignored")
+        elif isinstance(msg, Demote):
+            self.demoted = True
         elif isinstance(msg, Promote):
             log.warning("primary: the gateway sent promote to a primary: ignored")
         else:
@@ -208,6 +225,29 @@ class PrimaryRole:
             self._handle(node.next_event(max(0.0, deadline - time.monotonic()) if idle else 0.0))
             for got in node.drain_events():
                 self._handle(got)
+
+    def hand_over(self) -> Any:
+        """A switchover: the checkpoint just taken is the last of this primary. Say so and hold the guest still
+        until the gateway says what next: a spare again (`demote`, the next role), or leave (`shutdown`)."""
+        from colo.secondary import SecondaryRole
+
+        node = self.node
+        self.handover = None
+        if self.repl is None:  # that checkpoint failed: we are unprotected and the switchover is off; serve on
+            return None
+        node.send_gateway(HandedOver(node.generation, self.epoch - 1))
+        log.warning("primary: handed over at checkpoint %d: holding still", self.epoch - 1)
+        node.state = NodeState.HANDED_OVER
+        while not self.demoted:
+            got = node.next_event(0.1)  # a fence or a shutdown ends the process from in here
+            if got is not None and got[0] is self.repl and not isinstance(got[1], (Heartbeat, Heard)):
+                self.repl = None  # the secondary took over and left our link: expected, not a loss
+        log.warning("primary: demoted by the gateway: discarding the VM, waiting as a spare")
+        self.node.close_repl(f"{LEAVING}switched over", self.repl)
+        self.repl = None
+        self.stats.close()
+        node.mode = Mode.SECONDARY
+        return SecondaryRole(node)
 
     def _handle(self, got: tuple[Source, NodeEvent] | None) -> None:
         """Between checkpoints only heartbeats may come from the secondary."""

@@ -51,6 +51,9 @@ from colo.messages import (
     NodeStatus,
     Output,
     Progress,
+    Demote,
+    HandedOver,
+    Handover,
     Promote,
     Promoted,
     Protect,
@@ -62,6 +65,7 @@ from colo.messages import (
     ShutdownCommand,
     StatusReply,
     StatusRequest,
+    SwitchoverCommand,
     CommandResult,
     Trigger,
     Unprotect,
@@ -278,6 +282,7 @@ SERVICE_TRANSITIONS: dict[tuple[Service, str], Service] = {
     (S.PROTECTED, "unprotected"): S.ALONE,
     (S.PROTECTED, "active-lost"): S.PROMOTING,
     (S.PROTECTED, "manual-failover"): S.PROMOTING,
+    (S.PROTECTED, "handed-over"): S.PROMOTING,
     (S.PROMOTING, "promoted"): S.ALONE,
     (S.PROMOTING, "promotion-failed"): S.DOWN,
     **{(s, "guest-ended"): S.ENDED for s in (S.ALONE, S.PROTECTING, S.PROTECTED)},
@@ -354,6 +359,8 @@ class Witness:
         self.failover_started: float | None = None
         self.failover_request_at: float | None = None
         self.failovers = 0
+        self.switchover: tuple[str, bool, float] | None = None  # (node handing over, swap, started), while asked
+        self._promote_reason = ""
         # input
         self.input_seq = 0  # the last input number assigned
         self.log: collections.deque[NetEvent] = collections.deque()  # since the last commit, while it matters
@@ -669,6 +676,9 @@ class Witness:
         elif isinstance(msg, GuestEnded):
             if n.id == self.active:
                 self._guest_ended(n, msg)
+        elif isinstance(msg, HandedOver):
+            if n.id == self.active and self.switchover is not None and self.switchover[0] == n.id:
+                self._handed_over(n, msg)
         else:
             self._record("unexpected", node=n.id, message=msg.NAME, level="warning")
 
@@ -725,7 +735,7 @@ class Witness:
 
     def _can_forward(self) -> bool:
         act = self._node(self.active)
-        return (self.service in SERVING and act is not None and act.connected
+        return (self.service in SERVING and act is not None and act.connected and self.switchover is None
                 and self.log_bytes <= self.cfg.max_log_bytes)
 
     def _pump(self, conn: int) -> None:
@@ -877,6 +887,10 @@ class Witness:
             self._record("protected", node=n.id, secondary=msg.peer, epoch=msg.epoch)
             return
         self._record("unprotected", node=n.id, reason=msg.reason, level="warning")
+        if self.switchover is not None:
+            self._record("switchover-failed", node=n.id, reason=msg.reason, level="error")
+            self.switchover = None
+            self._pump_all()
         sec = self._node(self.secondary)
         copying = self.service is S.PROTECTING
         if self.service in (S.PROTECTING, S.PROTECTED):
@@ -1068,6 +1082,7 @@ class Witness:
         self.failover_request_at = None
         self.promoting = sec.id
         self.secondary = None
+        self._promote_reason = why
         self._record("promote", node=sec.id, generation=self.generation, reason=why, level="warning")
         self._send(sec, Promote(self.generation, why))
 
@@ -1129,7 +1144,7 @@ class Witness:
         self._close_stale_conns(n, ev.conns, {e.conn for e in replay if e.kind == KIND_CLOSE})
         took = (self.now - self.failover_started) * 1e3 if self.now is not None and self.failover_started else 0.0
         self._record("promoted", node=n.id, generation=self.generation, epoch=ev.epoch, replayed=len(replay),
-                     failover_ms=round(took, 1), level="warning")
+                     failover_ms=round(took, 1), reason=self._promote_reason, level="warning")
         self._pump_all()
         self._assign_protection()
 
@@ -1145,6 +1160,46 @@ class Witness:
         self._go("manual-failover")
         self._promote(sec, f"manual failover: {reason}")
         return True, "failover started: the secondary takes over"
+
+    def start_switchover(self, swap: bool, reason: str) -> tuple[bool, str]:
+        """A planned move of the service to the secondary at a checkpoint boundary: the primary takes a checkpoint
+        and holds still after it; the secondary is promoted from exactly that checkpoint (`_handed_over`)."""
+        act, sec = self._node(self.active), self._node(self.secondary)
+        if act is None or self.service not in SERVING:
+            return False, f"there is no active primary to switch over from (the service is {self.service.value})"
+        if sec is None or not self.protected:
+            return False, "there is no ready secondary to switch over to"
+        if self.switchover is not None:
+            return False, "a switchover is already under way"
+        assert self.now is not None
+        self.switchover = (act.id, swap, self.now)
+        self._record("switchover", node=act.id, secondary=sec.id, swap=swap, reason=reason)
+        self._send(act, Handover(reason))
+        return True, "switchover started: the primary checkpoints, then the secondary takes over"
+
+    def _handed_over(self, n: NodeView, msg: HandedOver) -> None:
+        assert self.switchover is not None and self.now is not None
+        _, swap, started = self.switchover
+        self.switchover = None
+        sec = self._node(self.secondary)
+        if sec is None or not sec.connected or self.service is not S.PROTECTED:
+            self._record("switchover-failed", node=n.id, reason="the secondary was lost meanwhile", level="error")
+            self._pump_all()
+            return
+        self.active = None
+        self.commit_epoch = msg.epoch
+        self._go("handed-over")
+        if swap:
+            # It stays, as a spare: the new primary copies its VM to it (it discards its own).
+            n.role, n.peer, n.address = "spare", "", ""
+            n.not_before = self.now
+            self._record("demoted", node=n.id)
+            self._send(n, Demote("switchover: the secondary takes over; wait as a spare"))
+        else:
+            n.lost, n.lost_at = "switched over", self.wall
+            self._send(n, Shutdown("switchover: the secondary took over"))
+        self._promote(sec, f"switchover from {n.id} at checkpoint {msg.epoch}")
+        self.failover_started = started  # the stall clients see runs from the request
 
     # -- hybrid mode ------------------------------------------------------------------------------------------
     def _comparing(self) -> bool:
@@ -1250,6 +1305,9 @@ class Witness:
             self._emit(Send(link, StatusReply(self.status())))
         elif isinstance(msg, FailoverCommand):
             ok, why = self.manual_failover(msg.reason)
+            self._emit(Send(link, CommandResult(ok, why)))
+        elif isinstance(msg, SwitchoverCommand):
+            ok, why = self.start_switchover(msg.swap, msg.reason)
             self._emit(Send(link, CommandResult(ok, why)))
         elif isinstance(msg, ShutdownCommand):
             self._emit(Send(link, CommandResult(True, "the service is stopping")))
