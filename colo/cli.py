@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--advertise", type=_address, metavar="HOST:PORT",
                    help="the address primaries should connect to, if not --listen (NAT, a relay)")
     s.add_argument("--gateway", type=_address, required=True, metavar="HOST:PORT", help="the gateway's --listen")
+    s.add_argument("--guest", type=guest_argument, metavar="GUEST",
+                   help="protect only a primary that runs this guest image (default: any)")
+    s.add_argument("--ram", metavar="SIZE", help="protect only a primary whose VM has this much RAM (default: any)")
     _checkpoint_options(s)
     _common(s)
 
@@ -300,6 +303,14 @@ def cmd_secondary(args: argparse.Namespace) -> int:
 
     cfg = _node_config(args, listen=args.listen, advertise=args.advertise, on_listening=ready)
     node = Node(cfg, Mode.SECONDARY)
+    if args.guest or args.ram:  # what this spare insists on (the gateway pairs it with nothing else)
+        from colo.primary import guest_identity
+        wants = guest_identity(Path(args.guest), parse_size(args.ram or "64M")) if args.guest else {}
+        if not args.guest:
+            wants = {"ram": parse_size(args.ram)}
+        elif not args.ram:
+            wants.pop("ram")
+        node.guest_identity = wants
     _on_term(lambda *_: node.request_shutdown())
     return node.run(SecondaryRole(node))
 

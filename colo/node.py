@@ -52,14 +52,18 @@ from colo.messages import (
 from colo.netevents import KIND_CLOSE, KIND_OPEN, NetEvent
 from colo.nodeio import Attached, Detached, Heard, NodeEvent, NodeIO, Silent, Source
 from colo.protocol import ConnectionClosed
+from colo.vmstate import FORMAT as _FORMAT
+from colo.vmstate import VERSION as _STATE_VERSION
 from toyvm import Machine
 from toyvm.devices.net import QueueFull
+from toyvm.version import VERSION
 
 log = logging.getLogger("colo.node")
 
 SLICE = 0.01
 EXIT_GATEWAY = 3  # (kept for scripts: a node no longer exits when it loses the gateway)
 EXIT_FENCED = 4
+STATE_FORMAT = f"{_FORMAT}/{_STATE_VERSION}"  # a node can protect another only if it reads its checkpoints
 EXIT_NOTHING = 6  # a secondary lost its primary before it held anything to take over
 EXIT_FAULT = 125  # the guest faulted (as `toyvm run`)
 LEAVING = "leaving: "  # an error message that starts so is a deliberate end (a stop, a guest that ended), not a loss
@@ -178,6 +182,8 @@ class Node:
         self.state_log = StateLog()
         self.role: Any = None  # the current role object (PrimaryRole or SecondaryRole)
         self._taken_sent = 0
+        # primary: which guest it runs and how much RAM; secondary: what it insists on protecting (empty: any)
+        self.guest_identity: dict[str, Any] = {}
         self.io = NodeIO(key=cfg.key, gateway=cfg.gateway, role=self.hello_role,
                          heartbeat_timeout=cfg.heartbeat_timeout, hello=self.hello, status=self.status,
                          tracer=self.tracer, on_message=self._urgent, encrypt=cfg.encrypt)
@@ -204,7 +210,8 @@ class Node:
 
     def status_info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"role": self.mode.value, "pid": os.getpid(), "state": self.state.value,
-                                "generation": self.generation, "mode": self.cfg.mode}
+                                "generation": self.generation, "mode": self.cfg.mode,
+                                "state_format": STATE_FORMAT, "colo_version": VERSION}
         if self.role is not None:
             info.update(self.role.status_info())
         return info

@@ -8,6 +8,7 @@ service: the primary says so (no failover: the secondary would end the same way)
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -62,6 +63,11 @@ class SecondaryLost(Exception):
     pass
 
 
+def guest_identity(image: Path, ram: int) -> dict[str, Any]:
+    """What a spare may insist on before it protects a primary: which guest image, how much RAM."""
+    return {"guest": image.name, "guest_sha256": hashlib.sha256(image.read_bytes()).hexdigest()[:16], "ram": ram}
+
+
 class PrimaryRole:
     def __init__(self, node: Node, *, epoch: int = 1) -> None:
         self.node = node
@@ -101,7 +107,8 @@ class PrimaryRole:
         return self.secondary_id if self.protected else ""
 
     def status_info(self) -> dict[str, Any]:
-        return {"epoch": self.epoch - 1, "checkpoints": self.checkpoints, "triggers": dict(self.triggers),
+        return {**self.node.guest_identity,
+                "epoch": self.epoch - 1, "checkpoints": self.checkpoints, "triggers": dict(self.triggers),
                 "protected": self.protected, "last_pause_ms": round(self.last_pause_ms, 3),
                 "interval_ms": round(self.interval * 1e3, 3), "secondary": self.secondary_id or None}
 
@@ -114,6 +121,7 @@ class PrimaryRole:
         cfg = node.cfg
         node.vm = Machine(cfg.ram, hooks=cfg.hooks)
         node.vm.boot(Path(cfg.guest), cfg.cmdline)
+        node.guest_identity = guest_identity(Path(cfg.guest), cfg.ram)
         role = cls(node)
         role.fresh = True
         return role

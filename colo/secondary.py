@@ -90,7 +90,8 @@ class SecondaryRole:
 
     def status_info(self) -> dict[str, Any]:
         latest = self.complete or self.applied
-        return {"epoch": self.applied.epoch if self.applied else 0,
+        wants = {f"wants_{k}": v for k, v in self.node.guest_identity.items()}  # what it may protect (if set)
+        return {**wants, "epoch": self.applied.epoch if self.applied else 0,
                 "complete_epoch": latest.epoch if latest else 0, "primary": self.primary_id or None,
                 "address": self.address() or None}
 

@@ -297,6 +297,22 @@ class WitnessError(Exception):
     """A transition the table does not allow: a bug in the witness, never the peers' fault."""
 
 
+def incompatible(spare: dict[str, Any], primary: dict[str, Any]) -> str:
+    """Why a spare (its status info) cannot protect a primary (its), or "" when it can."""
+    sf, pf = spare.get("state_format"), primary.get("state_format")
+    if sf and pf and sf != pf:
+        return (f"the spare reads checkpoints of format {sf}, the primary writes {pf} (colo "
+                f"{spare.get('colo_version', '?')} and {primary.get('colo_version', '?')}): upgrade them together")
+    want = spare.get("wants_guest_sha256")
+    if want and want != primary.get("guest_sha256"):
+        return (f"the spare is for guest {spare.get('wants_guest', '?')} ({want}), the primary runs "
+                f"{primary.get('guest', '?')} ({primary.get('guest_sha256', '?')})")
+    ram = spare.get("wants_ram")
+    if ram and ram != primary.get("ram"):
+        return f"the spare is for {ram} bytes of RAM, the primary's VM has {primary.get('ram', '?')}"
+    return ""
+
+
 # -- what the witness keeps -----------------------------------------------------------------------------------
 
 
@@ -361,6 +377,7 @@ class Witness:
         self.failovers = 0
         self.switchover: tuple[str, bool, float] | None = None  # (node handing over, swap, started), while asked
         self._promote_reason = ""
+        self._refused_pairs: set[tuple[str, str]] = set()
         # input
         self.input_seq = 0  # the last input number assigned
         self.log: collections.deque[NetEvent] = collections.deque()  # since the last commit, while it matters
@@ -941,7 +958,7 @@ class Witness:
             return
         assert self.now is not None
         spares = [n for n in self.nodes.values() if n.role == "spare" and n.connected and n.address
-                  and n.not_before <= self.now]
+                  and n.not_before <= self.now and self._compatible(n, act)]
         if not spares:
             return
         sec = min(spares, key=lambda n: n.since)
@@ -953,6 +970,15 @@ class Witness:
         self._go("copy-started")
         self._record("protect", node=act.id, secondary=sec.id, address=sec.address)
         self._send(act, Protect(sec.id, sec.address))
+
+    def _compatible(self, spare: NodeView, act: NodeView) -> bool:
+        """Whether `spare` can protect `act`: it reads the same state format, and runs for the same guest and RAM
+        if it was started for one. A mismatch is recorded once per pair, with the reason; nothing is sent."""
+        why = incompatible(spare.info or spare.hello.info, act.info or act.hello.info)
+        if why and (spare.id, act.id) not in self._refused_pairs:
+            self._refused_pairs.add((spare.id, act.id))
+            self._record("incompatible", node=spare.id, primary=act.id, reason=why, level="warning")
+        return not why
 
     def _failover_request(self, n: NodeView, reason: str) -> None:
         self._record("failover-request", node=n.id, reason=reason)

@@ -91,8 +91,10 @@ M = TypeVar("M", bound=Message)
 
 
 def hello(role: str, node: str, *, generation: int = 0, epoch: int = 0, input_seq: int = 0, output_seq: int = 0,
-          conns: Iterable[int] = (), gateway: str = "", address: str = "", peer: str = "") -> NodeHello:
-    return NodeHello(role, node, generation, epoch, input_seq, output_seq, list(conns), gateway, address, peer, {})
+          conns: Iterable[int] = (), gateway: str = "", address: str = "", peer: str = "",
+          info: dict[str, Any] | None = None) -> NodeHello:
+    return NodeHello(role, node, generation, epoch, input_seq, output_seq, list(conns), gateway, address, peer,
+                     info or {})
 
 
 @dataclass
@@ -1355,3 +1357,23 @@ def test_a_switchover_whose_checkpoint_fails_is_called_off_and_input_flows_again
     assert events_named(acts, "switchover-failed") and h.w.switchover is None
     assert [m.data for m in sent(acts, p, Input) if m.kind == KIND_DATA] == [b"waits"]
     assert h.service is S.ALONE and not of(acts, Promote)
+
+
+# -- which spare can protect which primary -----------------------------------------------------------------------
+
+
+def test_a_spare_for_another_guest_or_ram_size_or_state_format_is_not_paired() -> None:
+    h = Harness()
+    p = h.attach_primary(info={"guest": "kvstore.bin", "guest_sha256": "aa", "ram": 16 << 20,
+                               "state_format": "colo-vmstate/2"})
+    h.attach_spare("other-ram", info={"wants_ram": 32 << 20, "state_format": "colo-vmstate/2"})
+    assert not sent(h.last, p, Protect) and h.service is S.ALONE
+    why = events_named(h.last, "incompatible")
+    assert why and "33554432" in why[0]["reason"] and "16777216" in why[0]["reason"], why
+    h.attach_spare("old", info={"state_format": "colo-vmstate/1"})
+    assert not sent(h.last, p, Protect)
+    assert "upgrade them together" in events_named(h.last, "incompatible")[0]["reason"]
+    h.attach_spare("other-guest", info={"wants_guest": "noisy.bin", "wants_guest_sha256": "bb"})
+    assert not sent(h.last, p, Protect) and "noisy.bin" in events_named(h.last, "incompatible")[0]["reason"]
+    h.attach_spare("fits", info={"wants_guest_sha256": "aa", "wants_ram": 16 << 20, "state_format": "colo-vmstate/2"})
+    assert sent(h.last, p, Protect) == [Protect("fits", h.w.nodes["fits"].address)]
