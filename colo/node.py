@@ -250,7 +250,10 @@ class Node:
                 if time.monotonic() >= deadline:
                     return None
                 continue
-            if source == "gateway" or source is self.io.gateway:
+            # A message read just before the gateway link dropped still comes from the gateway (the I/O thread
+            # forgets the link at once): a Shutdown sent before the gateway exits must not be lost.
+            if source == "gateway" or source is self.io.gateway or (isinstance(source, Conn)
+                                                                   and source.peer_role == "gateway"):
                 self.on_gateway_event(ev)
                 return None
             return source, ev
