@@ -137,7 +137,9 @@ class NodeConfig:
     trace: bool = False
     hooks: str | None = None
     mode: str = "periodic"  # "hybrid": the secondary's VM runs too
-    console: bool = True  # print the guest's serial console on stdout
+    # The guest's serial console on stdout: "active" while this node is the primary (one copy of the console
+    # for whoever watches, also in hybrid mode, where the secondary's VM prints the same lines), "always", "off"
+    console: str = "active"
     encrypt: bool = True  # frames encrypted as well as authenticated, on every link
     interval: float = 0.1  # periodic: seconds between checkpoints
     backstop: float = 2.0  # hybrid: a checkpoint at least this often
@@ -217,7 +219,8 @@ class Node:
                 nxt = self.role.run()
                 self.role = nxt
         except NodeStop as e:
-            log.warning("%s: %s", self.mode.value, e)  # why the process ends: always worth a line
+            # Why the process ends: always worth a line, a warning unless it is a clean end (exit status 0).
+            log.log(logging.WARNING if e.exit_code else logging.INFO, "%s: %s", self.mode.value, e)
             return e.exit_code
         finally:
             if self.role is not None:
@@ -371,10 +374,16 @@ class Node:
 
     def print_console(self) -> None:
         assert self.vm is not None
-        console = self.vm.take_serial()
-        if console and self.cfg.console:  # the serial port is this node's local console: not output-committed
-            sys.stdout.buffer.write(console)
-            sys.stdout.flush()
+        console = self.vm.take_serial()  # taken even when not printed: the buffer must not grow
+        show = self.cfg.console == "always" or (self.cfg.console == "active" and self.mode is Mode.PRIMARY)
+        if console and show:  # the serial port is this node's local console: not output-committed
+            try:
+                sys.stdout.buffer.write(console)
+                sys.stdout.flush()
+            except OSError as e:  # nobody reads the console any more (a closed pipe or terminal): serve on
+                log.warning("%s: cannot write the guest's console (%s): not printing it any more",
+                            self.mode.value, e)
+                self.cfg.console = "off"
 
     def close_repl(self, why: str | None = None, conn: Conn | None = None) -> None:
         """Drop the replication link, telling the peer `why` first when there is a reason to give."""
