@@ -368,8 +368,10 @@ def cmd_secondary(args: argparse.Namespace) -> int:
 
     cfg = _node_config(args, listen=args.listen, advertise=args.advertise, on_listening=ready)
     node = Node(cfg, Mode.SECONDARY)
+    role = SecondaryRole(node)
+    role.bind()  # before the first hello (node.run starts the I/O thread)
     _on_term(lambda *_: node.request_shutdown())
-    return node.run(SecondaryRole(node))
+    return node.run(role)
 
 
 # -- control commands ----------------------------------------------------------------------------------------

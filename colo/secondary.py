@@ -94,13 +94,19 @@ class SecondaryRole:
                 "address": self.address() or None}
 
     # -- the main loop -----------------------------------------------------------------------------------------
+    def bind(self) -> None:
+        """Listen for primaries. Call it before the node starts its I/O thread, so that the first hello carries
+        our address: the gateway pairs a spare with a primary only if it can say where the spare listens."""
+        if self.listen_address[1] == 0:
+            self.listen_address = self.node.io.listen(self.cfg.listen,
+                                                      lambda hs: SecondaryProtocol(hs, first_epoch=None))
+            if self.cfg.on_listening is not None:
+                self.cfg.on_listening(self.listen_address)
+
     def run(self) -> Any:
         node = self.node
         node.mode = Mode.SECONDARY
-        if self.listen_address[1] == 0:
-            self.listen_address = node.io.listen(self.cfg.listen, lambda hs: SecondaryProtocol(hs, first_epoch=None))
-            if self.cfg.on_listening is not None:
-                self.cfg.on_listening(self.listen_address)
+        self.bind()
         node.state = NodeState.SPARE
         while self.promote is None:
             try:
