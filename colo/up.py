@@ -162,7 +162,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         rundir.remove(run.dir)
     assert outcome is not None
-    if not (args.quiet and outcome.code == 0):
+    by_signal = bool(stopping) and stopping[0] != 0 and outcome.code == 128 + stopping[0]
+    if not (args.quiet and (outcome.code == 0 or by_signal)):  # -q: only what went wrong
         _say(f"colo up: {outcome.message}")
     return outcome.code
 
