@@ -218,8 +218,9 @@ class Supervisor:
         if why == "backoff":
             return  # said when the last one failed
         if why is not None:
-            text = ("respawn is off (--no-respawn)" if self.policy.limit == 0 else
-                    f"{self.policy.limit} replacements started in the last hour (the --respawn limit)")
+            n = self.policy.limit
+            text = ("respawn is off (--no-respawn)" if n == 0 else
+                    f"the --respawn limit is reached ({n} replacement{'s' if n > 1 else ''} in the last hour)")
             if self.said_why_not != text:
                 self.said_why_not = text
                 log.warning("up: the service runs unprotected: %s%s", text, f"; {self.hint}" if self.hint else "")
