@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from colo_e2e.helpers import child_env, wait_for
-from colo_e2e.up import Up, colo, pid_running, wait_gone
+from colo_e2e.up import Up, colo, wait_gone
 from conftest import ROOT, asm, guest, toyvm_cli
 
 FAULT_LOOP = 200_000  # iterations before the bad store: the guest runs a little first, as a real one would

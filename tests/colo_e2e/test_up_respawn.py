@@ -6,6 +6,7 @@ Real processes and real SIGKILLs; the data written before each kill is read back
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -168,7 +169,7 @@ def test_a_replacement_that_keeps_dying_is_retried_with_back_off(tmp_path: Path,
             assert sup.poll() is None, caplog.text
             time.sleep(0.05)
         starts = [cluster.started[n] for n in names]
-        gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
         # 1, 2, 4 s of back-off, plus the time each one took to fail and be noticed
         for gap, backoff in zip(gaps, (1.0, 2.0, 4.0), strict=True):
             assert backoff <= gap < backoff + 2.0, (gaps, caplog.text)
