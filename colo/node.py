@@ -219,8 +219,7 @@ class Node:
                 nxt = self.role.run()
                 self.role = nxt
         except NodeStop as e:
-            # Why the process ends: always worth a line, a warning unless it is a clean end (exit status 0).
-            log.log(logging.WARNING if e.exit_code else logging.INFO, "%s: %s", self.mode.value, e)
+            log.warning("%s: %s", self.mode.value, e)  # why the process ends: always worth a line
             return e.exit_code
         finally:
             if self.role is not None:

@@ -164,7 +164,7 @@ def test_a_replacement_that_keeps_dying_is_retried_with_back_off(tmp_path: Path,
         cluster.kill("primary")
         names = [f"secondary-{n}" for n in range(2, 6)]
         deadline = time.monotonic() + 40
-        while not all(n in cluster.procs and cluster.procs[n].poll() is not None for n in names):
+        while not all(n in sup.exited for n in names):  # each one exited, and colo up noticed
             assert time.monotonic() < deadline, f"replacements so far: {list(cluster.procs)}\n{caplog.text}"
             assert sup.poll() is None, caplog.text
             time.sleep(0.05)
