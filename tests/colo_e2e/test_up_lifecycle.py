@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -84,6 +85,20 @@ def test_a_bad_option_fails_fast_and_starts_nothing(args: list[str], message: st
     assert message in r.stderr and "colo up: error: " in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and "replicated" not in r.stdout
     assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_a_role_that_cannot_start_ends_colo_up_with_its_error(tmp_path: Path) -> None:
+    """The service port is taken: the gateway cannot start; colo up says what the gateway said, and why it ends."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        r = colo(tmp_path / "run", "up", str(guest("kvstore")), "--ram", "16M", "--service", f"127.0.0.1:{port}")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.splitlines()
+    assert any(ln.startswith("colo gateway: error: ") and "in use" in ln for ln in lines), r.stderr
+    assert lines[-1] == "colo up: error: the gateway exited with status 2 while starting", r.stderr
+    assert "replicated" not in r.stdout
+    assert processes_mentioning(str(tmp_path)) == []
+    assert not [d for d in (tmp_path / "run").iterdir() if d.is_dir()]
 
 
 def test_the_toyvm_option_messages_are_the_same() -> None:
