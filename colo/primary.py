@@ -280,8 +280,7 @@ class PrimaryRole:
         assert vm is not None
         node.print_console()  # what the guest wrote in its last slice is never lost
         node.forward_outputs()
-        log.warning("primary: %s", why)
-        node.state = NodeState.ENDED
+        node.state = NodeState.ENDED  # (why is logged once, as the reason the node stops)
         deadline = time.monotonic() + 2 * self.cfg.heartbeat_timeout
         while not node.attached and time.monotonic() < deadline:
             node.next_event(0.05)

@@ -97,7 +97,11 @@ class SecondaryRole:
 
     # -- the main loop -----------------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Open the port primaries connect to (before the first hello, which gives the gateway its address)."""
+        self.bind()
+
+    def bind(self) -> None:
+        """Listen for primaries. Call it before the node starts its I/O thread, so that the first hello carries
+        our address: the gateway pairs a spare with a primary only if it can say where the spare listens."""
         if self.listen_address[1] == 0:
             self.listen_address = self.node.io.listen(self.cfg.listen,
                                                       lambda hs: SecondaryProtocol(hs, first_epoch=None))
