@@ -392,7 +392,7 @@ def cmd_secondary(args: argparse.Namespace) -> int:
             wants = {"ram": parse_size(args.ram)}
         elif not args.ram:
             wants.pop("ram")
-        node.guest_identity = wants
+        node.wants = wants
     role = SecondaryRole(node)
     role.bind()  # before the first hello (node.run starts the I/O thread)
     _on_term(lambda *_: node.request_shutdown())
