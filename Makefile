@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint demo demo-kvstore bench bench-checkpoint bench-colo guests guests-check clean
+.PHONY: setup test test-fast lint demo demo-kvstore bench bench-checkpoint bench-colo bench-reprotect guests guests-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: $(STAMP)
 # Checkpoint pause through a real local cluster against the copy + lz4 floor (about 70 s); results: BENCHMARKS.md.
 bench-checkpoint: $(STAMP)
 	$(PY) benchmarks/checkpoint_cost.py
+
+# A new secondary for a running primary: live copy against stop-and-copy, 64 MiB to 1 GiB (a few minutes).
+bench-reprotect: $(STAMP)
+	$(PY) benchmarks/reprotect.py
 
 # Why COLO: client throughput, latency and checkpoints/s of kvstore and noisy alone, under periodic checkpoints
 # (20/50/100 ms) and in hybrid mode; 3 interleaved rounds, about 8 min; writes benchmarks/colo_vs_periodic.png.

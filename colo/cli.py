@@ -15,8 +15,8 @@ from colo import rundir
 from colo.auth import load_key
 from colo.cluster import ask_gateway
 from colo.errors import ColoError
-from colo.messages import CommandResult, FailoverCommand, StatusReply, StatusRequest
 from colo.link import DEFAULT_HEARTBEAT_TIMEOUT
+from colo.messages import CommandResult, FailoverCommand, StatusReply, StatusRequest
 from colo.supervise import BACKOFF_CAP
 from tcpclients import parse_address
 from toyvm.cli import positive_float, positive_int, writable_file
@@ -144,6 +144,9 @@ def _checkpoint_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backstop", type=positive_float, default=2000.0, metavar="MS",
                    help="hybrid mode: checkpoint at least this often, in milliseconds (default 2000)")
     _mode_option(p)
+    p.add_argument("--copy", choices=("live", "stop"), default="live",
+                   help="how a new secondary gets the VM: live: rounds of pages while the guest serves, then one "
+                        "short stop (pre-copy); stop: the guest stops for the whole copy (default live)")
     p.add_argument("--stats", type=writable_file, metavar="FILE", help="append one JSON line per checkpoint to FILE")
     p.add_argument("--hooks", choices=("auto", "python", "native"), default=None,
                    help="toyvm hook engine (default: native when a C compiler exists)")
@@ -359,7 +362,7 @@ def _node_config(args: argparse.Namespace, **extra: Any) -> Any:
     return NodeConfig(key=_key(args), gateway=args.gateway, heartbeat_timeout=args.heartbeat_timeout,
                       trace=args.trace, hooks=args.hooks, mode=args.mode, interval=args.interval / 1000,
                       backstop=args.backstop / 1000, stats=args.stats, encrypt=args.encrypt,
-                      console=args.console, **extra)
+                      console=args.console, copy=args.copy, **extra)
 
 
 def cmd_primary(args: argparse.Namespace) -> int:
@@ -459,10 +462,26 @@ def format_status(info: dict[str, Any]) -> str:
                  f"{g.get('failovers', 0)} failovers, {g.get('clients', 0)} clients, input seq {g.get('input_seq')}, "
                  f"output released up to {g.get('released_output_seq')}, {g.get('held_outputs', 0)} held, "
                  f"{g.get('logged_inputs', 0)} inputs logged")
+    lines += _copy_lines(info["nodes"].get("primary", {}))
     for ev in info.get("events", [])[-6:]:
         details = ", ".join(f"{k}={v}" for k, v in ev.items() if k not in ("time", "event"))
         lines.append(f"  {time.strftime('%H:%M:%S', time.localtime(ev['time']))} {ev['event']} {details}")
     return "\n".join(lines)
+
+
+def _copy_lines(primary: dict[str, Any]) -> list[str]:
+    """The copy to a new secondary: under way (how far), or the last one (what it cost)."""
+    if primary.get("copy"):
+        c = primary["copy"]
+        return [f"copy to {c.get('secondary')}: round {c.get('round', 0) + 1}, {c.get('pages_left')} pages left "
+                f"in it, {c.get('mb_s')} MB/s, {c.get('seconds')} s so far (the guest serves meanwhile)"]
+    if primary.get("last_copy"):
+        c = primary["last_copy"]
+        how = "live" if c.get("live") else "stop-and-copy"
+        stalled = ", did not converge" if c.get("stalled") else ""
+        return [f"last copy: {how}, {c.get('rounds')} rounds, {c.get('mb')} MB in {c.get('seconds')} s, guest "
+                f"stopped {c.get('stop_ms')} ms at the end ({c.get('final_pages')} pages){stalled}"]
+    return []
 
 
 def cmd_switchover(args: argparse.Namespace) -> int:

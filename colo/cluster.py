@@ -28,9 +28,11 @@ from typing import IO, Any
 
 from colo.auth import generate_key, load_key
 from colo.errors import ColoError
-from colo.link import Client
+from colo.link import (
+    DEFAULT_HEARTBEAT_TIMEOUT,  # not from colo.node: the control side needs no emulator
+    Client,
+)
 from colo.messages import CommandResult, ShutdownCommand, StatusReply, StatusRequest
-from colo.link import DEFAULT_HEARTBEAT_TIMEOUT  # not from colo.node: the control side needs no emulator
 
 ROLES = ("gateway", "secondary", "primary")
 SPARE_WAIT = 10.0  # seconds to wait for the first spare to reach the gateway before starting the primary
@@ -72,7 +74,7 @@ class LocalCluster:
                  directory: Path | None = None, env: dict[str, dict[str, str]] | None = None,
                  verbose: bool = False, mode: str = "periodic", backstop_ms: float = 2000.0,
                  key_file: Path | None = None, encrypt: bool = True, quiet: bool = False,
-                 console: str = "active", logs: bool = False, lifeline: bool = True) -> None:
+                 console: str = "active", logs: bool = False, lifeline: bool = True, copy: str = "live") -> None:
         """`logs`: each process's stderr goes to DIR/NAME.log (else where `start` is told); `console`: the
         nodes' --console (active: only the active node prints the guest's console)."""
         self.dir = directory or Path(tempfile.mkdtemp(prefix="colo-"))
@@ -90,6 +92,7 @@ class LocalCluster:
         self.mode, self.backstop_ms = mode, backstop_ms
         self.encrypt = encrypt
         self.console, self.logs = console, logs
+        self.copy = copy
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.started: dict[str, float] = {}  # monotonic start time of each process
         self.gateway: tuple[str, int] = ("", 0)
@@ -123,7 +126,7 @@ class LocalCluster:
     def node_args(self) -> list[str]:
         """What every node needs: a promoted secondary checkpoints like the primary it replaces."""
         args = ["--gateway", "%s:%d" % self.gateway, "--interval", str(self.interval_ms),
-                "--backstop", str(self.backstop_ms), "--console", self.console]
+                "--backstop", str(self.backstop_ms), "--console", self.console, "--copy", self.copy]
         if self.stats:
             args += ["--stats", self.stats]
         if self.hooks:
@@ -184,18 +187,20 @@ class LocalCluster:
         except (OSError, ValueError):
             return None
 
-    def start(self, stderr: Any = None, stdout: Any = None) -> None:
+    def start(self, stderr: Any = None, stdout: Any = None, *, secondary: bool = True) -> None:
         """Start gateway, secondary, primary. `stderr` gets their logs (default: ours, or one file per process
-        with `logs`), `stdout` the guest's serial console (the active node prints it; default: ours)."""
+        with `logs`), `stdout` the guest's serial console (the active node prints it; default: ours). Without
+        `secondary` the primary runs unprotected until `add_secondary`."""
         self._out = (stderr, stdout)
         self._spawn("gateway", "--service", "%s:%d" % self.service, stderr=stderr, stdout=stdout)
         g = self._wait_ready("gateway")
         self.gateway, self.service_address = (str(g["listen"][0]), int(g["listen"][1])), \
             (str(g["service"][0]), int(g["service"][1]))
-        self._spawn("secondary", *self.node_args(), stderr=stderr, stdout=stdout)
-        sec = self._wait_ready("secondary")
-        self.secondary_address = (str(sec["listen"][0]), int(sec["listen"][1]))
-        self._wait_spare(str(sec.get("node", "")))
+        if secondary:
+            self._spawn("secondary", *self.node_args(), stderr=stderr, stdout=stdout)
+            sec = self._wait_ready("secondary")
+            self.secondary_address = (str(sec["listen"][0]), int(sec["listen"][1]))
+            self._wait_spare(str(sec.get("node", "")))
         self._spawn("primary", self.guest, *self.node_args(), "--ram", self.ram, "--cmdline", self.cmdline,
                     stderr=stderr, stdout=stdout)
 

@@ -10,7 +10,9 @@ import signal
 
 PRIMARY_PHASES = ("before-request", "after-request", "after-reply", "mid-send", "after-size", "after-received",
                   "after-commit", "after-loaded")
-COPY_PHASES = ("mid-copy",)  # the primary, halfway through the copy of its VM to a new secondary (epoch: the copy's)
+# mid-copy (epoch: the copy's): the primary, once the first part of a live copy went out (halfway through a
+# stop-and-copy); the secondary, once the first part of a copy came in
+COPY_PHASES = ("mid-copy",)
 SECONDARY_PHASES = ("after-request", "after-reply", "mid-receive", "after-size", "after-received",
                     "after-loaded")
 ENV = "COLO_FAULT"

@@ -191,13 +191,13 @@ class Conn:
                 if not data:
                     events += self._eof()
                     return events
-                was_open = self.open
                 try:
                     events += self._feed(data)
                 except (ColoError, AuthError) as e:
                     # Before the handshake completes the serving loop reports the refusal (it knows its role);
-                    # after it, this is an authenticated peer misbehaving.
-                    reason = f"bad input from {self.peer_role or 'the peer'}: {e}" if was_open else str(e)
+                    # after it, this is an authenticated peer misbehaving, also when its first bad frame came in
+                    # the same read as the end of its handshake.
+                    reason = f"bad input from {self.peer_role or 'the peer'}: {e}" if self.open else str(e)
                     events += self._fail(reason)
                     return events
                 if self.closed:

@@ -146,6 +146,9 @@ class NodeConfig:
     interval: float = 0.1  # periodic: seconds between checkpoints
     backstop: float = 2.0  # hybrid: a checkpoint at least this often
     stats: str | None = None  # append one JSON line per checkpoint
+    # how a new secondary gets the VM: "live" (rounds of pages while the guest serves, then one short stop) or
+    # "stop" (the guest stops for the whole copy). A guest that has not run yet is always copied in one stop.
+    copy: str = "live"
     # primary: the guest to boot
     guest: str = ""
     ram: int = 64 << 20

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from colo import vmstate
+from colo.copysender import GUEST_SLICE, CopySender
 from colo.errors import ColoError
 from colo.faults import FaultPlan
 from colo.link import Closed, Conn, Opened
 from colo.messages import (
     CheckpointNow,
-    CheckpointReady,
     CheckpointReply,
     CheckpointRequest,
     Commit,
@@ -30,8 +30,6 @@ from colo.messages import (
     HandedOver,
     Handover,
     Heartbeat,
-    InitialChunk,
-    InitialSize,
     Message,
     Promote,
     Protect,
@@ -83,6 +81,8 @@ class PrimaryRole:
         self.requested_trigger: Trigger | None = None
         self.stats = StatsWriter(node.cfg.stats, mode=node.cfg.mode, interval_ms=self.interval * 1e3)
         self.handover: Handover | None = None  # a switchover asked: checkpoint, then hold still
+        self.copy: CopySender | None = None  # a copy to a new secondary, under way
+        self.last_copy: dict[str, Any] = {}
         self.demoted = False
         self.fresh = False  # a guest booted here, not yet run
         self.ran = False  # the guest ran in the last serve()
@@ -107,7 +107,9 @@ class PrimaryRole:
         return self.secondary_id if self.protected else ""
 
     def status_info(self) -> dict[str, Any]:
-        return {**self.node.runs,
+        live = self.copy  # (read once: the I/O thread asks while the loop may end the copy)
+        copy = live.progress() if live is not None else None
+        return {**self.node.runs, "copy": copy, "last_copy": self.last_copy or None,
                 "epoch": self.epoch - 1, "checkpoints": self.checkpoints, "triggers": dict(self.triggers),
                 "protected": self.protected, "last_pause_ms": round(self.last_pause_ms, 3),
                 "interval_ms": round(self.interval * 1e3, 3), "secondary": self.secondary_id or None}
@@ -142,11 +144,16 @@ class PrimaryRole:
                 self.protect(self.pending_protect)
         while True:
             started = time.perf_counter()
+            if self.copy is not None:  # a live copy: one step of it between two guest slices
+                self.serve(GUEST_SLICE)
+                if self.copy is not None:
+                    self.copy_step()
+                continue
             self.serve(self.interval)
             if self.pending_protect is not None:
                 self.protect(self.pending_protect)
                 continue
-            if self.repl is None:
+            if self.repl is None or not self.protected:
                 self.requested_trigger = None  # nobody to checkpoint to: a late request means nothing
                 continue
             trigger = self.requested_trigger or Trigger.TIMER
@@ -209,7 +216,7 @@ class PrimaryRole:
         assert vm is not None
         deadline = time.monotonic() + seconds
         self.ran = False
-        while self.requested_trigger is None and self.pending_protect is None:
+        while (self.requested_trigger is None or not self.protected) and self.pending_protect is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -219,6 +226,7 @@ class PrimaryRole:
                 continue
             node.deliver_inputs()
             self.ran = True
+            self.fresh = False  # from here a copy is worth doing live
             try:
                 r = vm.run_slice(min(SLICE, left))
             except GuestFault as e:
@@ -292,7 +300,8 @@ class PrimaryRole:
 
     # -- protection ------------------------------------------------------------------------------------------
     def protect(self, req: Protect) -> None:
-        """Connect to the secondary the gateway named and give it the whole VM; on success checkpoints start."""
+        """Connect to the secondary the gateway named and start the copy of the VM: live (the guest serves on while
+        rounds of pages go out: `copy_step`), or, with `--copy stop`, the whole VM in one stop."""
         node = self.node
         self.pending_protect = None
         self.secondary_id = req.node
@@ -303,18 +312,38 @@ class PrimaryRole:
                              lambda hs: PrimaryProtocol(hs, first_epoch=first_epoch))
         try:
             self.repl = self._wait_open(req.address)
-            self.initial_copy()
+            self.copy = CopySender(self, live=self.cfg.copy == "live" and not self.fresh,
+                                   reply_timeout=self.cfg.heartbeat_timeout * REPLY_TIMEOUT_FACTOR)
+            if not self.copy.live:
+                self.copy.final_stop()
         except (OSError, ColoError, SecondaryLost) as e:
-            self._unprotect(f"cannot protect the VM with {req.node} at {req.address}: {e}")
-            return
+            self._copy_failed(f"cannot protect the VM with {req.node} at {req.address}: {e}")
+
+    def copy_step(self) -> None:
+        """Between two guest slices: the next part of a live copy (one record), or its final stop."""
+        assert self.copy is not None
+        try:
+            self.copy.step()
+        except (OSError, ColoError, SecondaryLost) as e:
+            self._copy_failed(f"the copy to {self.secondary_id} failed: {e}")
+
+    def _copy_failed(self, why: str) -> None:
+        self._unprotect(why)
+
+    def copied(self, summary: dict[str, Any]) -> None:
+        """The copy is complete (checkpoint-ready came, the guest still stopped): protected from here on."""
+        node, vm = self.node, self.node.vm
+        assert vm is not None
+        self.copy = None
+        self.last_copy = summary
+        self.requested_trigger = None  # asked while unprotected: the copy is the checkpoint
         self.protected = True
         node.state = NodeState.PROTECTED
-        vm = node.vm
-        assert vm is not None
         net = vm.net.state
         node.send_gateway(Protection(node.generation, ProtectionState.PROTECTED, self.epoch - 1,
-                                     net.last_input_seq, net.last_output_seq, req.node, ""))
-        log.info("primary: protected by %s at %s", req.node, req.address)
+                                     net.last_input_seq, net.last_output_seq, self.secondary_id, ""))
+        log.info("primary: protected by %s (%s)", self.secondary_id,
+                 ", ".join(f"{k} {v}" for k, v in summary.items()))
 
     def _wait_open(self, address: str) -> Conn:
         deadline = time.monotonic() + CONNECT_TIMEOUT
@@ -330,26 +359,6 @@ class PrimaryRole:
                 raise SecondaryLost(ev.reason)
         raise SecondaryLost(f"could not reach the secondary at {address} within {CONNECT_TIMEOUT:.0f} s")
 
-    def initial_copy(self) -> None:
-        node, vm, repl = self.node, self.node.vm, self.repl
-        assert vm is not None and repl is not None
-        node.forward_outputs()  # what the guest said before protection belongs to the unprotected past
-        node.epoch_outputs.clear()
-        vm.collect_dirty()
-        blob, _ = vmstate.encode(vm, vm.ram.nonzero_pages(), epoch=self.epoch - 1, full=True,
-                                 inputs=self.held_inputs(), generation=node.generation, node=node.id,
-                                 conns=sorted(node.conns_open))
-        node.state_log.write(vm, self.epoch - 1, node.generation)
-        timeout = self.cfg.heartbeat_timeout * REPLY_TIMEOUT_FACTOR
-        chunks = range(0, len(blob), DEFAULT_CHUNK_SIZE)
-        for n, lo in enumerate(chunks):
-            if n == len(chunks) // 2:
-                self.faults.reach("mid-copy", self.epoch - 1)
-            if not repl.send(InitialChunk(blob[lo:lo + DEFAULT_CHUNK_SIZE]), block=timeout):
-                raise SecondaryLost(f"the copy could not be sent: {repl.closed_reason or 'the link is stuck'}")
-        repl.send(InitialSize(len(blob)))
-        self.expect(CheckpointReady, timeout=max(30.0, len(blob) / 50e6))
-
     def held_inputs(self) -> list[list[Any]]:
         return [e.as_list() for _, e in sorted(self.node.backlog.items())]
 
@@ -361,6 +370,7 @@ class PrimaryRole:
         if self.repl is not None:
             node.close_repl(why, self.repl)
         self.repl = None
+        self.copy = None  # a copy under way ends with its link
         self.protected = False
         self.secondary_id = ""
         node.state = NodeState.UNPROTECTED if node.attached else NodeState.DETACHED

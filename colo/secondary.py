@@ -16,9 +16,10 @@ import time
 from typing import Any
 
 from colo import vmstate
-from colo.errors import ColoError
+from colo.errors import ColoError, ProtocolError
 from colo.faults import FaultPlan
 from colo.link import Closed, Conn, Opened
+from colo.livecopy import ROUND, RecordReader
 from colo.messages import (
     CheckpointReady,
     CheckpointReply,
@@ -159,8 +160,8 @@ class SecondaryRole:
             # The checkpoint will replace this VM (the primary faults the same way, or it does not).
             log.warning("secondary: our VM faulted (%s): waiting for the next checkpoint", e)
             r = None
-        for e in node.take_outputs():
-            node.send_gateway(Output(node.generation, *e))
+        for out in node.take_outputs():
+            node.send_gateway(Output(node.generation, *out))
         node.print_console()
         idle = r is None or (r.reason in (StopReason.HALT, StopReason.POWER_OFF) and not vm.wakeup_pending
                              and not node.backlog)
@@ -222,40 +223,65 @@ class SecondaryRole:
             raise PrimaryLost(self._describe_loss(ev))
 
     def receive_copy(self) -> None:
-        """The whole VM: initial-chunk ... initial-size, verified, applied; then checkpoint-ready."""
+        """The VM, as records (colo.livecopy): rounds of pages while the primary's guest serves on, then the final
+        record with the last pages, the CPU and the devices; each verified; then checkpoint-ready."""
         repl = self.repl
         assert repl is not None
-        chunks: list[bytes] = []
+        self.applied = self.complete = None  # from the first page on, what we held is no VM any more
+        reader = RecordReader()
+        vm: Machine | None = None
+        final: vmstate.StagedCheckpoint | None = None
+        rounds = 0
         while True:
             ev = self.expect(InitialChunk, InitialSize)
-            if isinstance(ev, InitialChunk):
-                chunks.append(ev.data)
-            else:
-                break
-        self.load_copy(b"".join(chunks))
-        assert self.applied is not None
-        if self.cfg.mode == "hybrid":
+            if not isinstance(ev, InitialChunk):
+                break  # initial-size (the protocol checked that it counts the bytes that came)
+            for kind, blob in reader.feed(ev.data):
+                if vm is None:
+                    vm = self._copy_target(blob)
+                staged = vmstate.decode(blob, vm, epoch=None)
+                self.faults.reach("mid-copy", staged.epoch)
+                if kind == ROUND:
+                    vmstate.apply_pages(vm, staged)  # the VM does not run before the final record
+                    rounds += 1
+                else:
+                    final = staged
+        if vm is None or final is None:
+            raise ProtocolError(f"the copy ended without its final record ({reader.pending} bytes of a record)")
+        if self.cfg.mode == "hybrid":  # our VM runs from the copy on: the gateway must know it first
+            self.load_copy(vm, final, rounds)
             self.resync()
-        repl.send(CheckpointReady(self.applied.epoch + 1))
+            repl.send(CheckpointReady(final.epoch + 1))
+        else:  # verified whole: the primary's guest may go on while we apply it (as after vmstate-received)
+            repl.send(CheckpointReady(final.epoch + 1))
+            self.load_copy(vm, final, rounds)
 
-    def load_copy(self, blob: bytes) -> None:
+    def _copy_target(self, blob: bytes) -> Machine:
+        """The VM a copy is written into: ours, emptied, when its RAM is the copy's size; else a new one."""
         node = self.node
         ram = vmstate.peek_ram_size(blob)
-        vm = node.vm if node.vm is not None and node.vm.ram.size == ram else Machine(ram, hooks=self.cfg.hooks)
-        staged = vmstate.decode(blob, vm, epoch=None)
+        if node.vm is not None and node.vm.ram.size == ram:
+            node.vm.ram.clear()
+            return node.vm
+        node.vm = Machine(ram, hooks=self.cfg.hooks)
+        return node.vm
+
+    def load_copy(self, vm: Machine, staged: vmstate.StagedCheckpoint, rounds: int = 0) -> None:
+        """The copy's final record: its pages, then the machine; from here the VM is the primary's."""
+        node = self.node
         vmstate.apply(vm, staged)
         node.vm, self.applied, self.complete = vm, staged, None
         self.primary_id = staged.node
         node.generation = staged.generation
         node.epoch_outputs = []
         node.backlog = {e[0]: NetEvent(*e) for e in staged.inputs}
-        node.received_seq = max([vm.net.state.last_input_seq] + list(node.backlog))
+        node.received_seq = max([vm.net.state.last_input_seq, *node.backlog])
         node.conns_open = set(staged.conns)
         if self.cfg.mode == "hybrid":
             self.cache = vm.ram.view.copy()
         node.state_log.write(vm, staged.epoch, staged.generation)
-        log.info("secondary: holds the VM of %s as of epoch %d (generation %d)", staged.node, staged.epoch,
-                 staged.generation)
+        log.info("secondary: holds the VM of %s as of epoch %d (generation %d, %d round%s before the last)",
+                 staged.node, staged.epoch, staged.generation, rounds, "" if rounds == 1 else "s")
 
     def receive_checkpoint(self, req: CheckpointRequest) -> None:
         """One checkpoint, start to end (our VM is stopped: we are not inside a slice)."""
@@ -269,8 +295,8 @@ class SecondaryRole:
         chunks: list[bytes] = []
         while True:
             ev = self.expect(VmstateChunk, VmstateSize)
-            if isinstance(ev, VmstateSize):
-                break
+            if not isinstance(ev, VmstateChunk):
+                break  # vmstate-size
             chunks.append(ev.data)
             if len(chunks) == 1:
                 self.faults.reach("mid-receive", epoch)

@@ -135,15 +135,13 @@ class StagedCheckpoint:
         return int(self.vm_state["devices"]["net"]["last_output_seq"])
 
 
-def _fail(epoch: int, text: str) -> StateError:
-    return StateError(f"checkpoint {epoch}: {text}")
+def _fail(epoch: int | None, text: str) -> StateError:
+    return StateError(f"checkpoint {epoch}: {text}" if epoch is not None else f"copy: {text}")
 
 
 def decode(blob: bytes, vm: Machine, *, epoch: int | None, full: bool | None = None) -> StagedCheckpoint:
-    """Check everything in `blob` against `vm` and stage it; StateError names what is wrong. `epoch` None: a whole
-    copy, whose epoch the state itself says (it must then be `full`)."""
-    if epoch is None:
-        full = True
+    """Check everything in `blob` against `vm` and stage it; StateError names what is wrong. `epoch` None: a part
+    of a copy, whose epoch the state itself says; `full`, when given, must match the state's."""
     if len(blob) < _HEAD.size:
         raise _fail(epoch, f"state of {len(blob)} bytes is too short to be one")
     magic, crc = _HEAD.unpack_from(blob)
@@ -212,9 +210,15 @@ def decode(blob: bytes, vm: Machine, *, epoch: int | None, full: bool | None = N
 
 def apply(vm: Machine, staged: StagedCheckpoint) -> None:
     """Make `vm` the checkpointed VM: RAM pages, then CPU and devices (all checked by decode)."""
-    pages = vm.ram.pages
     if staged.full:
         vm.ram.clear()
+    apply_pages(vm, staged)
+    vm.restore_state(staged.vm_state, checked=True)  # flushes translated code and the TLB
+
+
+def apply_pages(vm: Machine, staged: StagedCheckpoint) -> None:
+    """Only the pages (a round of a copy: the VM does not run until the copy's last part)."""
+    pages = vm.ram.pages
     for b in staged.batches:
         first, last = int(b.index[0]), int(b.index[-1])
         if not b.zero.any() and last - first + 1 == len(b.index):
@@ -222,7 +226,6 @@ def apply(vm: Machine, staged: StagedCheckpoint) -> None:
         else:
             pages[b.index[~b.zero]] = b.data
             pages[b.index[b.zero]] = 0
-    vm.restore_state(staged.vm_state, checked=True)  # flushes translated code and the TLB
 
 
 def peek_ram_size(blob: bytes) -> int:

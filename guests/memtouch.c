@@ -8,6 +8,9 @@
  *   seed=S         seed of the fill=random generator (default 1)
  *   serve=1        also echo every network message back to its sender,
  *                  between iterations (a client can time the guest)
+ *   resident=M     before the first iteration, fill M MiB after the buffer
+ *                  once with incompressible bytes (RAM in use but not
+ *                  written again: what a copy of the VM has to carry)
  * The buffer starts at the first 2 MiB boundary above the image.  Without
  * serve=1 the iteration loop does no port I/O, and the random bytes come
  * from a deterministic xorshift64 generator, so the run is deterministic.
@@ -72,6 +75,7 @@ int main(const struct boot_info *bi)
     long iters = arg_long(bi, "iters", 0);
     long report = arg_long(bi, "report", 0);
     long serve = arg_long(bi, "serve", 0);
+    long resident = arg_long(bi, "resident", 0);
     uint64_t seed = (uint64_t)arg_long(bi, "seed", 1);
     int random = 0;
     size_t flen;
@@ -83,8 +87,8 @@ int main(const struct boot_info *bi)
         }
         random = 1;
     }
-    if (pages < 1 || iters < 0 || report < 0) {
-        printf("memtouch: error: pages must be >= 1, iters and report >= 0\n");
+    if (pages < 1 || iters < 0 || report < 0 || resident < 0) {
+        printf("memtouch: error: pages must be >= 1, iters, report and resident >= 0\n");
         return 2;
     }
     if (seed == 0)
@@ -94,16 +98,20 @@ int main(const struct boot_info *bi)
     uint64_t base = align_up((uint64_t)(uintptr_t)_end, BUF_ALIGN);
     uint64_t limit = ram > STACK_RESERVE ? ram - STACK_RESERVE : 0;
     uint64_t room = limit > base ? (limit - base) / TOYVM_PAGE_SIZE : 0;
-    if ((uint64_t)pages > room) {
-        printf("memtouch: error: pages=%ld does not fit: the buffer starts at 0x%lx and must end "
-               "below 0x%lx (RAM %lu MiB minus 64 KiB of stack), room for %lu pages\n",
-               pages, base, limit, ram >> 20, room);
+    uint64_t resident_pages = (uint64_t)resident << (20 - 12);
+    if ((uint64_t)pages + resident_pages > room) {
+        printf("memtouch: error: pages=%ld and resident=%ld MiB do not fit: the buffer starts at 0x%lx "
+               "and must end below 0x%lx (RAM %lu MiB minus 64 KiB of stack), room for %lu pages\n",
+               pages, resident, base, limit, ram >> 20, room);
         return 2;
     }
+    if (resident_pages)
+        touch_random((volatile uint64_t *)(base + (uint64_t)pages * TOYVM_PAGE_SIZE), resident_pages,
+                     0x9E3779B97F4A7C15UL);
 
     volatile uint64_t *buf = (volatile uint64_t *)base;
-    printf("memtouch: %ld pages at 0x%lx, fill=%s, iters=%ld\n",
-           pages, base, random ? "random" : "word", iters);
+    printf("memtouch: %ld pages at 0x%lx, fill=%s, iters=%ld, resident %ld MiB\n",
+           pages, base, random ? "random" : "word", iters, resident);
     uint64_t x = seed;
     for (uint64_t it = 1; iters == 0 || it <= (uint64_t)iters; it++) {
         if (random)

@@ -394,7 +394,7 @@ def test_unprotected_output_is_released_at_once() -> None:
 
 def test_protected_output_is_held_until_the_commit_covering_it_and_released_in_order() -> None:
     h = Harness()
-    p, s = h.protected_pair()
+    p, _s = h.protected_pair()
     c = h.connect()
     h.data(c, b"get")
     for seq in (1, 2, 3):
@@ -407,7 +407,7 @@ def test_protected_output_is_held_until_the_commit_covering_it_and_released_in_o
 
 def test_a_guest_close_is_released_like_output_and_ends_the_client() -> None:
     h = Harness()
-    p, s = h.protected_pair()
+    p, _s = h.protected_pair()
     c = h.connect()
     assert not of(h.output(p, 1, c, kind=KIND_CLOSE), CloseClient)  # held like any output
     acts = h.commit(p, 1, h.w.input_seq, 1)
@@ -532,8 +532,42 @@ def test_the_secondary_lost_during_the_copy_leaves_the_primary_alone() -> None:
     assert h.service is S.PROTECTING
     acts = h.close_link(s)
     assert h.service is S.ALONE and sent(acts, p, Unprotect)
-    s2 = h.attach_spare("s2")  # the next spare is used at once
+    h.attach_spare("s2")  # the next spare is used at once
     assert sent(h.last, p, Protect) == [Protect("s2", h.w.nodes["s2"].address)]
+
+
+def test_a_spare_that_attaches_during_the_copy_waits_and_is_used_next() -> None:
+    h = Harness()
+    s = h.attach_spare()
+    p = h.attach_primary()
+    assert h.service is S.PROTECTING
+    s2 = h.attach_spare("s2")
+    assert not sent(h.last, p, Protect)  # one copy at a time: the primary is being copied to s
+    assert [n["id"] for n in h.w.status()["spares"]] == ["s2"]
+    h.protected(p, s)
+    assert h.service is S.PROTECTED
+    acts = h.close_link(s)  # the secondary lost once protected: the waiting spare is next
+    assert h.service is S.PROTECTING
+    assert sent(acts, p, Protect) == [Protect("s2", h.w.nodes["s2"].address)]
+    h.protected(p, s2, epoch=5)
+    assert h.service is S.PROTECTED and h.w.protected
+
+
+def test_a_secondary_cut_off_by_a_partition_comes_back_as_a_fresh_spare() -> None:
+    """Silent past the timeout: lost (fenced if it speaks). When the partition heals it registers again as
+    what it is now, a spare holding nothing (a fenced node discards its VM): it is copied afresh, never
+    trusted with its old state."""
+    h = Harness()
+    p, s = h.protected_pair()
+    acts = h.run_for(TIMEOUT + 2 * STEP, heard=[p])
+    assert fenced(acts, s) and sent(acts, p, Unprotect) and h.service is S.ALONE
+    stale = h.attach_secondary("s", epoch=0, address="10.0.0.2:7000")  # its old claim, on a new link
+    assert not of(h.last, Promote) and not h.w.protected
+    assert fenced(h.last, stale) or reset(h.last, stale)  # its old copy counts for nothing
+    back = h.attach_spare("s")
+    assert sent(h.last, p, Protect) == [Protect("s", h.w.nodes["s"].address)]
+    h.protected(p, back, epoch=7)
+    assert h.service is S.PROTECTED
 
 
 # -- the primary lost while unprotected -----------------------------------------------------------------------
@@ -687,7 +721,7 @@ def test_manual_failover_is_refused_without_a_protected_pair(state: str) -> None
         h.attach_spare()
         h.attach_primary()
     elif state == "promoting":
-        p, s = h.protected_pair()
+        p, _s = h.protected_pair()
         h.close_link(p)
     was = h.service
     acts = h.control(FailoverCommand("try"))
@@ -754,7 +788,7 @@ def _failed_over(h: Harness) -> tuple[Node, Node, int]:
 
 def test_a_primary_hello_of_an_older_generation_is_fenced() -> None:
     h = Harness()
-    p, s, c = _failed_over(h)
+    _p, _s, c = _failed_over(h)
     old = h.attach_primary("p", generation=0, epoch=1, input_seq=4, output_seq=4, conns=[c])
     assert fenced(h.last, old) and not sent(h.last, old, Welcome)
     assert h.w.active == "s"
@@ -893,9 +927,9 @@ def test_a_restarted_gateway_learns_a_pair(primary_first: bool) -> None:
     if primary_first:
         p = primary()
         assert h.service is S.LEARNING  # it names its secondary: wait for it
-        s = secondary()
+        secondary()
     else:
-        s = secondary()
+        secondary()
         assert h.service is S.LEARNING
         p = primary()
     acts = h.last
@@ -951,7 +985,7 @@ def test_a_learned_pair_gives_new_clients_ids_above_both_vms_connections() -> No
 def test_a_primary_naming_a_secondary_that_never_comes_is_chosen_at_the_deadline() -> None:
     h = Harness()
     p = h.attach_primary("p", peer="s", **PRIMARY_STATE)
-    acts = h.run_for(2 * TIMEOUT + STEP, heard=[p])
+    h.run_for(2 * TIMEOUT + STEP, heard=[p])
     assert h.service is S.ALONE and h.w.active == "p"
     late = h.attach_secondary("s", peer="p", **SECONDARY_STATE)  # too late: its copy is of a past gone by
     assert reset(h.last, late)
@@ -1064,7 +1098,7 @@ def test_a_backlogged_client_gets_no_more_input_forwarded_others_do() -> None:
 
 def test_input_stops_when_the_log_is_full_and_goes_on_after_a_commit() -> None:
     h = Harness(max_log_bytes=10)
-    p, s = h.protected_pair()
+    p, _s = h.protected_pair()
     c = h.connect()
     h.data(c, b"x" * 11)
     assert not sent(h.data(c, b"y"), p, Input)  # the log holds 11 > 10 bytes: wait for a commit
@@ -1349,7 +1383,7 @@ def test_a_switchover_is_refused_without_a_ready_secondary() -> None:
 
 def test_a_switchover_whose_checkpoint_fails_is_called_off_and_input_flows_again() -> None:
     h = Harness()
-    p, s = h.protected_pair()
+    p, _s = h.protected_pair()
     c = h.connect()
     h.control(SwitchoverCommand(False, "maintenance"))
     h.data(c, b"waits")

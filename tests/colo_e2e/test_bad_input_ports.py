@@ -29,6 +29,7 @@ import pytest
 from colo import vmstate
 from colo.auth import Handshake, generate_key
 from colo.link import Closed
+from colo.livecopy import FINAL, record
 from colo.messages import (
     CheckpointReady,
     CheckpointReply,
@@ -216,7 +217,7 @@ def test_outside_attacks_on_both_ports_leave_the_cluster_working(cluster: Procs)
             keep.append(s)
             expect.append((role, port, "authentication timed out"))
         # Right key, then bad frames on the control link: each is dropped with the problem named.
-        for name, make, text in POST_AUTH:
+        for _name, make, text in POST_AUTH:
             link = authed_link(cluster.gateway, cluster.key, "control", "gateway", max_payload=MAX_PAYLOAD + 1)
             link.sock.sendall(make(link.codec))
             ev = get_until(link, lambda e: isinstance(e, Closed), 10)
@@ -321,9 +322,10 @@ class FakePrimary:
         vm = self.vm
         vm.collect_dirty()
         blob, _ = vmstate.encode(vm, vm.ram.nonzero_pages(), epoch=0, full=True)
-        for lo in range(0, len(blob), 1 << 20):
-            self.link.send(InitialChunk(blob[lo:lo + (1 << 20)]))
-        self.link.send(InitialSize(len(blob)))
+        copy = record(FINAL, blob)  # a stop-and-copy: one record, the whole VM
+        for lo in range(0, len(copy), 1 << 20):
+            self.link.send(InitialChunk(copy[lo:lo + (1 << 20)]))
+        self.link.send(InitialSize(len(copy)))
         self.expect(CheckpointReady)
         return state_digest(vm)
 

@@ -7,14 +7,14 @@ the conversation, and the secondary's VM is never touched (it only ever decodes,
 from __future__ import annotations
 
 import time
-
 from dataclasses import dataclass
 
 import pytest
 
-from colo import vmstate
+from colo import livecopy, vmstate
 from colo.auth import Handshake
-from colo.errors import ColoError
+from colo.errors import ColoError, ProtocolError
+from colo.livecopy import FINAL, ROUND, RecordReader
 from colo.messages import (
     CheckpointReady,
     CheckpointReply,
@@ -90,9 +90,12 @@ def record(encrypt: bool, args: str = SMALL) -> Recording:
             pass
 
     blob, _ = vmstate.encode(vm, vm.ram.nonzero_pages(), epoch=0, full=True)
-    for lo in range(0, len(blob), CHUNK):
-        send(InitialChunk(blob[lo:lo + CHUNK]))
-    send(InitialSize(len(blob)))
+    first_round, _ = vmstate.encode(vm, vm.ram.nonzero_pages()[:8], epoch=0, full=False)
+    # as a live copy: a round of pages, then the VM
+    copy = livecopy.record(ROUND, first_round) + livecopy.record(FINAL, blob)
+    for lo in range(0, len(copy), CHUNK):
+        send(InitialChunk(copy[lo:lo + CHUNK]))
+    send(InitialSize(len(copy)))
     reply(CheckpointReady(1))
     for epoch in range(1, CHECKPOINTS + 1):
         vm.run_slice(0.005)
@@ -126,7 +129,12 @@ def replay(stream: bytes, encrypt: bool, vm: Machine) -> int:
             if isinstance(ev, (InitialChunk, VmstateChunk)):
                 chunks.append(ev.data)
             elif isinstance(ev, InitialSize):
-                vmstate.decode(b"".join(chunks), vm, epoch=0)
+                reader = RecordReader()
+                records = reader.feed(b"".join(chunks))
+                if not reader.final_seen:
+                    raise ProtocolError("the copy ended without its final record")
+                for _, blob in records:
+                    vmstate.decode(blob, vm, epoch=None)
                 chunks = []
                 side.send(CheckpointReady(1))
             elif isinstance(ev, CheckpointRequest):
