@@ -74,12 +74,33 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-file", help="shared key file (else $COLO_KEY, else the key of `colo up` on this host)")
     p.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT, metavar="S",
                    help=f"a peer silent this long is lost (default {DEFAULT_HEARTBEAT_TIMEOUT} s)")
-    p.add_argument("--trace", action="store_true", help="print every protocol message with a timestamp")
+    _trace_options(p)
     loud = p.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
     loud.add_argument("-q", "--quiet", action="store_true", help="log only errors to stderr")
     _encrypt_option(p)
     p.add_argument("--ready-file", help=argparse.SUPPRESS)  # `colo up` learns the chosen ports from it
+
+
+def _trace_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", action="store_true",
+                   help="print the event stream on stderr: one line per message (its sender's), the witness's "
+                        "decisions, state changes, failover steps; times on the common clock")
+    p.add_argument("--trace-filter", default="", metavar="PATTERNS",
+                   help="with --trace: comma-separated globs matched against role, kind and message name; -PATTERN "
+                        "hides (e.g. 'primary,commit' or '-input,-output'); naming a hidden kind shows it ('output', "
+                        "'heartbeat', 'phase')")
+    p.add_argument("--trace-file", metavar="FILE",
+                   help="append the event stream to FILE as JSON lines (every role may share one file: a merged "
+                        "stream); read it with `colo trace show|export`")
+    p.add_argument("--trace-hex", type=int, default=0, metavar="N",
+                   help="with --trace-file: record the first N bytes of every frame in hex (default 0)")
+
+
+def _trace_setup(args: argparse.Namespace, role: str) -> None:
+    from colo import events
+    events.configure(role, trace=args.trace, trace_file=args.trace_file, trace_filter=args.trace_filter,
+                     hex_bytes=args.trace_hex)
 
 
 def _encrypt_option(p: argparse.ArgumentParser) -> None:
@@ -244,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from colo.gateway import Gateway, GatewayConfig
+    _trace_setup(args, "gateway")
     gw = Gateway(GatewayConfig(_key(args), args.listen, args.service, args.heartbeat_timeout, args.trace,
                                mode=args.mode, compare_timeout=args.compare_timeout / 1000, encrypt=args.encrypt,
                                slow_timeout=args.client_timeout))
@@ -269,6 +291,7 @@ def cmd_primary(args: argparse.Namespace) -> int:
     from colo.node import Mode, Node
     from colo.primary import PrimaryRole
     cfg = _node_config(args, guest=args.guest, ram=parse_size(args.ram), cmdline=args.cmdline)
+    _trace_setup(args, "primary")
     node = Node(cfg, Mode.PRIMARY)
     role = PrimaryRole.boot(node)
     _on_term(lambda *_: node.request_shutdown())
@@ -285,6 +308,7 @@ def cmd_secondary(args: argparse.Namespace) -> int:
         _write_ready(args.ready_file, {"listen": list(address), "pid": os.getpid(), "node": node.id})
 
     cfg = _node_config(args, listen=args.listen, advertise=args.advertise, on_listening=ready)
+    _trace_setup(args, "spare")
     node = Node(cfg, Mode.SECONDARY)
     _on_term(lambda *_: node.request_shutdown())
     return node.run(SecondaryRole(node))
@@ -391,6 +415,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                            service=args.service, stats=args.stats, trace=args.trace,
                            heartbeat_timeout=args.heartbeat_timeout, hooks=args.hooks, directory=d,
                            verbose=args.verbose, mode=args.mode, backstop_ms=args.backstop, encrypt=args.encrypt)
+    cluster.trace_file, cluster.trace_filter, cluster.trace_hex = args.trace_file, args.trace_filter, args.trace_hex
     stopping: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

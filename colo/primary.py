@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from colo import vmstate
+from colo import trace, vmstate
 from colo.errors import ColoError
+from colo.events import STREAM
 from colo.faults import FaultPlan
 from colo.link import Closed, Conn, Opened
 from colo.messages import (
@@ -293,6 +294,8 @@ class PrimaryRole:
                                  inputs=self.held_inputs(), generation=node.generation, node=node.id,
                                  conns=sorted(node.conns_open))
         node.state_log.write(vm, self.epoch - 1, node.generation)
+        if STREAM.active:
+            trace.failover("copy", secondary=self.secondary_id, epoch=self.epoch - 1, bytes=len(blob))
         timeout = self.cfg.heartbeat_timeout * REPLY_TIMEOUT_FACTOR
         chunks = range(0, len(blob), DEFAULT_CHUNK_SIZE)
         for n, lo in enumerate(chunks):
@@ -328,6 +331,7 @@ class PrimaryRole:
         assert vm is not None and repl is not None
         epoch = self.epoch
         clock = PhaseClock(min(suspended_at, time.perf_counter()))
+        clock.trace_as("primary", epoch)  # the event stream: each phase as it ends
         rec = CheckpointRecord(epoch, trigger.value)
         timeout = self.cfg.heartbeat_timeout * REPLY_TIMEOUT_FACTOR
         try:
@@ -341,6 +345,8 @@ class PrimaryRole:
             outputs = node.epoch_outputs
             node.epoch_outputs = []
             pages = vm.collect_dirty()
+            if STREAM.active:
+                trace.pages("primary", epoch, "dirty", pages, vm.ram.npages)
             blob, st = vmstate.encode(vm, pages, epoch=epoch, full=False, outputs=outputs,
                                       inputs=self.held_inputs(), generation=node.generation, node=node.id,
                                       conns=sorted(node.conns_open))
@@ -367,6 +373,8 @@ class PrimaryRole:
             clock.mark("loaded")
             self.faults.reach("after-loaded", epoch)
         except (SecondaryLost, ColoError, OSError) as e:
+            if STREAM.active:
+                STREAM.emit("checkpoint-failed", epoch=epoch, reason=str(e))
             self._unprotect(f"checkpoint {epoch} failed: {e}")
             return
         self.epoch += 1
@@ -379,6 +387,8 @@ class PrimaryRole:
         rec.pause_ms = clock.total_ms()
         self.last_pause_ms = rec.pause_ms
         self.stats.write(rec)
+        if STREAM.active:
+            trace.checkpoint_done(clock, rec)
 
     def _send(self, msg: Message, block: float | None = None) -> None:
         repl = self.repl
@@ -394,6 +404,8 @@ class PrimaryRole:
         repl = self.repl
         assert repl is not None
         while True:
+            if self.node.gate.holding:
+                deadline = time.monotonic() + limit  # step mode: waiting for a step is not the secondary's silence
             left = deadline - time.monotonic()
             if left <= 0:
                 raise SecondaryLost(f"no {cls.NAME} from the secondary within {limit:.1f} s")

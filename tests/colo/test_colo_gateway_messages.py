@@ -28,6 +28,7 @@ from colo.messages import (
     MAX_INFO_DEPTH,
     MAX_INFO_KEYS,
     MESSAGE_TYPES,
+    CheckpointCommand,
     CheckpointNow,
     CommandResult,
     Commit,
@@ -53,6 +54,8 @@ from colo.messages import (
     ShutdownCommand,
     StatusReply,
     StatusRequest,
+    Step,
+    StepCommand,
     Trigger,
     Unprotect,
     Welcome,
@@ -104,6 +107,9 @@ EXAMPLES: dict[type[Message], Message] = {
     FailoverCommand: FailoverCommand("maintenance on host a"),
     ShutdownCommand: ShutdownCommand("colo down"),
     CommandResult: CommandResult(False, "no secondary with a complete checkpoint"),
+    Step: Step(True, 250, 1),
+    CheckpointCommand: CheckpointCommand("the view's button"),
+    StepCommand: StepCommand(True, 0, "d4e5f6", 1),
 }
 
 
@@ -129,6 +135,7 @@ def test_names_and_groups() -> None:
         "fence",
         "reset",
         "shutdown",
+        "step",
     ]
     assert [cls.NAME for cls in CONTROL_MESSAGES] == [
         "status-request",
@@ -136,6 +143,8 @@ def test_names_and_groups() -> None:
         "failover-command",
         "shutdown-command",
         "command-result",
+        "checkpoint-command",
+        "step-command",
     ]
     for cls in NEW_MESSAGES:
         assert MESSAGE_TYPES[cls.NAME] is cls  # registered: the FrameDecoder decodes it
@@ -170,6 +179,9 @@ def test_fields_are_the_documented_ones() -> None:
         "failover-command": ("reason",),
         "shutdown-command": ("reason",),
         "command-result": ("ok", "reason"),
+        "step": ("on", "delay_ms", "grant"),
+        "checkpoint-command": ("reason",),
+        "step-command": ("on", "delay_ms", "target", "grant"),
     }
 
 
@@ -243,6 +255,9 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     FailoverCommand: st.builds(FailoverCommand, texts),
     ShutdownCommand: st.builds(ShutdownCommand, texts),
     CommandResult: st.builds(CommandResult, st.booleans(), texts),
+    Step: st.builds(Step, st.booleans(), st.integers(0, 10_000), st.integers(0, 1000)),
+    CheckpointCommand: st.builds(CheckpointCommand, texts),
+    StepCommand: st.builds(StepCommand, st.booleans(), st.integers(0, 10_000), maybe_ids, st.integers(0, 1000)),
 }
 
 
@@ -404,6 +419,12 @@ BAD_VALUES: list[tuple[str, object, str, bool]] = [
     ("conns", [True], "has a bad connection id at index 0: must be an int in 0..", True),
     ("code", 256, "must be an int in 0..255, got 256", True),
     ("code", -1, "must be an int in 0..255, got -1", True),
+    ("on", 1, "must be a bool, got 1", True),
+    ("delay_ms", 10_001, "must be an int in 0..10000, got 10001", True),
+    ("delay_ms", -1, "must be an int in 0..10000, got -1", True),
+    ("grant", 1001, "must be an int in 0..1000, got 1001", True),
+    ("grant", 1.0, "must be an int in 0..1000, got 1.0", True),
+    ("target", "t" * 65, "must be 0..64 printable ASCII characters", True),
 ]
 
 CASES = [
