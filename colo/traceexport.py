@@ -198,11 +198,11 @@ def _messages(evs: list[dict[str, Any]], us: Any, quiet: bool) -> list[dict[str,
         out.append({"ph": "X", "name": name, "cat": "message", "pid": pid, "tid": TID_MESSAGES, "ts": ts,
                     "dur": round(dur, 3), "args": {"dir": d, **{k: v for k, v in args.items() if v is not None}}})
         if fid is not None:
-            flow = {"ph": "s" if d == "out" else "f", "id": fid, "name": name, "cat": "message", "pid": pid,
-                    "tid": TID_MESSAGES, "ts": ts}
+            arrow: dict[str, Any] = {"ph": "s" if d == "out" else "f", "id": fid, "name": name, "cat": "message",
+                                     "pid": pid, "tid": TID_MESSAGES, "ts": ts}
             if d == "in":
-                flow["bp"] = "e"
-            out.append(flow)
+                arrow["bp"] = "e"  # bound to the enclosing slice: the receipt
+            out.append(arrow)
     return out
 
 
@@ -224,7 +224,8 @@ def mermaid_epoch(events: list[dict[str, Any]], epoch: int) -> str:
     starts = [float(e["t"]) for e in events if e.get("kind") == "send" and e.get("msg") == "checkpoint-request"
               and _epoch(e, sends) == epoch]
     if epoch not in done and not starts:
-        raise ValueError(f"the trace has no checkpoint {epoch} (it has {', '.join(map(str, epochs(events))) or 'none'})")
+        have = ", ".join(map(str, epochs(events))) or "none"
+        raise ValueError(f"the trace has no checkpoint {epoch} (it has {have})")
     lo = float(done[epoch - 1]["end"]) if epoch - 1 in done else (starts[0] if starts else float(done[epoch]["start"]))
     ends = [float(e["t"]) for e in events if e.get("kind") == "recv" and _epoch(e, sends) == epoch
             and e.get("msg") in ("vmstate-loaded", "commit")]
@@ -315,10 +316,10 @@ def _mermaid(events: list[dict[str, Any]], lo: float, hi: float, *, by_node: boo
                 size = (e.get("fields") or {}).get("data", {}).get("len", 0)
                 key = (src, dst, msg)
                 if key in pending_chunks:
-                    c = pending_chunks[key]
-                    c[0] += 1
-                    c[1] += size
-                    lines[c[3]] = (c[2], f"    {src}->>{dst}: {msg} x{c[0]} ({c[1]} bytes) {at(c[2])}")
+                    acc = pending_chunks[key]
+                    acc[0] += 1
+                    acc[1] += size
+                    lines[acc[3]] = (acc[2], f"    {src}->>{dst}: {msg} x{acc[0]} ({acc[1]} bytes) {at(acc[2])}")
                     continue
                 pending_chunks[key] = [1, size, t, len(lines)]
                 lines.append((t, f"    {src}->>{dst}: {msg} ({size} bytes) {at(t)}"))
@@ -356,10 +357,10 @@ def _mermaid(events: list[dict[str, Any]], lo: float, hi: float, *, by_node: boo
             for name, a, b in e.get("phases", []):
                 lines.append((float(a), f"    Note over {p}: {name} {(float(b) - float(a)) * 1e3:.3f} ms"))
     lines.sort(key=lambda x: x[0])
-    body = [text for _, text in lines]
+    body = [line for _, line in lines]
     if len(body) > MAX_LINES:
-        body = body[:MAX_LINES] + [f"    Note over {next(iter(parts), 'G')}: ... {len(body) - MAX_LINES} more lines"]
-    order = [a for a in ("C", "G", "P", "S", "N", "O") if a in parts] + [a for a in parts if a not in ROLE_ALIAS.values()]
+        body = [*body[:MAX_LINES], f"    Note over {next(iter(parts), 'G')}: ... {len(body) - MAX_LINES} more lines"]
+    order = [a for a in ROLE_ALIAS.values() if a in parts] + [a for a in parts if a not in ROLE_ALIAS.values()]
     head = ["sequenceDiagram", f"    title {_escape(title)}"]
     for alias in order:
         label = parts[alias]

@@ -896,6 +896,8 @@ class Witness:
         if self.comparer is not None and self._comparing():
             self._compare_actions(self.comparer.checkpoint_committed(msg.output_seq))
             self.checkpoint_asked = False
+            for conn in self.conns if self.trace else ():
+                self._trace_compare(conn)  # the primary's held output went out; the secondary's is void
         self._release_upto(msg.output_seq, msg.epoch)
         self._trim_log(msg.input_seq)
         sec = self._node(self.secondary)

@@ -47,7 +47,7 @@ class Handler(BaseHTTPRequestHandler):
     server: ViewServer
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class names it so
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("view: %s", format % args)
 
     # -- plumbing ---------------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ class ViewServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}/"
+        return f"http://{host!s}:{port}/" if isinstance(host, str) else f"http://{host.decode()}:{port}/"
 
     def shutdown_all(self) -> None:
         self.stopping = True
@@ -208,7 +208,7 @@ def run_view(args: argparse.Namespace) -> int:
     view = ViewSession(args.guest, mode=args.mode, interval_ms=args.interval, backstop_ms=args.backstop,
                        ram=args.ram, cmdline=args.cmdline, encrypt=args.encrypt,
                        heartbeat_timeout=args.heartbeat_timeout, hooks=args.hooks, trace_hex=args.trace_hex)
-    server = ViewServer(tuple(args.listen), view)  # type: ignore[arg-type]
+    server = ViewServer((args.listen[0], args.listen[1]), view)
     stopping: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

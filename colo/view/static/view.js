@@ -17,7 +17,7 @@ const SVGNS = "http://www.w3.org/2000/svg";
 const page = {
   run: 0, events: [], sends: new Map(), status: {}, state: {},
   checkpoints: [], outputs: new Map(), compare: new Map(), failover: [], failoverAt: 0,
-  waiting: new Map(), live: true, replay: null,
+  waiting: new Map(), live: true, replay: null, clientOut: new Map(),
 };
 
 // -- a scene: what the diagram and the grids show (live, or an epoch being replayed) -------------------------------
@@ -314,12 +314,13 @@ function onCompare(ev) {
     }
     const p = (c.primary && c.primary.text) || "", s = (c.secondary && c.secondary.text) || "";
     div.innerHTML = "";
+    const seen = (page.clientOut.get(conn) || "").slice(-32);  // the end of the released prefix
     const line = (name, text) => {
       const row = document.createElement("div");
       const rel = document.createElement("span");
       rel.className = "rel";
-      rel.textContent = `${name.padEnd(9)} [${c.released} B released] `;
-      row.append(rel);
+      rel.textContent = `${name.padEnd(9)} ${c.released} B released ...${seen}`;
+      row.append(rel, document.createTextNode(" | "));
       if (c.diverged && text.length) {
         const d = document.createElement("span");
         d.className = "diff";
@@ -429,6 +430,9 @@ function handle(ev) {
     if (ev.state === "waiting") page.waiting.set(key, ev); else page.waiting.delete(key);
     drawStep();
   } else if (ev.kind === "checkpoint") onCheckpoint(ev);
+  else if (ev.kind === "client" && ev.dir === "out" && ev.data) {
+    page.clientOut.set(ev.conn, ((page.clientOut.get(ev.conn) || "") + ev.data.text).slice(-400));
+  }
   else if (ev.kind === "witness") {
     if (ev.event === "output") onOutput(ev);
     else if (ev.event === "compare") onCompare(ev);
