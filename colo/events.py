@@ -43,7 +43,7 @@ from typing import Any, TextIO
 SCHEMA = 1
 # Every kind of event, and what its fields mean (docs/decisions.md, "One event stream", has the reasons).
 KINDS: dict[str, str] = {
-    "start": "a process began tracing: anchor (wall, mono), version, mode",
+    "start": "a process began tracing: schema, anchor (its clock: wall and monotonic readings of one instant)",
     "send": "a message left: msg, link (replication|gateway|control), to (peer role), peer, flow, frame (bytes on "
             "the wire), fields, state (the replication protocol's state after it), hex (the frame's first bytes)",
     "recv": "a message arrived: msg, link, from, peer, flow (the send's), frame, state",
@@ -81,8 +81,7 @@ class Stream:
         self.role_of: Callable[[], str] | None = None
         self.hex_bytes = 0  # record this many leading bytes of every frame, in hex (the tutorial's frames)
         self._sinks: list[Callable[[dict[str, Any]], None]] = []
-        self.anchor_wall = time.time()
-        self.anchor_mono = time.perf_counter()
+        self.anchor_wall, self.anchor_mono = _anchor()
 
     # -- the clock --------------------------------------------------------------------------------------------
     def now(self) -> float:
@@ -118,6 +117,19 @@ class Stream:
                 sink(ev)
             except (OSError, ValueError):
                 pass  # a full disk or a closed stderr must not stop the service it watches
+
+
+def _anchor() -> tuple[float, float]:
+    """(wall, monotonic) read at one instant: the pair of reads least apart of a few tries (a process preempted
+    between its two reads would put every event it stamps off by the time it lost: on a busy host, milliseconds)."""
+    best = (float("inf"), 0.0, 0.0)
+    for _ in range(8):
+        m0 = time.perf_counter()
+        wall = time.time()
+        m1 = time.perf_counter()
+        if m1 - m0 < best[0]:
+            best = (m1 - m0, wall, (m0 + m1) / 2)
+    return best[1], best[2]
 
 
 STREAM = Stream()
@@ -167,10 +179,13 @@ def configure(role: str, *, trace: bool = False, trace_file: str | None = None, 
         STREAM.attach(FileSink(trace_file.replace("{role}", role)))
     if trace:
         STREAM.attach(PrintSink(EventFilter(trace_filter)))
-    if STREAM.active:
-        from toyvm.version import VERSION
-        STREAM.emit("start", schema=SCHEMA, anchor=[STREAM.anchor_wall, STREAM.anchor_mono], version=VERSION)
     return STREAM
+
+
+def started() -> None:
+    """The process's first event (once its node id is known): the schema and its clock's anchor."""
+    if STREAM.active:
+        STREAM.emit("start", schema=SCHEMA, anchor=[STREAM.anchor_wall, STREAM.anchor_mono])
 
 
 # -- values in events --------------------------------------------------------------------------------------------
@@ -302,7 +317,9 @@ def merge(events: Iterable[dict[str, Any]], correct: bool = True) -> list[dict[s
         for ev in evs:
             if ev.get("kind") == "clock" and isinstance(ev.get("of"), str):
                 offsets.setdefault(ev["of"], []).append((float(ev["t"]), float(ev["offset"])))
-        offsets = {n: table for n, table in offsets.items() if max(abs(o) for _, o in table) > CLOCK_SLACK}
+        # A node whose best estimate is within the slack shares our clock: its early estimates (few samples, a
+        # busy start) are queueing, not offset.
+        offsets = {n: table for n, table in offsets.items() if min(abs(o) for _, o in table) > CLOCK_SLACK}
     if offsets:
         for ev in evs:
             table = offsets.get(ev.get("node", ""))

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from colo import trace
+from colo import events, trace
 from colo.events import STREAM
 from colo.link import Closed, Conn, Opened
 from colo.messages import Message, NodeHello
@@ -76,6 +76,7 @@ class Gateway:
                                              compare_timeout=cfg.compare_timeout, credit=cfg.credit))
         self.witness.trace = STREAM.active  # the event stream gets every output held, released, dropped
         STREAM.node = self.witness.id
+        events.started()
         self.sel = selectors.DefaultSelector()
         self.listener = socket.create_server(cfg.listen, backlog=64)
         self.listener.setblocking(False)

@@ -30,6 +30,7 @@ from typing import Any
 import msgpack
 
 from colo.errors import ColoError
+from colo import events
 from colo.events import STREAM
 from colo.gate import Gate
 from colo.link import DEFAULT_HEARTBEAT_TIMEOUT, Closed, Conn
@@ -165,6 +166,8 @@ class Node:
         self.cfg = cfg
         self.id = secrets.token_hex(6)
         self.mode = role
+        STREAM.node, STREAM.role_of = self.id, self.trace_role  # before the first event
+        events.started()
         self.state = NodeState.STARTING
         self.generation = 1 if role is Mode.PRIMARY else 0
         self.hybrid = cfg.mode == "hybrid"
@@ -184,7 +187,6 @@ class Node:
                          on_message=self._urgent, encrypt=cfg.encrypt)
         self.inbox = self.io.inbox
         self.gate = self.io.gate = Gate()  # step mode and slow motion (teaching): colo.gate
-        STREAM.node, STREAM.role_of = self.id, self.trace_role
         sys.setswitchinterval(0.0005)  # hand the GIL over fast: the I/O thread must not wait 5 ms to run
         keep_buffers_on_heap()
 
@@ -203,7 +205,8 @@ class Node:
         """The role the event stream stamps on this node's events now (a spare is named so until it is paired)."""
         if self.mode is Mode.PRIMARY:
             return "primary"
-        return "spare" if self._state in (NodeState.SPARE, NodeState.STARTING) else "secondary"
+        return "spare" if getattr(self, "_state", NodeState.STARTING) in (NodeState.SPARE, NodeState.STARTING) \
+            else "secondary"
 
     # -- what the gateway learns about us -----------------------------------------------------------------------
     def hello_role(self) -> str:

@@ -47,7 +47,7 @@ def perfetto(events: list[dict[str, Any]], *, quiet: bool = False) -> dict[str, 
     evs = [e for e in events if "t" in e]
     if not evs:
         return {"traceEvents": [], "displayTimeUnit": "ms"}
-    t0 = min(float(e["t"]) for e in evs)
+    t0 = min(min(float(e["t"]), float(e.get("start", e["t"]))) for e in evs)  # phases start before they are told
 
     def us(t: float) -> float:
         return round((float(t) - t0) * 1e6, 3)
@@ -350,7 +350,7 @@ def _mermaid(events: list[dict[str, Any]], lo: float, hi: float, *, by_node: boo
             n = who(str(e.get("role")), str(e.get("node", "")))
             text = {"failover": f"{e.get('step')}", "state": f"state: {e.get('now')}"}.get(str(kind), str(kind))
             rest = {k: v for k, v in e.items() if k in ("epoch", "reason", "generation", "rollback", "took_ms")}
-            lines.append((t, f"    Note over {n}: {_escape(_short(text + ' ' + fields_text(rest)))}"))
+            lines.append((t, f"    Note over {n}: {_escape(_short((text + ' ' + fields_text(rest)).strip()))}"))
     for e in events:  # its phases (the summary is emitted as the checkpoint ends, after the window)
         if e.get("kind") == "checkpoint" and phases_of is not None and e.get("epoch") == phases_of:
             p = who(str(e.get("role")), str(e.get("node", "")))
