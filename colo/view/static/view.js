@@ -55,7 +55,7 @@ function clock(t) {
 function applyToScene(sc, ev) {
   sc.now = ev.t;
   const k = ev.kind;
-  if (k === "send" && ev.link !== "control") {
+  if (k === "send" && ev.link !== "control" && ev.msg !== "step") {  // step: the view's own plumbing
     const from = lane(ev.role);
     const to = lane(ev.to);
     if (from && to && from !== to) {
@@ -199,7 +199,7 @@ function drawDiagram() {
 
 function drawArrow(root, a, y, extra, when) {
   const x1 = LANE_X[a.from], x2 = LANE_X[a.to];
-  const g = svg("g", { class: `arrow ${a.cls || ""} ${extra}`.trim(), "data-msg": a.msg });
+  const g = svg("g", { class: `arrow ${a.cls || ""} ${extra}`.trim(), "data-msg": a.msg, "data-t": a.t || "" });
   g.append(svg("line", { x1, y1: y, x2: x2 + (x2 > x1 ? -6 : 6), y2: y }));
   const dir = x2 > x1 ? 1 : -1;
   g.append(svg("path", { d: `M${x2},${y} l${-8 * dir},-4 l0,8 z`, fill: extra === "pending" ? "#b45309" : "#374151" }));
@@ -231,7 +231,7 @@ function drawGrid(name) {
   const now = page.live ? eventNow() : scene.now;
   for (const [p, st] of scene.pages[name]) {
     const age = page.live ? now - st.t : Math.max(0, now - st.t) * 4;
-    const alpha = Math.max(0.3, 1 - age / FADE);
+    const alpha = Math.max(0.45, 1 - age / FADE);
     ctx.globalAlpha = alpha;
     ctx.fillStyle = COLORS[st.what] || "#6b7280";
     ctx.fillRect((p % cols) * cell, Math.floor(p / cols) * cell, Math.max(1, cell - (cell > 2 ? 1 : 0)),
@@ -359,6 +359,7 @@ function onFailoverStep(ev, text, level, opens) {
     li.append(dt, document.createTextNode(s.text));
     ol.append(li);
   }
+  ol.scrollTop = ol.scrollHeight;
 }
 
 function witnessText(ev) {
@@ -383,7 +384,8 @@ function drawTimeline() {
   shown.forEach((c, i) => {
     const h = Math.max(3, 70 * Math.log1p(c.pause_ms) / Math.log1p(top));
     const r = svg("rect", { class: "bar", x: 4 + i * w, y: 80 - h, width: w - 2, height: h,
-                             fill: TRIGGER_COLORS[c.trigger] || "#6b7280", "data-epoch": c.epoch });
+                             fill: TRIGGER_COLORS[c.trigger] || "#6b7280", "data-epoch": c.epoch,
+                             "data-trigger": c.trigger, "data-pause": c.pause_ms });
     if (page.replay && page.replay.epoch === c.epoch) r.classList.add("selected");
     r.append(svg("title", {}, `checkpoint ${c.epoch} (${c.trigger}): pause ${c.pause_ms} ms, ` +
                                 `${c.dirty_pages} dirty pages, ${c.bytes_wire} bytes`));
