@@ -6,43 +6,68 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
+from colo import rundir
 from colo.auth import load_key
-from colo.cluster import LocalCluster, ask_gateway
+from colo.cluster import ask_gateway
 from colo.errors import ColoError
 from colo.messages import CommandResult, FailoverCommand, StatusReply, StatusRequest
 from colo.link import DEFAULT_HEARTBEAT_TIMEOUT
+from colo.supervise import BACKOFF_CAP
 from tcpclients import parse_address
+from toyvm.cli import positive_float, positive_int, writable_file
 from toyvm.errors import ToyVMError
 from toyvm.guests import argument as guest_argument
-from toyvm.ram import parse_size
+from toyvm.ram import check_ram_size, parse_size
 from toyvm.version import version_line
 
 EXIT_ERROR = 2
 # `colo --help` and the README show this table; the node codes come from colo.node (NodeStop and its kinds).
 EXIT_CODES = """\
 exit status:
-  0    stopped cleanly: SIGINT or SIGTERM (Ctrl-C), or the command did what it was asked
-  1    colo failover: the gateway refused; colo demo: a write was lost or a connection broke
+  0    a role: stopped cleanly (SIGINT or SIGTERM); colo up: stopped by colo down; or the command did what
+       it was asked
+  1    colo failover: the gateway refused; colo demo: a write was lost or a connection broke; colo up: the
+       service was lost (no node holds the guest) or the gateway died; colo down: a process would not stop
   2    a bad command line, or an error that stopped the command (the message says which)
   4    primary or secondary: fenced by the gateway (a newer generation exists, another node is active)
-  N    primary, or a promoted secondary: the guest powered off with exit code N
-  125  primary, or a promoted secondary: the guest faulted (the message is toyvm's)
+  125  colo up, primary: the guest faulted ("VM fault: ...", as toyvm run)
+  128+N  colo up: stopped by signal N (129 SIGHUP, 130 SIGINT, 143 SIGTERM), after stopping its roles
+  N    colo up, primary, or a promoted secondary: the guest powered off with exit code N
 """
+UP_HELP = """\
+Start the gateway, a secondary and the primary as separate local processes, print where clients
+connect once the pair is protected, and keep it protected: when a node dies, start a replacement
+secondary (the active node copies its VM to it). Only the active node prints the guest's console,
+on stdout; the roles' warnings and errors (their -v/-q is ours) appear on stderr (their logs are
+in the run directory while it runs). Ends with the guest's exit code when it powers off, 125 on a fault.
+"""
+RUN_DIR_HELP = """\
+Each `colo up` is a cluster with a name (--name; default: the guest's name, with -2, -3... added while
+that name is running) and a run directory ROOT/NAME holding its key, its addresses and its roles' logs.
+ROOT is $COLO_RUN_DIR, else $XDG_RUNTIME_DIR/colo-UID, else the temporary directory's colo-UID. `colo
+status`, `colo failover` and `colo down` find the cluster there: with no --name, the only one running.
+Directories of clusters whose processes are all gone are removed by the next command that looks.
+"""
+DEFAULT_RESPAWN = 10
 
 
-def run_dir() -> Path:
-    """Where `colo up` keeps its key and addresses, so `colo status` needs no arguments on this host."""
-    base = os.environ.get("COLO_RUN_DIR") or os.path.join(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(),
-                                                         f"colo-{os.getuid()}")
-    return Path(base)
+def ram_size(text: str) -> str:
+    """An argparse `type=` for --ram: a size toyvm accepts (the messages are toyvm's)."""
+    try:
+        check_ram_size(parse_size(text))
+    except ToyVMError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def count(text: str) -> int:
+    """0 or more."""
+    return 0 if text.strip() == "0" else positive_int(text)
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -52,14 +77,18 @@ def _address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _key(args: argparse.Namespace) -> bytes:
+def _key(args: argparse.Namespace, cluster: rundir.Cluster | None = None) -> bytes:
+    """--key-file, else $COLO_KEY, else the key of the `colo up` cluster meant (`cluster`, or the one whose
+    gateway is --gateway)."""
     if getattr(args, "key_file", None):
         return load_key(args.key_file)
     if os.environ.get("COLO_KEY"):
         return load_key()
-    up = run_dir() / "key"
-    if up.exists():
-        return load_key(up)
+    gateway = getattr(args, "gateway", None)
+    if cluster is None and gateway is not None:
+        cluster = next((c for c in rundir.live_clusters() if c.gateway == tuple(gateway)), None)
+    if cluster is not None and cluster.key_file is not None:
+        return load_key(cluster.key_file)
     return load_key()  # raises: names both ways to give a key
 
 
@@ -70,16 +99,23 @@ def _write_ready(path: str | None, info: dict[str, Any]) -> None:
         tmp.replace(path)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--key-file", help="shared key file (else $COLO_KEY, else the key of `colo up` on this host)")
-    p.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT, metavar="S",
+def _common(p: argparse.ArgumentParser,
+            key_help: str = "shared key file (else $COLO_KEY, else the key of the `colo up` whose gateway this is)"
+            ) -> None:
+    p.add_argument("--key-file", metavar="FILE", help=key_help)
+    p.add_argument("--heartbeat-timeout", type=positive_float, default=DEFAULT_HEARTBEAT_TIMEOUT, metavar="S",
                    help=f"a peer silent this long is lost (default {DEFAULT_HEARTBEAT_TIMEOUT} s)")
     _trace_options(p)
+    _loudness(p)
+    _encrypt_option(p)
+    p.add_argument("--ready-file", help=argparse.SUPPRESS)  # `colo up` learns the chosen ports from it
+    p.add_argument("--lifeline", type=int, help=argparse.SUPPRESS)  # stop when this fd reaches EOF (colo.lifeline)
+
+
+def _loudness(p: argparse.ArgumentParser) -> None:
     loud = p.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
     loud.add_argument("-q", "--quiet", action="store_true", help="log only errors to stderr")
-    _encrypt_option(p)
-    p.add_argument("--ready-file", help=argparse.SUPPRESS)  # `colo up` learns the chosen ports from it
 
 
 def _trace_options(p: argparse.ArgumentParser) -> None:
@@ -103,10 +139,11 @@ def _trace_setup(args: argparse.Namespace, role: str) -> None:
                      hex_bytes=args.trace_hex)
 
 
-def _encrypt_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--encrypt", action=argparse.BooleanOptionalAction, default=True,
+def _encrypt_option(p: argparse.ArgumentParser, default: bool | None = True) -> None:
+    p.add_argument("--encrypt", action=argparse.BooleanOptionalAction, default=default,
                    help="encrypt every frame (AES-256-GCM) besides authenticating it; both ends of a connection "
-                        "must agree (default: on; --no-encrypt: authenticated only)")
+                        "must agree (default: " + ("on; --no-encrypt: authenticated only)" if default else
+                                                   "as the `colo up` cluster was started, else on)"))
 
 
 def _mode_option(p: argparse.ArgumentParser) -> None:
@@ -116,20 +153,28 @@ def _mode_option(p: argparse.ArgumentParser) -> None:
 
 
 def _vm_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ram", default="64M", help="guest RAM, e.g. 64M or 1G (default 64M)")
-    p.add_argument("--cmdline", default="", help="command line passed to the guest")
+    p.add_argument("--ram", type=ram_size, default="64M", metavar="SIZE",
+                   help="guest RAM, e.g. 64M or 1G, from 2M to 4G (default 64M)")
+    p.add_argument("--cmdline", default="", metavar="TEXT", help="command line passed to the guest")
     _checkpoint_options(p)
 
 
 def _checkpoint_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--interval", type=float, default=100.0, metavar="MS",
+    p.add_argument("--interval", type=positive_float, default=100.0, metavar="MS",
                    help="periodic mode: checkpoint interval in milliseconds (default 100)")
-    p.add_argument("--backstop", type=float, default=2000.0, metavar="MS",
+    p.add_argument("--backstop", type=positive_float, default=2000.0, metavar="MS",
                    help="hybrid mode: checkpoint at least this often, in milliseconds (default 2000)")
     _mode_option(p)
-    p.add_argument("--stats", metavar="FILE", help="append one JSON line per checkpoint to FILE")
+    p.add_argument("--stats", type=writable_file, metavar="FILE", help="append one JSON line per checkpoint to FILE")
     p.add_argument("--hooks", choices=("auto", "python", "native"), default=None,
                    help="toyvm hook engine (default: native when a C compiler exists)")
+
+
+def _console_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--console", choices=("active", "always", "off"), default="active",
+                   help="the guest's serial console on stdout: active: while this node is the primary (the "
+                        "default: one copy for whoever watches, in hybrid mode too), always: also a hybrid "
+                        "secondary's own VM, off: never")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,10 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where nodes and control commands connect (default 127.0.0.1:0)")
     g.add_argument("--service", type=_address, default=("127.0.0.1", 0), metavar="HOST:PORT",
                    help="where clients of the guest connect (default 127.0.0.1:0)")
-    g.add_argument("--client-timeout", type=float, default=30.0, metavar="S",
+    g.add_argument("--client-timeout", type=positive_float, default=30.0, metavar="S",
                    help="close a client that reads none of its unsent replies (over 1 MiB) for S seconds "
                         "(default 30)")
-    g.add_argument("--compare-timeout", type=float, default=200.0, metavar="MS",
+    g.add_argument("--compare-timeout", type=positive_float, default=200.0, metavar="MS",
                    help="hybrid mode: output left unmatched this long triggers a checkpoint (default 200)")
     _mode_option(g)
     _common(g)
@@ -160,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guest image (flat binary or ELF64) or a bundled guest's name, e.g. kvstore")
     p.add_argument("--gateway", type=_address, required=True, metavar="HOST:PORT", help="the gateway's --listen")
     _vm_options(p)
+    _console_option(p)
     _common(p)
 
     s = sub.add_parser("secondary", help="run a secondary: hold a copy of the primary's VM, take over on failover",
@@ -171,37 +217,73 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--advertise", type=_address, metavar="HOST:PORT",
                    help="the address primaries should connect to, if not --listen (NAT, a relay)")
     s.add_argument("--gateway", type=_address, required=True, metavar="HOST:PORT", help="the gateway's --listen")
+    s.add_argument("--guest", type=guest_argument, metavar="GUEST",
+                   help="protect only a primary that runs this guest image (default: any)")
+    s.add_argument("--ram", metavar="SIZE", help="protect only a primary whose VM has this much RAM (default: any)")
     _checkpoint_options(s)
+    _console_option(s)
     _common(s)
 
-    u = sub.add_parser("up", help="start gateway, secondary and primary locally; Ctrl-C stops them",
-                       description="Start the three roles as separate local processes with a fresh key.")
-    u.add_argument("guest", type=guest_argument, metavar="GUEST",
+    u = sub.add_parser("up", help="run GUEST replicated on this host, kept protected; Ctrl-C stops it",
+                       description=UP_HELP + "\n" + RUN_DIR_HELP,
+                       epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    u.add_argument("guest", metavar="GUEST",
                    help="guest image (flat binary or ELF64) or a bundled guest's name, e.g. kvstore")
+    u.add_argument("--name", type=rundir.name_argument,
+                   help="the cluster's name: 1 to 64 of A-Z a-z 0-9 _ . - (default: the guest's name, made unique)")
     u.add_argument("--service", type=_address, default=("127.0.0.1", 0), metavar="HOST:PORT",
                    help="where clients connect (default: a free port on 127.0.0.1)")
+    u.add_argument("--respawn", type=count, default=DEFAULT_RESPAWN, metavar="N",
+                   help="when a node dies, start a replacement secondary, at most N in any hour; one that dies "
+                        f"before protecting the service is retried after 1, 2, 4... s (at most {BACKOFF_CAP:.0f}) "
+                        f"(default {DEFAULT_RESPAWN})")
+    u.add_argument("--no-respawn", action="store_true", help="never start a replacement (as --respawn 0)")
     _vm_options(u)
-    _common(u)
+    _common(u, key_help="the shared key file for the roles (default: a fresh key, mode 0600, in the run "
+                        "directory)")
 
     st = sub.add_parser("status", help="show each role, its state and checkpoints",
-                        description="Ask the gateway for the state of every role.")
-    st.add_argument("--gateway", type=_address, metavar="HOST:PORT", help="default: the `colo up` on this host")
+                        description="Ask the gateway for the state of every role.\n\n" + RUN_DIR_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _target_options(st)
     st.add_argument("--json", action="store_true", help="print the raw status as JSON")
-    st.add_argument("--key-file", help="shared key file (default: as for the other commands)")
-    _encrypt_option(st)
 
     f = sub.add_parser("failover", help="force a failover to the secondary now",
-                       description="Fence the primary and promote the secondary.")
-    f.add_argument("--gateway", type=_address, metavar="HOST:PORT", help="default: the `colo up` on this host")
-    f.add_argument("--key-file", help="shared key file")
-    _encrypt_option(f)
+                       description="Fence the primary and promote the secondary.\n\n" + RUN_DIR_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _target_options(f)
     f.add_argument("--reason", default="operator request", help="recorded with the failover")
+
+    sw = sub.add_parser("switchover", help="move the service to the secondary at a checkpoint (maintenance)",
+                        description="A planned move: the primary takes a checkpoint and holds still, the secondary "
+                                    "takes over from exactly that checkpoint. No acknowledged write is lost and no "
+                                    "client connection breaks; clients see a short stall, which the gateway reports "
+                                    "(`colo status`). The old primary then exits, or with --swap waits as a spare "
+                                    "and is copied anew by the new primary.")
+    sw.add_argument("--gateway", type=_address, metavar="HOST:PORT", help="default: the `colo up` on this host")
+    sw.add_argument("--key-file", help="shared key file")
+    sw.add_argument("--swap", action="store_true", help="keep the old primary, as the new secondary")
+    sw.add_argument("--reason", default="planned switchover", help="recorded with the switchover")
+    _encrypt_option(sw)
+
+    dn = sub.add_parser("down", help="stop a `colo up` cluster (from another terminal)",
+                        description="Shut the cluster's service down through its gateway (no failover starts, no "
+                                    "loss is logged) and wait until its processes have gone.\n\n" + RUN_DIR_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    dn.add_argument("name", nargs="?", type=rundir.name_argument, metavar="NAME",
+                    help="the cluster (default: the only one running)")
+    dn.add_argument("--timeout", type=positive_float, default=20.0, metavar="S",
+                    help="then SIGTERM, then SIGKILL, what still runs (default 20)")
+    dn.add_argument("--key-file", metavar="FILE", help="shared key file (default: the cluster's)")
+    _encrypt_option(dn, default=None)
+    _loudness(dn)
 
     d = sub.add_parser("demo", help="the key-value guest survives a SIGKILLed primary (no arguments needed)",
                        description="Replicate the key-value guest, write to it, kill the primary, check that no "
                                    "acknowledged write was lost.")
-    d.add_argument("--seconds", type=float, default=12.0, help="how long the client workload runs (default 12)")
-    d.add_argument("--clients", type=int, default=8, help="concurrent writers (default 8)")
+    d.add_argument("--seconds", type=positive_float, default=12.0,
+                   help="how long the client workload runs (default 12)")
+    d.add_argument("--clients", type=positive_int, default=8, help="concurrent writers (default 8)")
 
     k = sub.add_parser("keygen", help="write a fresh shared key file (mode 0600) for roles on several hosts",
                        description="Write a fresh random key to FILE, readable by its owner only. Copy it to "
@@ -269,6 +351,14 @@ def _teaching_commands(sub: Any) -> None:
     v.add_argument("--ready-file", help=argparse.SUPPRESS)
 
 
+def _target_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", type=rundir.name_argument, help="the `colo up` cluster (default: the only one running)")
+    p.add_argument("--gateway", type=_address, metavar="HOST:PORT", help="any gateway, instead of a `colo up`")
+    p.add_argument("--key-file", metavar="FILE", help="shared key file (default: $COLO_KEY, else the cluster's)")
+    _encrypt_option(p, default=None)
+    _loudness(p)
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     level = (logging.ERROR if getattr(args, "quiet", False) else
              logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
@@ -285,6 +375,9 @@ def _on_term(handler: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args)
+    if getattr(args, "lifeline", None) is not None:
+        from colo import lifeline
+        lifeline.watch(args.lifeline, args.command)
     try:
         if args.command == "gateway":
             return cmd_gateway(args)
@@ -293,11 +386,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "secondary":
             return cmd_secondary(args)
         if args.command == "up":
+            from colo.up import cmd_up
             return cmd_up(args)
+        if args.command == "down":
+            from colo.up import cmd_down
+            return cmd_down(args, lambda c: _key(args, c))
         if args.command == "status":
             return cmd_status(args)
         if args.command == "failover":
             return cmd_failover(args)
+        if args.command == "switchover":
+            return cmd_switchover(args)
         if args.command == "demo":
             from colo.demo import run_demo
             return run_demo(args)
@@ -321,8 +420,9 @@ def cmd_gateway(args: argparse.Namespace) -> int:
                                mode=args.mode, compare_timeout=args.compare_timeout / 1000, encrypt=args.encrypt,
                                slow_timeout=args.client_timeout))
     _on_term(lambda *_: gw.stop())
-    print(f"colo gateway: nodes and control on {gw.listen_address[0]}:{gw.listen_address[1]}, "
-          f"clients on {gw.service_address[0]}:{gw.service_address[1]}", file=sys.stderr, flush=True)
+    if not args.ready_file and not args.quiet:  # a harness reads the ready file; a person reads this
+        print(f"colo gateway: nodes and control on {gw.listen_address[0]}:{gw.listen_address[1]}, "
+              f"clients on {gw.service_address[0]}:{gw.service_address[1]}", file=sys.stderr, flush=True)
     _write_ready(args.ready_file, {"listen": list(gw.listen_address), "service": list(gw.service_address),
                                    "pid": os.getpid()})
     gw.run()
@@ -331,11 +431,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 def _node_config(args: argparse.Namespace, **extra: Any) -> Any:
     from colo.node import NodeConfig
-    if args.interval <= 0 or args.backstop <= 0:
-        raise ValueError("--interval and --backstop must be positive")
     return NodeConfig(key=_key(args), gateway=args.gateway, heartbeat_timeout=args.heartbeat_timeout,
                       trace=args.trace, hooks=args.hooks, mode=args.mode, interval=args.interval / 1000,
-                      backstop=args.backstop / 1000, stats=args.stats, encrypt=args.encrypt, **extra)
+                      backstop=args.backstop / 1000, stats=args.stats, encrypt=args.encrypt,
+                      console=args.console, **extra)
 
 
 def cmd_primary(args: argparse.Namespace) -> int:
@@ -355,29 +454,46 @@ def cmd_secondary(args: argparse.Namespace) -> int:
     from colo.secondary import SecondaryRole
 
     def ready(address: tuple[str, int]) -> None:
-        print(f"colo secondary: waiting for a primary on {address[0]}:{address[1]}", file=sys.stderr, flush=True)
+        if not args.ready_file and not args.quiet:
+            print(f"colo secondary: waiting for a primary on {address[0]}:{address[1]}", file=sys.stderr,
+                  flush=True)
         _write_ready(args.ready_file, {"listen": list(address), "pid": os.getpid(), "node": node.id})
 
     cfg = _node_config(args, listen=args.listen, advertise=args.advertise, on_listening=ready)
     _trace_setup(args, "spare")
     node = Node(cfg, Mode.SECONDARY)
+    if args.guest or args.ram:  # what this spare insists on (the gateway pairs it with nothing else)
+        from colo.primary import guest_identity
+        wants = guest_identity(Path(args.guest), parse_size(args.ram or "64M")) if args.guest else {}
+        if not args.guest:
+            wants = {"ram": parse_size(args.ram)}
+        elif not args.ram:
+            wants.pop("ram")
+        node.guest_identity = wants
+    role = SecondaryRole(node)
+    role.bind()  # before the first hello (node.run starts the I/O thread)
     _on_term(lambda *_: node.request_shutdown())
-    return node.run(SecondaryRole(node))
+    return node.run(role)
 
 
 # -- control commands ----------------------------------------------------------------------------------------
-def _gateway_address(args: argparse.Namespace) -> tuple[str, int]:
+def _target(args: argparse.Namespace) -> tuple[tuple[str, int], bytes, bool]:
+    """The gateway a control command talks to, the key and whether to encrypt: --gateway, or a `colo up`
+    cluster on this host (--name, or the only one running)."""
     if args.gateway is not None:
-        return tuple(args.gateway)  # type: ignore[return-value]
-    up = run_dir() / "up.json"
-    if not up.exists():
-        raise ColoError(f"no --gateway given and no `colo up` is running on this host ({up} not found)")
-    return tuple(json.loads(up.read_text())["gateway"])  # type: ignore[return-value]
+        if args.name is not None:
+            raise ColoError("give --gateway or --name, not both")
+        return tuple(args.gateway), _key(args), args.encrypt is not False  # type: ignore[return-value]
+    c = rundir.select(args.name)
+    if c.gateway is None:
+        raise ColoError(f"the cluster {c.name!r} is still starting: try again in a moment")
+    encrypt = bool(c.info.get("encrypt", True)) if args.encrypt is None else args.encrypt
+    return c.gateway, _key(args, c), encrypt
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    reply: StatusReply = ask_gateway(_gateway_address(args), _key(args), StatusRequest(), StatusReply,
-                                     encrypt=args.encrypt)
+    gateway, key, encrypt = _target(args)
+    reply: StatusReply = ask_gateway(gateway, key, StatusRequest(), StatusReply, encrypt=encrypt)
     info = reply.info
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
@@ -389,7 +505,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def format_status(info: dict[str, Any]) -> str:
     """The status as an aligned table: one row per role, then the service line and the recent events."""
     g = info["gateway"]
-    rows = [("role", "node", "gen", "pid", "address", "state", "epoch", "checkpoints", "triggers")]
+    rows: list[tuple[str, ...]] = [("role", "node", "gen", "pid", "address", "state", "epoch", "checkpoints",
+                                    "triggers")]
     rows.append(("gateway", g.get("id", "-"), str(g.get("generation", "-")), str(g.get("pid", "-")),
                  g.get("listen", "-"), f"{g.get('service_state', '?')}, clients on {g.get('service', '?')}", "", "",
                  ""))
@@ -412,8 +529,8 @@ def format_status(info: dict[str, Any]) -> str:
     rows += [row("lost", n) for n in info.get("lost", [])[-3:]]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     right = {2, 3, 6, 7}  # numbers
-    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-             for r in rows]
+    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w)
+                       for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip() for r in rows]
     lines.append(f"service: {g.get('service_state', '?')} ({'protected' if g.get('protected') else 'not protected'}), "
                  f"{g.get('mode', 'periodic')} mode, generation {g.get('generation', '?')}, "
                  f"{g.get('failovers', 0)} failovers, {g.get('clients', 0)} clients, input seq {g.get('input_seq')}, "
@@ -425,9 +542,37 @@ def format_status(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cmd_failover(args: argparse.Namespace) -> int:
-    res: CommandResult = ask_gateway(_gateway_address(args), _key(args), FailoverCommand(args.reason), CommandResult,
+def cmd_switchover(args: argparse.Namespace) -> int:
+    from colo.messages import SwitchoverCommand
+    address, key = _gateway_address(args), _key(args)
+    res: CommandResult = ask_gateway(address, key, SwitchoverCommand(args.swap, args.reason), CommandResult,
                                      encrypt=args.encrypt)
+    if not res.ok:
+        print(f"colo switchover: {res.reason}", file=sys.stderr)
+        return 1
+    # Wait for the promotion, and say what clients saw.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        info: StatusReply = ask_gateway(address, key, StatusRequest(), StatusReply, encrypt=args.encrypt)
+        events = info.info.get("events", [])
+        done = [e for e in events if e.get("event") == "promoted" and "switchover" in str(e.get("reason", ""))]
+        failed = [e for e in events if e.get("event") == "switchover-failed"]
+        if done:
+            e = done[-1]
+            print(f"colo switchover: done: node {e.get('node')} serves from checkpoint {e.get('epoch')} as the "
+                  f"primary of generation {e.get('generation')}; clients stalled {e.get('failover_ms')} ms")
+            return 0
+        if failed:
+            print(f"colo switchover: failed: {failed[-1].get('reason')}", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    print("colo switchover: no result within 30 s (see colo status)", file=sys.stderr)
+    return 1
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    gateway, key, encrypt = _target(args)
+    res: CommandResult = ask_gateway(gateway, key, FailoverCommand(args.reason), CommandResult, encrypt=encrypt)
     print(f"colo failover: {res.reason}", file=sys.stderr if not res.ok else sys.stdout)
     return 0 if res.ok else 1
 
@@ -456,66 +601,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
         statsview.plot(runs, args.plot, title=Path(args.file).name)
         print(f"colo stats: plot written to {args.plot}")
     return 0
-
-
-# -- colo up ---------------------------------------------------------------------------------------------------
-def cmd_up(args: argparse.Namespace) -> int:
-    d = run_dir()
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    cluster = LocalCluster(args.guest, ram=args.ram, cmdline=args.cmdline, interval_ms=args.interval,
-                           service=args.service, stats=args.stats, trace=args.trace,
-                           heartbeat_timeout=args.heartbeat_timeout, hooks=args.hooks, directory=d,
-                           verbose=args.verbose, mode=args.mode, backstop_ms=args.backstop, encrypt=args.encrypt)
-    cluster.trace_file, cluster.trace_filter, cluster.trace_hex = args.trace_file, args.trace_filter, args.trace_hex
-    stopping: list[int] = []
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stopping.append(signum)
-
-    _on_term(on_signal)
-    code = 0
-    try:
-        cluster.start()
-        up = {"gateway": list(cluster.gateway), "service": list(cluster.service_address),
-              "pids": {r: p.pid for r, p in cluster.procs.items()}, "key_file": str(cluster.key_file),
-              "stats": args.stats}
-        _write_ready(str(d / "up.json"), up)
-        host, port = cluster.service_address
-        print(f"colo up: {Path(args.guest).name} is replicated ({args.mode} mode); clients connect to "
-              f"{host}:{port}\n"
-              f"  e.g. redis-cli -p {port} PING      (kvstore)\n"
-              f"  colo status   shows the roles; colo failover forces a failover; Ctrl-C stops everything",
-              flush=True)
-        while not stopping:
-            if cluster.procs["gateway"].poll() is not None:
-                print("colo up: the gateway exited", file=sys.stderr)
-                code = 1
-                break
-            ended = _service_ended(cluster)
-            if ended is not None:
-                code, why = ended
-                print(f"colo up: {why}", file=sys.stderr)
-                break
-            time.sleep(0.2)
-    finally:
-        codes = cluster.stop()
-        (d / "up.json").unlink(missing_ok=True)
-        print(f"colo up: stopped ({', '.join(f'{r} {c}' for r, c in codes.items())})", file=sys.stderr)
-    return code
-
-
-def _service_ended(cluster: LocalCluster) -> tuple[int, str] | None:
-    """(exit code, why) once the guest has ended: powered off, or faulted (125, as `toyvm run`)."""
-    try:
-        info = cluster.status(timeout=2.0)
-    except (ColoError, OSError):
-        return None
-    g = info["gateway"]
-    if g.get("service_state") != "ended":
-        return None
-    why = next((e.get("reason", "") for e in reversed(info.get("events", [])) if e.get("event") == "guest-ended"),
-               "the guest ended")
-    return int(g.get("ended_code") or 0), why
 
 
 if __name__ == "__main__":

@@ -1,8 +1,18 @@
-"""A replicated guest on this host: the gateway and two nodes as separate local processes over real TCP.
+"""A replicated guest on this host: the gateway and the nodes as separate local processes over real TCP.
 
 `LocalCluster` is the one harness for `colo up`, `colo demo`, the tests and the benchmarks. It writes a fresh key
-into its directory, starts `python -m colo gateway`, then a node as a spare (`colo secondary`), then the primary
-(`colo primary GUEST`); the gateway pairs them, the primary copies its VM to the spare, and the pair is protected.
+into its directory (or uses the key file it is given), starts `python -m colo gateway`, then a node as a spare
+(`colo secondary`), waits until the gateway knows the spare, then starts the primary (`colo primary GUEST`): the
+gateway pairs them, the primary copies its VM to the spare before the guest's first instruction, and the pair
+is protected. `add_secondary` starts one more spare at any time (a replacement after a failure): the gateway
+pairs it with the active node whenever that node is unprotected.
+
+Processes are named by how they were started ("gateway", "primary", "secondary", "secondary-2", ...). A name is
+not a role: roles are modes, and after a failover the process named "secondary" is the primary. The gateway's
+status says who is what, by node id; `node_id(name)` maps a process to its node.
+
+Every role holds a lifeline to this process (colo.lifeline): when the process that owns the LocalCluster ends,
+however it ends, the roles stop.
 """
 from __future__ import annotations
 
@@ -14,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from colo.auth import generate_key, load_key
 from colo.errors import ColoError
@@ -23,11 +33,14 @@ from colo.messages import CommandResult, ShutdownCommand, StatusReply, StatusReq
 from colo.link import DEFAULT_HEARTBEAT_TIMEOUT  # not from colo.node: the control side needs no emulator
 
 ROLES = ("gateway", "secondary", "primary")
+SPARE_WAIT = 10.0  # seconds to wait for the first spare to reach the gateway before starting the primary
+TAIL_LINES = 12  # lines of a failed role's log quoted in the error
 
 
 def write_key(path: Path) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)  # whatever the umask, or an older file's mode
         f.write(generate_key())
 
 
@@ -38,8 +51,20 @@ def ask_gateway(address: tuple[str, int], key: bytes, request: Any, reply: type,
         return c.ask(request, reply, timeout)
 
 
+def exit_text(code: int | None) -> str:
+    """"exited with status 2" or "was killed by SIGKILL", for a Popen returncode."""
+    if code is None:
+        return "is still running"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
 class LocalCluster:
-    """The three roles as local processes, sharing a fresh key."""
+    """The roles as local processes, sharing one key."""
 
     # The event stream (colo.events): every role appends to `trace_file` (one merged stream; "{role}" in it makes
     # one file per process instead), `trace_hex` leading bytes of each frame in hex. Set before start().
@@ -52,7 +77,10 @@ class LocalCluster:
                  heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT, hooks: str | None = None,
                  directory: Path | None = None, env: dict[str, dict[str, str]] | None = None,
                  verbose: bool = False, mode: str = "periodic", backstop_ms: float = 2000.0,
-                 key_file: Path | None = None, encrypt: bool = True) -> None:
+                 key_file: Path | None = None, encrypt: bool = True, quiet: bool = False,
+                 console: str = "active", logs: bool = False, lifeline: bool = True) -> None:
+        """`logs`: each process's stderr goes to DIR/NAME.log (else where `start` is told); `console`: the
+        nodes' --console (active: only the active node prints the guest's console)."""
         self.dir = directory or Path(tempfile.mkdtemp(prefix="colo-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         if key_file is None:
@@ -64,28 +92,39 @@ class LocalCluster:
         self.service, self.stats, self.trace, self.hooks = service, stats, trace, hooks
         self.heartbeat_timeout = heartbeat_timeout
         self.env = env or {}
-        self.verbose = verbose
+        self.verbose, self.quiet = verbose, quiet
         self.mode, self.backstop_ms = mode, backstop_ms
         self.encrypt = encrypt
+        self.console, self.logs = console, logs
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.started: dict[str, float] = {}  # monotonic start time of each process
         self.gateway: tuple[str, int] = ("", 0)
         self.service_address: tuple[str, int] = ("", 0)
         self.secondary_address: tuple[str, int] = ("", 0)
+        self._out: tuple[Any, Any] = (None, None)  # start()'s stderr and stdout, for later processes
+        self._spares = 1
+        self.quote_logs = True  # errors quote the last lines of a failed process's log file
+        self._lifeline: tuple[int, int] | None = os.pipe() if lifeline else None  # both ends close-on-exec
 
     @property
     def key(self) -> bytes:
         return load_key(self.key_file)
 
-    def common_args(self, role: str) -> list[str]:
+    # -- command lines ----------------------------------------------------------------------------------------
+    def common_args(self, name: str) -> list[str]:
         args = ["--key-file", str(self.key_file), "--heartbeat-timeout", str(self.heartbeat_timeout),
-                "--ready-file", str(self.dir / f"{role}.json"), "--mode", self.mode]
+                "--ready-file", str(self.ready_path(name)), "--mode", self.mode]
         if self.trace:
             args.append("--trace")
-        args += self.trace_args(role)
+        args += self.trace_args(name)
         if self.verbose:
             args.append("-v")
+        elif self.quiet:
+            args.append("-q")
         if not self.encrypt:
             args.append("--no-encrypt")
+        if self._lifeline is not None:
+            args += ["--lifeline", str(self._lifeline[0])]
         return args
 
     def trace_args(self, name: str) -> list[str]:
@@ -94,54 +133,136 @@ class LocalCluster:
         return args + (["--trace-filter", self.trace_filter] if self.trace_filter else [])
 
     def node_args(self) -> list[str]:
-        """What both nodes need: a promoted secondary checkpoints like the primary it replaces."""
+        """What every node needs: a promoted secondary checkpoints like the primary it replaces."""
         args = ["--gateway", "%s:%d" % self.gateway, "--interval", str(self.interval_ms),
-                "--backstop", str(self.backstop_ms)]
+                "--backstop", str(self.backstop_ms), "--console", self.console]
         if self.stats:
             args += ["--stats", self.stats]
         if self.hooks:
             args += ["--hooks", self.hooks]
         return args
 
-    def command(self, role: str, *args: str) -> list[str]:
-        return [sys.executable, "-m", "colo", role, *args, *self.common_args(role)]
+    def replacement_args(self) -> list[str]:
+        """Extra options of the secondaries `add_secondary` starts (none: a test may break them on purpose)."""
+        return []
 
-    def _spawn(self, role: str, *args: str, stderr: Any = None, stdout: Any = None) -> subprocess.Popen[bytes]:
-        (self.dir / f"{role}.json").unlink(missing_ok=True)  # a ready file from an earlier run is stale
+    def command(self, role: str, *args: str, name: str | None = None) -> list[str]:
+        return [sys.executable, "-m", "colo", role, *args, *self.common_args(name or role)]
+
+    def ready_path(self, name: str) -> Path:
+        return self.dir / f"{name}.json"
+
+    def log_path(self, name: str) -> Path:
+        return self.dir / f"{name}.log"
+
+    # -- processes ---------------------------------------------------------------------------------------------
+    def _spawn(self, role: str, *args: str, stderr: Any = None, stdout: Any = None,
+               name: str | None = None) -> subprocess.Popen[bytes]:
+        name = name or role
+        self.ready_path(name).unlink(missing_ok=True)  # a ready file from an earlier run is stale
         env = dict(os.environ)
         env.pop("COLO_FAULT", None)
-        env.update(self.env.get(role, {}))
-        proc = subprocess.Popen(self.command(role, *args), env=env, stderr=stderr, stdout=stdout,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        self.procs[role] = proc
+        env.update(self.env.get(name, {}))
+        log_file: IO[bytes] | None = None
+        if stderr is None and self.logs:
+            stderr = log_file = open(self.log_path(name), "wb")
+        try:
+            proc = subprocess.Popen(self.command(role, *args, name=name), env=env, stderr=stderr, stdout=stdout,
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    pass_fds=(self._lifeline[0],) if self._lifeline is not None else ())
+        finally:
+            if log_file is not None:
+                log_file.close()  # the child has its own copy
+        self.procs[name] = proc
+        self.started[name] = time.monotonic()
         return proc
 
     def _wait_ready(self, role: str, timeout: float = 30.0) -> dict[str, Any]:
-        path = self.dir / f"{role}.json"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if path.exists():
-                return dict(json.loads(path.read_text()))
+            info = self.ready_info(role)
+            if info is not None:
+                return info
             if self.procs[role].poll() is not None:
-                raise ColoError(f"the {role} exited with status {self.procs[role].returncode} while starting")
+                raise ColoError(self.exit_message(role, "while starting"))
             time.sleep(0.02)
-        raise ColoError(f"the {role} did not start within {timeout:.0f} s")
+        raise ColoError(f"the {role} did not start within {timeout:.0f} s"
+                        f"{self._tail_text(role) if self.quote_logs else ''}")
+
+    def ready_info(self, name: str) -> dict[str, Any] | None:
+        """What the process wrote once it was up (pid, node id, addresses), or None if not yet."""
+        try:
+            return dict(json.loads(self.ready_path(name).read_text()))
+        except (OSError, ValueError):
+            return None
 
     def start(self, stderr: Any = None, stdout: Any = None) -> None:
-        """Start gateway, secondary, primary. `stderr` gets their logs, `stdout` the guest's serial console
-        (each node prints it); both default to ours."""
+        """Start gateway, secondary, primary. `stderr` gets their logs (default: ours, or one file per process
+        with `logs`), `stdout` the guest's serial console (the active node prints it; default: ours)."""
+        self._out = (stderr, stdout)
         self._spawn("gateway", "--service", "%s:%d" % self.service, stderr=stderr, stdout=stdout)
         g = self._wait_ready("gateway")
-        self.gateway, self.service_address = tuple(g["listen"]), tuple(g["service"])  # type: ignore[assignment]
+        self.gateway, self.service_address = (str(g["listen"][0]), int(g["listen"][1])), \
+            (str(g["service"][0]), int(g["service"][1]))
         self._spawn("secondary", *self.node_args(), stderr=stderr, stdout=stdout)
-        self.secondary_address = tuple(self._wait_ready("secondary")["listen"])  # type: ignore[assignment]
+        sec = self._wait_ready("secondary")
+        self.secondary_address = (str(sec["listen"][0]), int(sec["listen"][1]))
+        self._wait_spare(str(sec.get("node", "")))
         self._spawn("primary", self.guest, *self.node_args(), "--ram", self.ram, "--cmdline", self.cmdline,
                     stderr=stderr, stdout=stdout)
+
+    def _wait_spare(self, node: str) -> None:
+        """The spare registers with the gateway before the primary starts, so the copy comes before the guest's
+        first instruction (else the guest runs unprotected until the spare arrives: correct, but not what a
+        user who asked for a replicated guest expects to see)."""
+        deadline = time.monotonic() + SPARE_WAIT
+        while time.monotonic() < deadline:
+            for role in ("gateway", "secondary"):
+                if self.procs[role].poll() is not None:
+                    raise ColoError(self.exit_message(role, "while starting"))
+            try:
+                info = self.status(timeout=2.0)
+            except (ColoError, OSError):
+                info = {}
+            if any(n.get("id") == node for n in info.get("spares", [])):
+                return
+            time.sleep(0.02)
+
+    def add_secondary(self) -> str:
+        """Start one more secondary (it registers as a spare); returns its process name, e.g. "secondary-2"."""
+        self._spares += 1
+        name = f"secondary-{self._spares}"
+        stderr, stdout = self._out
+        self._spawn("secondary", *self.node_args(), "--listen", "127.0.0.1:0", *self.replacement_args(),
+                    stderr=stderr, stdout=stdout, name=name)
+        return name
 
     def node_id(self, role: str, timeout: float = 30.0) -> str:
         """The node id of the process started as `role` (it names the node in the gateway's status and events)."""
         return str(self._wait_ready(role, timeout)["node"])
 
+    def alive(self) -> dict[str, int]:
+        """The processes that still run, by name: their pids."""
+        return {name: p.pid for name, p in self.procs.items() if p.poll() is None}
+
+    def log_tail(self, name: str, lines: int = TAIL_LINES) -> str:
+        """The last lines of the process's log file ('' without `logs`)."""
+        try:
+            text = self.log_path(name).read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+    def _tail_text(self, name: str) -> str:
+        tail = self.log_tail(name)
+        return (":\n" + "\n".join(f"  {ln}" for ln in tail.splitlines())) if tail else ""
+
+    def exit_message(self, name: str, when: str = "", tail: bool = True) -> str:
+        """"the primary exited with status 2 while starting:" and the last lines of its log."""
+        text = f"the {name} {exit_text(self.procs[name].poll())}{' ' + when if when else ''}"
+        return text + (self._tail_text(name) if tail and self.quote_logs else "")
+
+    # -- the gateway's view ------------------------------------------------------------------------------------
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         reply: StatusReply = ask_gateway(self.gateway, self.key, StatusRequest(), StatusReply, timeout, self.encrypt)
         return dict(reply.info)
@@ -154,7 +275,7 @@ class LocalCluster:
                 return info
             for role, p in self.procs.items():
                 if p.poll() is not None:
-                    raise ColoError(f"the {role} exited with status {p.returncode}")
+                    raise ColoError(self.exit_message(role))
             time.sleep(0.05)
         raise ColoError(f"the primary was not protected within {timeout:.0f} s")
 
@@ -163,7 +284,7 @@ class LocalCluster:
 
     def stop(self, timeout: float = 5.0) -> dict[str, int | None]:
         """Stop cleanly: ask the gateway to shut the service down (so no failover starts and no loss is logged);
-        then SIGTERM whatever is left, then SIGKILL."""
+        then SIGTERM whatever is left, then SIGKILL. Returns each process's exit status."""
         codes: dict[str, int | None] = {}
         gw = self.procs.get("gateway")
         if gw is not None and gw.poll() is None and self.gateway[1]:
@@ -173,17 +294,26 @@ class LocalCluster:
             except (ColoError, OSError):
                 pass
         deadline = time.monotonic() + timeout
-        for role in ("secondary", "primary", "gateway"):
-            p = self.procs.get(role)
+        nodes = [n for n in self.procs if n != "gateway"]
+        for name in [*sorted(nodes, key=lambda n: n == "primary"), "gateway"]:
+            p = self.procs.get(name)
             if p is None:
                 continue
             try:
-                codes[role] = p.wait(max(0.1, deadline - time.monotonic()))
+                codes[name] = p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.send_signal(signal.SIGTERM)
                 try:
-                    codes[role] = p.wait(2.0)
+                    codes[name] = p.wait(2.0)
                 except subprocess.TimeoutExpired:
                     p.kill()
-                    codes[role] = p.wait()
+                    codes[name] = p.wait()
+        self.close_lifeline()
         return codes
+
+    def close_lifeline(self) -> None:
+        """Let go of the roles: any still running stops on its own now."""
+        if self._lifeline is not None:
+            for fd in self._lifeline:
+                os.close(fd)
+            self._lifeline = None

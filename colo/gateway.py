@@ -313,6 +313,6 @@ class Gateway:
             details = ", ".join(f"{k}={v}" for k, v in entry.items() if k not in ("time", "event"))
             log.log(level, "gateway: %s%s", entry["event"], f" ({details})" if details else "")
         elif isinstance(a, Exit):
-            log.warning("gateway: %s: exiting", a.reason)
+            log.info("gateway: %s: exiting", a.reason)  # an operator's shutdown: not a warning
             self.clients.set_listening(False)
             self._exit_at = time.monotonic() + EXIT_FLUSH

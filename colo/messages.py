@@ -267,6 +267,7 @@ _FIELD_RULES: dict[str, Callable[[object], str | None]] = {
     "info": _info_rule,
     "state": _protection_rule,
     "ok": _bool_rule,
+    "swap": _bool_rule,
     "generation": _size_rule,
     "taken": _size_rule,
     "node": _id_rule(empty_ok=False),
@@ -653,6 +654,31 @@ class Fence(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Handover(Message):
+    """Gateway->primary: take a checkpoint now, then hold still: the secondary takes over from it."""
+
+    NAME: ClassVar[str] = "handover"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class HandedOver(Message):
+    """Primary->gateway: checkpoint `epoch` is complete and applied, and my guest holds still after it."""
+
+    NAME: ClassVar[str] = "handed-over"
+    generation: int
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Demote(Message):
+    """Gateway->primary, after a switchover: you are not the primary now: wait as a spare (copied anew)."""
+
+    NAME: ClassVar[str] = "demote"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Reset(Message):
     """Gateway->secondary: discard your copy (it is of a past the service left) and wait as a spare."""
 
@@ -701,6 +727,15 @@ class FailoverCommand(Message):
     """Control->gateway: an operator forces a failover (`colo failover`), for `reason`."""
 
     NAME: ClassVar[str] = "failover-command"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchoverCommand(Message):
+    """Control->gateway: move the service to the secondary at a checkpoint (`colo switchover`)."""
+
+    NAME: ClassVar[str] = "switchover-command"
+    swap: bool  # the old primary then becomes a spare (copied anew) instead of leaving
     reason: str
 
 
@@ -780,6 +815,9 @@ GATEWAY_MESSAGES: tuple[type[Message], ...] = (
     Fence,
     Reset,
     Shutdown,
+    Handover,
+    HandedOver,
+    Demote,
     Step,
 )
 
@@ -787,6 +825,7 @@ CONTROL_MESSAGES: tuple[type[Message], ...] = (
     StatusRequest,
     StatusReply,
     FailoverCommand,
+    SwitchoverCommand,
     ShutdownCommand,
     CommandResult,
     CheckpointCommand,

@@ -56,15 +56,17 @@ from colo.messages import (
 from colo.netevents import KIND_CLOSE, KIND_OPEN, NetEvent
 from colo.nodeio import Attached, Detached, Heard, NodeEvent, NodeIO, Silent, Source
 from colo.protocol import ConnectionClosed
+from colo.vmstate import FORMAT as _FORMAT
+from colo.vmstate import VERSION as _STATE_VERSION
 from toyvm import Machine
 from toyvm.devices.net import QueueFull
+from toyvm.version import VERSION
 
 log = logging.getLogger("colo.node")
 
 SLICE = 0.01
-EXIT_GATEWAY = 3  # (kept for scripts: a node no longer exits when it loses the gateway)
 EXIT_FENCED = 4
-EXIT_NOTHING = 6  # a secondary lost its primary before it held anything to take over
+STATE_FORMAT = f"{_FORMAT}/{_STATE_VERSION}"  # a node can protect another only if it reads its checkpoints
 EXIT_FAULT = 125  # the guest faulted (as `toyvm run`)
 LEAVING = "leaving: "  # an error message that starts so is a deliberate end (a stop, a guest that ended), not a loss
 
@@ -88,6 +90,7 @@ class NodeState(enum.Enum):
     PROTECTING = "active (copying to a secondary)"
     PROTECTED = "active (protected)"
     DETACHED = "waiting for the gateway"
+    HANDED_OVER = "handed over (holding still)"
     ENDED = "ended"
 
 
@@ -140,7 +143,9 @@ class NodeConfig:
     trace: bool = False
     hooks: str | None = None
     mode: str = "periodic"  # "hybrid": the secondary's VM runs too
-    console: bool = True  # print the guest's serial console on stdout
+    # The guest's serial console on stdout: "active" while this node is the primary (one copy of the console
+    # for whoever watches, also in hybrid mode, where the secondary's VM prints the same lines), "always", "off"
+    console: str = "active"
     encrypt: bool = True  # frames encrypted as well as authenticated, on every link
     interval: float = 0.1  # periodic: seconds between checkpoints
     backstop: float = 2.0  # hybrid: a checkpoint at least this often
@@ -182,6 +187,8 @@ class Node:
         self.state_log = StateLog()
         self.role: Any = None  # the current role object (PrimaryRole or SecondaryRole)
         self._taken_sent = 0
+        # primary: which guest it runs and how much RAM; secondary: what it insists on protecting (empty: any)
+        self.guest_identity: dict[str, Any] = {}
         self.io = NodeIO(key=cfg.key, gateway=cfg.gateway, role=self.hello_role,
                          heartbeat_timeout=cfg.heartbeat_timeout, hello=self.hello, status=self.status,
                          on_message=self._urgent, encrypt=cfg.encrypt)
@@ -227,7 +234,8 @@ class Node:
 
     def status_info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"role": self.mode.value, "pid": os.getpid(), "state": self.state.value,
-                                "generation": self.generation, "mode": self.cfg.mode}
+                                "generation": self.generation, "mode": self.cfg.mode,
+                                "state_format": STATE_FORMAT, "colo_version": VERSION}
         if self.role is not None:
             info.update(self.role.status_info())
         if STREAM.active:
@@ -405,10 +413,16 @@ class Node:
 
     def print_console(self) -> None:
         assert self.vm is not None
-        console = self.vm.take_serial()
-        if console and self.cfg.console:  # the serial port is this node's local console: not output-committed
-            sys.stdout.buffer.write(console)
-            sys.stdout.flush()
+        console = self.vm.take_serial()  # taken even when not printed: the buffer must not grow
+        show = self.cfg.console == "always" or (self.cfg.console == "active" and self.mode is Mode.PRIMARY)
+        if console and show:  # the serial port is this node's local console: not output-committed
+            try:
+                sys.stdout.buffer.write(console)
+                sys.stdout.flush()
+            except OSError as e:  # nobody reads the console any more (a closed pipe or terminal): serve on
+                log.warning("%s: cannot write the guest's console (%s): not printing it any more",
+                            self.mode.value, e)
+                self.cfg.console = "off"
 
     def close_repl(self, why: str | None = None, conn: Conn | None = None) -> None:
         """Drop the replication link, telling the peer `why` first when there is a reason to give."""

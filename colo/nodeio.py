@@ -188,6 +188,8 @@ class NodeIO:
             except (KeyError, ValueError):
                 if events and not c.closed:
                     self.sel.register(c.sock, events, c)
+            except OSError:  # the VM thread closed it meanwhile (EBADF): it is gone, not a reason to stop
+                self._drop(c, c.closed_reason or "closed")
         wait = max(0.0, min(self.interval / 2, self._next_connect - now if self._gw_conn is None else 1.0))
         for key, mask in self.sel.select(wait):
             if key.data is None:

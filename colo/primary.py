@@ -8,6 +8,7 @@ service: the primary says so (no failover: the secondary would end the same way)
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -24,8 +25,11 @@ from colo.messages import (
     CheckpointReply,
     CheckpointRequest,
     Commit,
+    Demote,
     ErrorMessage,
     GuestEnded,
+    HandedOver,
+    Handover,
     Heartbeat,
     InitialChunk,
     InitialSize,
@@ -60,6 +64,11 @@ class SecondaryLost(Exception):
     pass
 
 
+def guest_identity(image: Path, ram: int) -> dict[str, Any]:
+    """What a spare may insist on before it protects a primary: which guest image, how much RAM."""
+    return {"guest": image.name, "guest_sha256": hashlib.sha256(image.read_bytes()).hexdigest()[:16], "ram": ram}
+
+
 class PrimaryRole:
     def __init__(self, node: Node, *, epoch: int = 1) -> None:
         self.node = node
@@ -74,6 +83,8 @@ class PrimaryRole:
         self.pending_protect: Protect | None = None
         self.requested_trigger: Trigger | None = None
         self.stats = StatsWriter(node.cfg.stats, mode=node.cfg.mode, interval_ms=self.interval * 1e3)
+        self.handover: Handover | None = None  # a switchover asked: checkpoint, then hold still
+        self.demoted = False
         self.fresh = False  # a guest booted here, not yet run
         self.ran = False  # the guest ran in the last serve()
         self.faults = FaultPlan()
@@ -97,7 +108,8 @@ class PrimaryRole:
         return self.secondary_id if self.protected else ""
 
     def status_info(self) -> dict[str, Any]:
-        return {"epoch": self.epoch - 1, "checkpoints": self.checkpoints, "triggers": dict(self.triggers),
+        return {**self.node.guest_identity,
+                "epoch": self.epoch - 1, "checkpoints": self.checkpoints, "triggers": dict(self.triggers),
                 "protected": self.protected, "last_pause_ms": round(self.last_pause_ms, 3),
                 "interval_ms": round(self.interval * 1e3, 3), "secondary": self.secondary_id or None}
 
@@ -110,6 +122,7 @@ class PrimaryRole:
         cfg = node.cfg
         node.vm = Machine(cfg.ram, hooks=cfg.hooks)
         node.vm.boot(Path(cfg.guest), cfg.cmdline)
+        node.guest_identity = guest_identity(Path(cfg.guest), cfg.ram)
         role = cls(node)
         role.fresh = True
         return role
@@ -142,6 +155,10 @@ class PrimaryRole:
             if trigger is Trigger.TIMER and not self.ran:
                 continue  # the guest held still (no gateway): nothing changed that a checkpoint could carry
             self.checkpoint(trigger, suspended_at=started + self.interval)
+            if self.handover is not None:
+                nxt = self.hand_over()
+                if nxt is not None:
+                    return nxt
 
     def close(self, why: str) -> None:
         self.stats.close()
@@ -172,6 +189,14 @@ class PrimaryRole:
         elif isinstance(msg, Unprotect):
             if self.repl is not None:
                 self._unprotect(f"the gateway says so: {msg.reason}", tell=False)
+        elif isinstance(msg, Handover):
+            if self.repl is not None and self.protected:
+                self.handover = msg
+                self.requested_trigger = Trigger.MANUAL
+            else:
+                log.warning("primary: asked to hand over with no secondary: ignored")
+        elif isinstance(msg, Demote):
+            self.demoted = True
         elif isinstance(msg, Promote):
             log.warning("primary: the gateway sent promote to a primary: ignored")
         else:
@@ -210,6 +235,29 @@ class PrimaryRole:
             for got in node.drain_events():
                 self._handle(got)
 
+    def hand_over(self) -> Any:
+        """A switchover: the checkpoint just taken is the last of this primary. Say so and hold the guest still
+        until the gateway says what next: a spare again (`demote`, the next role), or leave (`shutdown`)."""
+        from colo.secondary import SecondaryRole
+
+        node = self.node
+        self.handover = None
+        if self.repl is None:  # that checkpoint failed: we are unprotected and the switchover is off; serve on
+            return None
+        node.send_gateway(HandedOver(node.generation, self.epoch - 1))
+        log.warning("primary: handed over at checkpoint %d: holding still", self.epoch - 1)
+        node.state = NodeState.HANDED_OVER
+        while not self.demoted:
+            got = node.next_event(0.1)  # a fence or a shutdown ends the process from in here
+            if got is not None and got[0] is self.repl and not isinstance(got[1], (Heartbeat, Heard)):
+                self.repl = None  # the secondary took over and left our link: expected, not a loss
+        log.warning("primary: demoted by the gateway: discarding the VM, waiting as a spare")
+        self.node.close_repl(f"{LEAVING}switched over", self.repl)
+        self.repl = None
+        self.stats.close()
+        node.mode = Mode.SECONDARY
+        return SecondaryRole(node)
+
     def _handle(self, got: tuple[Source, NodeEvent] | None) -> None:
         """Between checkpoints only heartbeats may come from the secondary."""
         if got is None:
@@ -233,8 +281,7 @@ class PrimaryRole:
         assert vm is not None
         node.print_console()  # what the guest wrote in its last slice is never lost
         node.forward_outputs()
-        log.warning("primary: %s", why)
-        node.state = NodeState.ENDED
+        node.state = NodeState.ENDED  # (why is logged once, as the reason the node stops)
         deadline = time.monotonic() + 2 * self.cfg.heartbeat_timeout
         while not node.attached and time.monotonic() < deadline:
             node.next_event(0.05)

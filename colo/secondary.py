@@ -91,13 +91,18 @@ class SecondaryRole:
 
     def status_info(self) -> dict[str, Any]:
         latest = self.complete or self.applied
-        return {"epoch": self.applied.epoch if self.applied else 0,
+        wants = {f"wants_{k}": v for k, v in self.node.guest_identity.items()}  # what it may protect (if set)
+        return {**wants, "epoch": self.applied.epoch if self.applied else 0,
                 "complete_epoch": latest.epoch if latest else 0, "primary": self.primary_id or None,
                 "address": self.address() or None}
 
     # -- the main loop -----------------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Open the port primaries connect to (before the first hello, which gives the gateway its address)."""
+        self.bind()
+
+    def bind(self) -> None:
+        """Listen for primaries. Call it before the node starts its I/O thread, so that the first hello carries
+        our address: the gateway pairs a spare with a primary only if it can say where the spare listens."""
         if self.listen_address[1] == 0:
             self.listen_address = self.node.io.listen(self.cfg.listen,
                                                       lambda hs: SecondaryProtocol(hs, first_epoch=None))

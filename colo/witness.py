@@ -41,10 +41,13 @@ from colo.messages import (
     CheckpointNow,
     CommandResult,
     Commit,
+    Demote,
     FailoverCommand,
     FailoverRequest,
     Fence,
     GuestEnded,
+    HandedOver,
+    Handover,
     Heartbeat,
     Input,
     InputFloor,
@@ -66,6 +69,7 @@ from colo.messages import (
     StatusRequest,
     Step,
     StepCommand,
+    SwitchoverCommand,
     Trigger,
     Unprotect,
     Welcome,
@@ -281,6 +285,7 @@ SERVICE_TRANSITIONS: dict[tuple[Service, str], Service] = {
     (S.PROTECTED, "unprotected"): S.ALONE,
     (S.PROTECTED, "active-lost"): S.PROMOTING,
     (S.PROTECTED, "manual-failover"): S.PROMOTING,
+    (S.PROTECTED, "handed-over"): S.PROMOTING,
     (S.PROMOTING, "promoted"): S.ALONE,
     (S.PROMOTING, "promotion-failed"): S.DOWN,
     **{(s, "guest-ended"): S.ENDED for s in (S.ALONE, S.PROTECTING, S.PROTECTED)},
@@ -293,6 +298,22 @@ ADMITTING = SERVING + (S.PROMOTING,)  # new clients are accepted (their input wa
 
 class WitnessError(Exception):
     """A transition the table does not allow: a bug in the witness, never the peers' fault."""
+
+
+def incompatible(spare: dict[str, Any], primary: dict[str, Any]) -> str:
+    """Why a spare (its status info) cannot protect a primary (its), or "" when it can."""
+    sf, pf = spare.get("state_format"), primary.get("state_format")
+    if sf and pf and sf != pf:
+        return (f"the spare reads checkpoints of format {sf}, the primary writes {pf} (colo "
+                f"{spare.get('colo_version', '?')} and {primary.get('colo_version', '?')}): upgrade them together")
+    want = spare.get("wants_guest_sha256")
+    if want and want != primary.get("guest_sha256"):
+        return (f"the spare is for guest {spare.get('wants_guest', '?')} ({want}), the primary runs "
+                f"{primary.get('guest', '?')} ({primary.get('guest_sha256', '?')})")
+    ram = spare.get("wants_ram")
+    if ram and ram != primary.get("ram"):
+        return f"the spare is for {ram} bytes of RAM, the primary's VM has {primary.get('ram', '?')}"
+    return ""
 
 
 # -- what the witness keeps -----------------------------------------------------------------------------------
@@ -357,6 +378,9 @@ class Witness:
         self.failover_started: float | None = None
         self.failover_request_at: float | None = None
         self.failovers = 0
+        self.switchover: tuple[str, bool, float] | None = None  # (node handing over, swap, started), while asked
+        self._promote_reason = ""
+        self._refused_pairs: set[tuple[str, str]] = set()
         # input
         self.input_seq = 0  # the last input number assigned
         self.log: collections.deque[NetEvent] = collections.deque()  # since the last commit, while it matters
@@ -686,6 +710,9 @@ class Witness:
         elif isinstance(msg, GuestEnded):
             if n.id == self.active:
                 self._guest_ended(n, msg)
+        elif isinstance(msg, HandedOver):
+            if n.id == self.active and self.switchover is not None and self.switchover[0] == n.id:
+                self._handed_over(n, msg)
         else:
             self._record("unexpected", node=n.id, message=msg.NAME, level="warning")
 
@@ -742,7 +769,7 @@ class Witness:
 
     def _can_forward(self) -> bool:
         act = self._node(self.active)
-        return (self.service in SERVING and act is not None and act.connected
+        return (self.service in SERVING and act is not None and act.connected and self.switchover is None
                 and self.log_bytes <= self.cfg.max_log_bytes)
 
     def _pump(self, conn: int) -> None:
@@ -917,6 +944,10 @@ class Witness:
             self._record("protected", node=n.id, secondary=msg.peer, epoch=msg.epoch)
             return
         self._record("unprotected", node=n.id, reason=msg.reason, level="warning")
+        if self.switchover is not None:
+            self._record("switchover-failed", node=n.id, reason=msg.reason, level="error")
+            self.switchover = None
+            self._pump_all()
         sec = self._node(self.secondary)
         copying = self.service is S.PROTECTING
         if self.service in (S.PROTECTING, S.PROTECTED):
@@ -967,7 +998,7 @@ class Witness:
             return
         assert self.now is not None
         spares = [n for n in self.nodes.values() if n.role == "spare" and n.connected and n.address
-                  and n.not_before <= self.now]
+                  and n.not_before <= self.now and self._compatible(n, act)]
         if not spares:
             return
         sec = min(spares, key=lambda n: n.since)
@@ -979,6 +1010,15 @@ class Witness:
         self._go("copy-started")
         self._record("protect", node=act.id, secondary=sec.id, address=sec.address)
         self._send(act, Protect(sec.id, sec.address))
+
+    def _compatible(self, spare: NodeView, act: NodeView) -> bool:
+        """Whether `spare` can protect `act`: it reads the same state format, and runs for the same guest and RAM
+        if it was started for one. A mismatch is recorded once per pair, with the reason; nothing is sent."""
+        why = incompatible(spare.info or spare.hello.info, act.info or act.hello.info)
+        if why and (spare.id, act.id) not in self._refused_pairs:
+            self._refused_pairs.add((spare.id, act.id))
+            self._record("incompatible", node=spare.id, primary=act.id, reason=why, level="warning")
+        return not why
 
     def _failover_request(self, n: NodeView, reason: str) -> None:
         self._record("failover-request", node=n.id, reason=reason)
@@ -1108,6 +1148,7 @@ class Witness:
         self.failover_request_at = None
         self.promoting = sec.id
         self.secondary = None
+        self._promote_reason = why
         self._record("promote", node=sec.id, generation=self.generation, reason=why, level="warning")
         self._send(sec, Promote(self.generation, why))
 
@@ -1170,7 +1211,7 @@ class Witness:
         self._close_stale_conns(n, ev.conns, {e.conn for e in replay if e.kind == KIND_CLOSE})
         took = (self.now - self.failover_started) * 1e3 if self.now is not None and self.failover_started else 0.0
         self._record("promoted", node=n.id, generation=self.generation, epoch=ev.epoch, replayed=len(replay),
-                     failover_ms=round(took, 1), level="warning")
+                     failover_ms=round(took, 1), reason=self._promote_reason, level="warning")
         self._trace("takeover", node=n.id, epoch=ev.epoch, input_seq=ev.input_seq, output_seq=ev.output_seq,
                     dropped=dropped, replayed=[e.seq for e in replay])
         self._pump_all()
@@ -1188,6 +1229,46 @@ class Witness:
         self._go("manual-failover")
         self._promote(sec, f"manual failover: {reason}")
         return True, "failover started: the secondary takes over"
+
+    def start_switchover(self, swap: bool, reason: str) -> tuple[bool, str]:
+        """A planned move of the service to the secondary at a checkpoint boundary: the primary takes a checkpoint
+        and holds still after it; the secondary is promoted from exactly that checkpoint (`_handed_over`)."""
+        act, sec = self._node(self.active), self._node(self.secondary)
+        if act is None or self.service not in SERVING:
+            return False, f"there is no active primary to switch over from (the service is {self.service.value})"
+        if sec is None or not self.protected:
+            return False, "there is no ready secondary to switch over to"
+        if self.switchover is not None:
+            return False, "a switchover is already under way"
+        assert self.now is not None
+        self.switchover = (act.id, swap, self.now)
+        self._record("switchover", node=act.id, secondary=sec.id, swap=swap, reason=reason)
+        self._send(act, Handover(reason))
+        return True, "switchover started: the primary checkpoints, then the secondary takes over"
+
+    def _handed_over(self, n: NodeView, msg: HandedOver) -> None:
+        assert self.switchover is not None and self.now is not None
+        _, swap, started = self.switchover
+        self.switchover = None
+        sec = self._node(self.secondary)
+        if sec is None or not sec.connected or self.service is not S.PROTECTED:
+            self._record("switchover-failed", node=n.id, reason="the secondary was lost meanwhile", level="error")
+            self._pump_all()
+            return
+        self.active = None
+        self.commit_epoch = msg.epoch
+        self._go("handed-over")
+        if swap:
+            # It stays, as a spare: the new primary copies its VM to it (it discards its own).
+            n.role, n.peer, n.address = "spare", "", ""
+            n.not_before = self.now
+            self._record("demoted", node=n.id)
+            self._send(n, Demote("switchover: the secondary takes over; wait as a spare"))
+        else:
+            n.lost, n.lost_at = "switched over", self.wall
+            self._send(n, Shutdown("switchover: the secondary took over"))
+        self._promote(sec, f"switchover from {n.id} at checkpoint {msg.epoch}")
+        self.failover_started = started  # the stall clients see runs from the request
 
     # -- hybrid mode ------------------------------------------------------------------------------------------
     def _comparing(self) -> bool:
@@ -1296,6 +1377,9 @@ class Witness:
             self._emit(Send(link, StatusReply(self.status())))
         elif isinstance(msg, FailoverCommand):
             ok, why = self.manual_failover(msg.reason)
+            self._emit(Send(link, CommandResult(ok, why)))
+        elif isinstance(msg, SwitchoverCommand):
+            ok, why = self.start_switchover(msg.swap, msg.reason)
             self._emit(Send(link, CommandResult(ok, why)))
         elif isinstance(msg, CheckpointCommand):
             ok, why = self.manual_checkpoint(msg.reason)

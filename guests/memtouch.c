@@ -6,9 +6,11 @@
  *   fill=random    rewrite each whole page with incompressible bytes
  *   report=R       print a progress line every R iterations (default 0 = never)
  *   seed=S         seed of the fill=random generator (default 1)
- * The buffer starts at the first 2 MiB boundary above the image.  The
- * iteration loop does no port I/O, and the random bytes come from a
- * deterministic xorshift64 generator, so the run is deterministic.
+ *   serve=1        also echo every network message back to its sender,
+ *                  between iterations (a client can time the guest)
+ * The buffer starts at the first 2 MiB boundary above the image.  Without
+ * serve=1 the iteration loop does no port I/O, and the random bytes come
+ * from a deterministic xorshift64 generator, so the run is deterministic.
  */
 #include "runtime/toyvm.h"
 
@@ -35,6 +37,24 @@ static uint64_t touch_random(volatile uint64_t *buf, uint64_t pages, uint64_t x)
     return x;
 }
 
+/* serve=1: take the waiting network events and echo what they carry. */
+static char echo_buf[4096];
+
+static void serve_echo(void)
+{
+    while (net_status() & NET_STATUS_INPUT) {
+        struct net_desc d = {0};
+        d.buf = (uint64_t)(uintptr_t)echo_buf;
+        d.cap = sizeof echo_buf;
+        if (net_recv(&d) != NET_OK)
+            return;
+        if (d.kind == NET_EV_DATA && d.len)
+            net_send_all(d.conn, echo_buf, d.len);
+        else if (d.kind == NET_EV_CLOSE)
+            net_close(d.conn);
+    }
+}
+
 /* FNV-1a over the buffer's 64-bit words. */
 static uint64_t checksum(const uint64_t *buf, uint64_t words)
 {
@@ -51,6 +71,7 @@ int main(const struct boot_info *bi)
     long pages = arg_long(bi, "pages", 16);
     long iters = arg_long(bi, "iters", 0);
     long report = arg_long(bi, "report", 0);
+    long serve = arg_long(bi, "serve", 0);
     uint64_t seed = (uint64_t)arg_long(bi, "seed", 1);
     int random = 0;
     size_t flen;
@@ -89,6 +110,8 @@ int main(const struct boot_info *bi)
             x = touch_random(buf, (uint64_t)pages, x);
         else
             touch_words(buf, (uint64_t)pages, it);
+        if (serve)
+            serve_echo();
         if (report && it % (uint64_t)report == 0)
             printf("memtouch: iteration %lu at %lu ms\n", it, vclock_ns() / 1000000UL);
     }

@@ -152,8 +152,8 @@ def test_the_other_direction_and_a_match(proxy: Any) -> None:
     # the 2nd frame back whose body holds the bytes of message 3 (readable: integrity only)
     rule = mitm.flip_body(0, direction=S2C, match=lambda f: f.sealed and bytes([3]) * 103 in f.body)
     got, error = run_through(mitm, reply=True, rx=rx)
-    assert rule.fired.is_set() and isinstance(rule.hit, Frame) and rule.hit.index == 2 + 3
-    assert got == messages()[:3]
+    assert rule.fired.is_set() and isinstance(rule.hit, Frame) and rule.hit.index == 2 + 3, (rule.hit, error)
+    assert got == messages()[:3], (len(got), error, rx.error)
     assert isinstance(error, IntegrityError) and "frame 4 from the secondary fails its MAC" in str(error)
     assert rx.got == messages()  # the other direction was left alone
 

@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shlex
 import signal
-import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from colo.cluster import LocalCluster, ask_gateway
 from colo.errors import ColoError
@@ -32,6 +34,30 @@ TAIL_EVERY = 0.05  # seconds between reads of the trace file
 STATUS_EVERY = 0.5  # seconds between status polls of the gateway
 RESPAWN_AFTER = 1.5  # seconds after a node is lost before a replacement spare starts
 REDIS_TIMEOUT = 600.0  # a reply may wait a long time in step mode
+T = TypeVar("T")
+
+
+class Starter:
+    """One thread that starts every process of the view, for as long as the view runs: each role's parent-death
+    signal is tied to the thread that started it (colo.lifeline), so a start from a short-lived thread (an HTTP
+    request's, a restart's) would stop the roles when that thread ends."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
+        threading.Thread(target=self._run, name="view-starter", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            fn, fut = self._jobs.get()
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, who raises it
+                fut.set_exception(e)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        fut: Future[T] = Future()
+        self._jobs.put((fn, fut))
+        return fut.result()
 
 
 class ViewSession:
@@ -57,7 +83,8 @@ class ViewSession:
         self.error = ""
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._spares: list[subprocess.Popen[bytes]] = []
+        self._respawned = 0  # spares started to replace lost nodes (LocalCluster.add_secondary)
+        self._starter = Starter()
         self._lost_at: float | None = None
         self._redis: Resp | None = None
         self._redis_lock = threading.Lock()
@@ -65,6 +92,9 @@ class ViewSession:
 
     # -- the pair ---------------------------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> None:
+        self._starter.call(lambda: self._start(timeout))
+
+    def _start(self, timeout: float) -> None:
         self.run_no += 1
         self.dir = self.base / f"run-{self.run_no}"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -100,14 +130,7 @@ class ViewSession:
                 c.stop()
             except (ColoError, OSError) as e:
                 log.warning("view: stopping the pair: %s", e)
-        for p in self._spares:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(3.0)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-        self._spares = []
+        self._respawned = 0
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -177,14 +200,11 @@ class ViewSession:
         now = time.monotonic()
         if self._lost_at is None:
             self._lost_at = now
-        elif now - self._lost_at > RESPAWN_AFTER and len(self._spares) < 8:
+        elif now - self._lost_at > RESPAWN_AFTER and self._respawned < 8:
             self._lost_at = None
-            c = self.cluster
-            n = len(self._spares) + 2
-            cmd = c.command("secondary", *c.node_args())
-            cmd[cmd.index("--ready-file") + 1] = str(self.dir / f"secondary-{n}.json")
-            self._spares.append(subprocess.Popen(cmd, stdout=self._log, stderr=self._log, stdin=subprocess.DEVNULL,
-                                                 start_new_session=True))
+            self._respawned += 1
+            cluster = self.cluster
+            self._starter.call(cluster.add_secondary)
 
     # -- controls ---------------------------------------------------------------------------------------------
     def _ask(self, msg: Any) -> CommandResult:

@@ -244,10 +244,13 @@ def test_kill_the_primary_from_the_page(page: Page, shots: Path) -> None:
 
 
 def test_switch_to_hybrid(page: Page, shots: Path) -> None:
+    run = page.evaluate("page.run")
     page.select_option("#sel-mode", "hybrid")
     page.click("#btn-mode")
-    page.wait_for_function("document.getElementById('mode-info').textContent.startsWith('hybrid')", timeout=60_000)
-    page.wait_for_selector("#timeline rect.bar", timeout=30_000)
+    # a new pair: the page starts over on the new run's events (it reloads), then the pair is protected
+    page.wait_for_function(f"typeof page !== 'undefined' && page.run > {run}", timeout=60_000)
+    page.wait_for_function("document.getElementById('mode-info').textContent.startsWith('hybrid')", timeout=30_000)
+    page.wait_for_function("document.getElementById('service').textContent === 'protected'", timeout=30_000)
     page.fill("#redis-cmd", "SET k hybrid")
     page.click("#btn-redis")
     page.wait_for_function("document.querySelector('#redis-log li:last-child .reply').textContent === '+OK'",

@@ -21,10 +21,13 @@ from colo.messages import (
     CheckpointNow,
     CommandResult,
     Commit,
+    Demote,
     FailoverCommand,
     FailoverRequest,
     Fence,
     GuestEnded,
+    HandedOver,
+    Handover,
     Heartbeat,
     Input,
     InputFloor,
@@ -44,6 +47,7 @@ from colo.messages import (
     ShutdownCommand,
     StatusReply,
     StatusRequest,
+    SwitchoverCommand,
     Trigger,
     Unprotect,
     Welcome,
@@ -87,8 +91,10 @@ M = TypeVar("M", bound=Message)
 
 
 def hello(role: str, node: str, *, generation: int = 0, epoch: int = 0, input_seq: int = 0, output_seq: int = 0,
-          conns: Iterable[int] = (), gateway: str = "", address: str = "", peer: str = "") -> NodeHello:
-    return NodeHello(role, node, generation, epoch, input_seq, output_seq, list(conns), gateway, address, peer, {})
+          conns: Iterable[int] = (), gateway: str = "", address: str = "", peer: str = "",
+          info: dict[str, Any] | None = None) -> NodeHello:
+    return NodeHello(role, node, generation, epoch, input_seq, output_seq, list(conns), gateway, address, peer,
+                     info or {})
 
 
 @dataclass
@@ -1243,6 +1249,8 @@ SCENARIOS: dict[tuple[Service, str], Callable[[Harness], object]] = {
     (S.PROTECTING, "superseded"): lambda h: (h.attach_primary("old", generation=1), h.attach_spare(),
                                              h.attach_primary("new", generation=2)),
     (S.PROTECTED, "superseded"): lambda h: (h.protected_pair(), h.attach_primary("new", generation=5)),
+    (S.PROTECTED, "handed-over"): lambda h: (h.protected_pair(), h.control(SwitchoverCommand(False, "t")),
+                                             h.msg(h.nodes["p"], HandedOver(1, 0))),
     (S.ALONE, "active-lost"): lambda h: h.close_link(h.attach_primary()),
     (S.PROTECTING, "protected"): lambda h: h.protected_pair(),
     (S.PROTECTING, "secondary-lost"): lambda h: (h.attach_primary(), h.close_link(h.attach_spare())),
@@ -1299,3 +1307,73 @@ def test_the_table_is_closed_over_its_states() -> None:
     # Every state but STOPPED can be left; STOPPED and ENDED accept nothing but what the table says.
     assert {s for s, _ in SERVICE_TRANSITIONS} == set(Service) - {S.STOPPED}
     assert {nxt for nxt in SERVICE_TRANSITIONS.values()} <= set(Service)
+
+
+# -- switchover ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_a_switchover_promotes_the_secondary_from_the_handover_checkpoint(swap: bool) -> None:
+    h = Harness()
+    p, s = h.protected_pair()
+    c = h.connect()
+    h.data(c, b"before")
+    acts = h.control(SwitchoverCommand(swap, "maintenance"))
+    assert sent(acts, p, Handover) and of(acts, Send)[-1].msg.ok  # type: ignore[attr-defined]
+    # Input waits while the primary hands over: none of it may land after its last checkpoint.
+    assert not sent(h.data(c, b"during"), p, Input)
+    h.commit(p, 3, h.w.input_seq, 0)
+    gen = h.w.generation
+    acts = h.msg(p, HandedOver(p.gen, 3))
+    promote = sent(acts, s, Promote)
+    assert promote and promote[0].generation == gen + 1
+    if swap:
+        assert sent(acts, p, Demote) and not fenced(acts, p)
+    else:
+        assert sent(acts, p, Shutdown)
+    acts = h.promoted(s, epoch=3, input_seq=h.w.input_seq - 1, output_seq=0)
+    assert [m.data for m in sent(acts, s, Input)] == [b"during"]  # what waited goes to the new primary, once
+    assert h.w.active == s.id and h.w.generation == gen + 1
+    promoted = events_named(acts, "promoted")
+    assert promoted and "switchover" in promoted[0]["reason"]
+
+
+def test_a_switchover_is_refused_without_a_ready_secondary() -> None:
+    h = Harness()
+    h.attach_primary()
+    acts = h.control(SwitchoverCommand(False, "maintenance"))
+    result = of(acts, Send)[-1].msg
+    assert isinstance(result, CommandResult) and not result.ok and "no ready secondary" in result.reason
+    assert h.w.switchover is None
+
+
+def test_a_switchover_whose_checkpoint_fails_is_called_off_and_input_flows_again() -> None:
+    h = Harness()
+    p, s = h.protected_pair()
+    c = h.connect()
+    h.control(SwitchoverCommand(False, "maintenance"))
+    h.data(c, b"waits")
+    acts = h.unprotected(p)
+    assert events_named(acts, "switchover-failed") and h.w.switchover is None
+    assert [m.data for m in sent(acts, p, Input) if m.kind == KIND_DATA] == [b"waits"]
+    assert h.service is S.ALONE and not of(acts, Promote)
+
+
+# -- which spare can protect which primary -----------------------------------------------------------------------
+
+
+def test_a_spare_for_another_guest_or_ram_size_or_state_format_is_not_paired() -> None:
+    h = Harness()
+    p = h.attach_primary(info={"guest": "kvstore.bin", "guest_sha256": "aa", "ram": 16 << 20,
+                               "state_format": "colo-vmstate/2"})
+    h.attach_spare("other-ram", info={"wants_ram": 32 << 20, "state_format": "colo-vmstate/2"})
+    assert not sent(h.last, p, Protect) and h.service is S.ALONE
+    why = events_named(h.last, "incompatible")
+    assert why and "33554432" in why[0]["reason"] and "16777216" in why[0]["reason"], why
+    h.attach_spare("old", info={"state_format": "colo-vmstate/1"})
+    assert not sent(h.last, p, Protect)
+    assert "upgrade them together" in events_named(h.last, "incompatible")[0]["reason"]
+    h.attach_spare("other-guest", info={"wants_guest": "noisy.bin", "wants_guest_sha256": "bb"})
+    assert not sent(h.last, p, Protect) and "noisy.bin" in events_named(h.last, "incompatible")[0]["reason"]
+    h.attach_spare("fits", info={"wants_guest_sha256": "aa", "wants_ram": 16 << 20, "state_format": "colo-vmstate/2"})
+    assert sent(h.last, p, Protect) == [Protect("fits", h.w.nodes["fits"].address)]

@@ -1,11 +1,9 @@
 """The command line as an operator uses it: `colo up` starts the three roles, `colo status` and `colo failover` find
-them with no arguments (through the run directory, COLO_RUN_DIR), and a forced failover keeps clients working on
-their open connections.
+them with no arguments (through the run root, COLO_RUN_DIR), and a forced failover keeps clients working on
+their open connections. More of `colo up` in test_up_*.py.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,72 +17,16 @@ import pytest
 
 from colo.node import NodeState
 from colo_e2e.helpers import Workload, child_env, events_named, verify_ledger, wait_for
-from conftest import ROOT, guest
+from colo_e2e.up import Up, pid_running
+from conftest import ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-cli") is None, reason="needs redis-cli (Debian redis-tools)")
 
 
-def pid_running(pid: int) -> bool:
-    """True if the process exists and is not a zombie (a fenced role stays a zombie until `colo up` reaps it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-class Up:
-    def __init__(self, run_dir: Path, workdir: Path) -> None:
-        self.run_dir = run_dir
-        self.env = child_env({"COLO_RUN_DIR": str(run_dir)})
-        self.env.pop("COLO_KEY", None)
-        self.out = open(workdir / "up.out", "wb")
-        self.err = open(workdir / "up.err", "wb")
-        self.workdir = workdir
-        self.proc = subprocess.Popen([sys.executable, "-m", "colo", "up", str(guest("kvstore")), "--ram", "16M",
-                                      "--interval", "30"], cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=self.out, stderr=self.err, start_new_session=True)
-        self.info: dict[str, Any] = {}
-
-    def wait_up(self) -> dict[str, Any]:
-        path = self.run_dir / "up.json"
-
-        def ready() -> dict[str, Any] | None:
-            assert self.proc.poll() is None, f"colo up exited with {self.proc.returncode}:\n{self.stderr()}"
-            return dict(json.loads(path.read_text())) if path.exists() else None
-        self.info = wait_for(ready, 30, "colo up to start")
-        return self.info
-
-    def cli(self, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "colo", *args], cwd=ROOT, env=self.env, capture_output=True,
-                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
-    def status(self) -> dict[str, Any]:
-        r = self.cli("status", "--json")
-        assert r.returncode == 0, f"colo status --json failed ({r.returncode}): {r.stderr}"
-        return dict(json.loads(r.stdout))
-
-    def stderr(self) -> str:
-        return (self.workdir / "up.err").read_text(errors="replace")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        for pid in self.info.get("pids", {}).values():  # never leave a role behind, even if `up` was killed
-            if pid_running(pid):
-                os.kill(pid, signal.SIGKILL)
-        self.out.close()
-        self.err.close()
-
-
 @pytest.fixture
 def up(tmp_path: Path) -> Iterator[Up]:
-    u = Up(tmp_path / "run", tmp_path)
+    # No replacement secondary: this test checks what a failover leaves (a second one is refused).
+    u = Up(tmp_path / "run", tmp_path, "--no-respawn")
     try:
         yield u
     finally:
@@ -96,7 +38,8 @@ def test_colo_up_status_and_failover_through_the_cli(up: Up) -> None:
     info = up.wait_up()
     pids = info["pids"]
     assert set(pids) == {"gateway", "primary", "secondary"}
-    assert (up.run_dir / "key").stat().st_mode & 0o077 == 0, "the run directory's key is readable by others"
+    assert info["name"] == "kvstore" and up.cluster_dir() == up.run_dir / "kvstore", info
+    assert (up.run_dir / "kvstore" / "key").stat().st_mode & 0o777 == 0o600, "the cluster's key is not mode 0600"
 
     def protected() -> dict[str, Any] | None:
         # Each node's own state reaches the gateway with its next heartbeat (every timeout/4): wait for both,
@@ -156,10 +99,11 @@ def test_colo_up_status_and_failover_through_the_cli(up: Up) -> None:
     wait_for(lambda: not pid_running(pids["primary"]), 10, "the fenced primary to exit")
     assert pid_running(pids["gateway"]) and pid_running(pids["secondary"])
 
-    # Ctrl-C (SIGTERM) stops everything and removes the run file.
+    # SIGTERM stops everything (exit 128 + 15, as toyvm) and removes the cluster's run directory.
     up.proc.send_signal(signal.SIGTERM)
-    assert up.proc.wait(20) == 0, up.stderr()
-    assert not (up.run_dir / "up.json").exists()
+    assert up.wait(20) == 128 + signal.SIGTERM, up.stderr()
+    assert "stopped by SIGTERM" in up.stderr()
+    assert not (up.run_dir / "kvstore").exists()
     for role, pid in pids.items():
         wait_for(lambda: not pid_running(pid), 10, f"the {role} to exit")
 

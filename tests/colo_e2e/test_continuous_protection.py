@@ -94,3 +94,29 @@ def test_ten_failovers_in_a_row_lose_nothing(tmp_path: Path, mode: str) -> None:
         assert len(digests) == 1, f"generation {key[0]}, epoch {key[1]}: the nodes' states differ"
     generations = {g for g, _ in digests_by_generation(logs)}
     assert set(range(1, FAILOVERS + 2)) <= generations, sorted(generations)
+
+
+def test_a_secondary_for_another_guest_or_ram_is_not_used(tmp_path: Path) -> None:
+    """A spare started for another guest image or RAM size is refused with the reason, and nothing changes on the
+    primary (it serves on, unprotected); a fitting spare then protects it."""
+    procs = Procs(tmp_path / "c")
+    try:
+        procs.start_gateway()
+        procs.start_primary(guest("kvstore"), ram=RAM, interval_ms=INTERVAL_MS)
+        wait_for(lambda: procs.status()["nodes"]["primary"].get("connected"), 20, "the primary to attach")
+        procs.start_secondary("for-noisy", interval_ms=INTERVAL_MS, extra=("--guest", str(guest("noisy"))))
+        procs.start_secondary("for-32m", interval_ms=INTERVAL_MS, extra=("--ram", "32M"))
+
+        def refused() -> list[dict[str, Any]] | None:
+            got = events_named(procs.status(), "incompatible")
+            return got if len(got) >= 2 else None
+        why = " / ".join(e["reason"] for e in wait_for(refused, 20, "both spares to be refused"))
+        assert "noisy.bin" in why and "33554432 bytes of RAM" in why, why
+        st = procs.status()
+        assert st["gateway"]["service_state"] == "unprotected" and not events_named(st, "protect"), st["events"]
+        procs.start_secondary("fits", interval_ms=INTERVAL_MS, extra=("--guest", str(guest("kvstore")),
+                                                                      "--ram", RAM))
+        wait_for(lambda: procs.status()["gateway"]["protected"], 30, "the fitting spare to protect the primary")
+        assert procs.status()["nodes"]["secondary"]["id"] == procs.wait_ready("fits")["node"]
+    finally:
+        procs.stop()

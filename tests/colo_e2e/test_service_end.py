@@ -30,6 +30,15 @@ FAULTING = """
     mov rcx, 20000000
 1:  dec rcx
     jnz 1b
+    mov dx, 0x3f8
+    mov al, 'b'
+    out dx, al
+    mov al, 'y'
+    out dx, al
+    mov al, 'e'
+    out dx, al
+    mov al, 10
+    out dx, al
     mov rax, 0x40000000
     mov qword ptr [rax], 1
     hlt
@@ -62,6 +71,8 @@ def test_a_faulting_guest_ends_the_service_without_a_failover(tmp_path: Path) ->
         code = procs.procs["primary"].wait(60)
         assert code == 125, f"the primary exited {code}:\n{procs.stderr('primary')[-2000:]}"
         assert "VM fault: guest write of 8 byte(s) at unmapped address 0x40000000" in procs.stderr("primary")
+        # What the guest wrote to its console in the slice that ended it is printed, not lost.
+        assert procs.stdout("primary").endswith(b"bye\n"), procs.stdout("primary")[-200:]
         wait_for(lambda: not procs.alive("secondary"), 10, "the secondary to be stopped")
         assert procs.procs["secondary"].returncode == 0, procs.stderr("secondary")
         st = procs.status()
