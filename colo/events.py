@@ -379,13 +379,14 @@ class EventFilter:
         return not (ev.get("kind") == "witness" and ev.get("level") == "trace")
 
 
-def clock_text(t: float) -> str:
-    """Local time of day to the microsecond: lines of processes on several hosts line up."""
+def clock_text(t: float, date: bool = True) -> str:
+    """Local time to the microsecond, dated as colo's log lines are (so that `colo up`, which merges the roles'
+    logs by their stamps, puts trace lines among them in order)."""
     sec = int(t)
     us = round((t - sec) * 1e6)
     if us >= 1_000_000:
         sec, us = sec + 1, 0
-    return time.strftime("%H:%M:%S", time.localtime(sec)) + f".{us:06d}"
+    return time.strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S", time.localtime(sec)) + f".{us:06d}"
 
 
 def fields_text(fields: dict[str, Any]) -> str:

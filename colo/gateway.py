@@ -75,6 +75,7 @@ class Gateway:
         self.witness = Witness(WitnessConfig(mode=cfg.mode, heartbeat_timeout=cfg.heartbeat_timeout,
                                              compare_timeout=cfg.compare_timeout, credit=cfg.credit))
         self.witness.trace = STREAM.active  # the event stream gets every output held, released, dropped
+        trace.watch_witness(self.witness)
         STREAM.node = self.witness.id
         events.started()
         self.sel = selectors.DefaultSelector()

@@ -265,6 +265,8 @@ class Conn:
             return False
         if self.gate is not None:
             self.gate(self, msg)  # step mode and slow motion (colo.gate): may wait here, in the sender's thread
+            if not self.open:
+                return False  # the link ended while the message waited: as if it had ended just before
         with self._wlock:
             if self.proto is not None:
                 with self._plock:

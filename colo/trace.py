@@ -17,6 +17,22 @@ if TYPE_CHECKING:
 
 MAX_RUNS = 4096  # page runs kept in one event (a scattered epoch is summarised by its count beyond that)
 _clocks = ClockOffsets()
+_witness: Any = None  # the gateway's: it knows each link's node and that node's role now (watch_witness)
+
+
+def watch_witness(witness: Any) -> None:
+    """The gateway: name a node link's peer by the node's role now (it authenticated as a spare; it is a
+    secondary once paired, a primary once promoted), not by the role it proved when it connected."""
+    global _witness
+    _witness = witness
+
+
+def peer_role(conn: Conn) -> str:
+    if _witness is not None:
+        n = _witness.nodes.get(_witness.links.get(conn.id, ""))
+        if n is not None:
+            return str(n.role)
+    return conn.peer_role
 
 
 def link_kind(conn: Conn) -> str:
@@ -39,7 +55,7 @@ def sent(conn: Conn, msg: Message, frame: bytes) -> None:
     """colo.link.Conn.send: the frame is built and not yet queued (the time is taken before the send)."""
     codec = _codec(conn)
     seq = codec.frames_out if codec is not None else 0
-    ev: dict[str, Any] = {"msg": msg.NAME, "link": link_kind(conn), "to": conn.peer_role, "peer": conn.name,
+    ev: dict[str, Any] = {"msg": msg.NAME, "link": link_kind(conn), "to": peer_role(conn), "peer": conn.name,
                           "flow": f"{conn.hs.connection_id}:{conn.hs.role}:{seq}", "frame": len(frame),
                           "fields": message_fields(msg)}
     if conn.proto is not None:
@@ -53,7 +69,7 @@ def received(conn: Conn, msg: Message) -> None:
     """colo.link.Conn._drain: a message was verified and parsed."""
     codec = _codec(conn)
     seq = codec.frames_in if codec is not None else 0
-    ev: dict[str, Any] = {"msg": msg.NAME, "link": link_kind(conn), "from": conn.peer_role, "peer": conn.name,
+    ev: dict[str, Any] = {"msg": msg.NAME, "link": link_kind(conn), "from": peer_role(conn), "peer": conn.name,
                           "flow": f"{conn.hs.connection_id}:{conn.peer_role}:{seq}"}
     if conn.proto is not None:
         ev["state"] = conn.proto.state.value

@@ -37,7 +37,7 @@ START_TIMEOUT = 60.0  # seconds from the first role's start until the pair must 
 POLL = 0.2  # seconds between looks at the cluster
 DOWN_TIMEOUT = 20.0
 STOP_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
-STAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} ")  # colo's log lines start so
+STAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}(\d{3})? ")  # colo's log lines start so (--trace: to the us)
 
 
 class Interrupted(Exception):
@@ -88,8 +88,8 @@ class LogTail:
                 continue
             self.offsets[path] = self.offsets.get(path, 0) + cut
             for line in data[:cut].decode(errors="replace").splitlines():
-                if STAMP.match(line):
-                    self.last_stamp[path] = line[:23]
+                if m := STAMP.match(line):
+                    self.last_stamp[path] = m.group(0).rstrip().ljust(26, "0")  # to the us: --trace lines
                 lines.append((self.last_stamp.get(path, ""), len(lines), line))
         if not lines:
             return
