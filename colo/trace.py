@@ -62,7 +62,10 @@ def sent(conn: Conn, msg: Message, frame: bytes) -> None:
         ev["state"] = conn.proto.state.value
     if STREAM.hex_bytes:
         ev["hex"] = bytes(frame[:STREAM.hex_bytes]).hex()
-    STREAM.emit("send", **ev)
+    now = STREAM.now()
+    STREAM.emit("send", t=now, **ev)
+    if conn.proto is not None and conn.hs.role == "secondary":
+        _secondary_phase(conn, "send", msg, now)
 
 
 def received(conn: Conn, msg: Message) -> None:
@@ -73,8 +76,12 @@ def received(conn: Conn, msg: Message) -> None:
                           "flow": f"{conn.hs.connection_id}:{conn.peer_role}:{seq}"}
     if conn.proto is not None:
         ev["state"] = conn.proto.state.value
+    elif ev["link"] == "control":
+        ev["fields"] = message_fields(msg)  # its sender (`colo status`, the view) keeps no stream of its own
     now = STREAM.now()
     STREAM.emit("recv", t=now, **ev)
+    if conn.proto is not None and conn.hs.role == "secondary":
+        _secondary_phase(conn, "recv", msg, now)
     if STREAM.role != "gateway":
         return
     if isinstance(msg, NodeHello):
@@ -86,6 +93,26 @@ def received(conn: Conn, msg: Message) -> None:
             est = _clocks.sample(node, sent_at, now)
             if est is not None:
                 STREAM.emit("clock", of=node, offset=round(est, 6), samples=_clocks.samples(node))
+
+
+# The secondary's phases of a checkpoint, read off its own messages as they pass (its receive path is timed by
+# nothing else): each ends at a message and starts at the one before it.
+SECONDARY_PHASES = {("send", "checkpoint-reply"): ("reply", ("recv", "checkpoint-request")),
+                    ("recv", "vmstate-size"): ("receive", ("send", "checkpoint-reply")),
+                    ("send", "vmstate-received"): ("verify", ("recv", "vmstate-size")),
+                    ("send", "vmstate-loaded"): ("apply", ("send", "vmstate-received"))}
+
+
+def _secondary_phase(conn: Conn, direction: str, msg: Message, now: float) -> None:
+    marks: dict[tuple[str, str], float] = conn.__dict__.setdefault("_trace_marks", {})
+    key = (direction, msg.NAME)
+    if key == ("recv", "checkpoint-request"):
+        marks.clear()
+    marks[key] = now
+    phase = SECONDARY_PHASES.get(key)
+    if phase is not None and phase[1] in marks:
+        STREAM.emit("phase", side="secondary", epoch=getattr(msg, "epoch", None), phase=phase[0],
+                    start=round(marks[phase[1]], 6), end=round(now, 6))
 
 
 # -- the gateway ----------------------------------------------------------------------------------------------

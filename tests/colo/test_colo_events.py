@@ -22,6 +22,7 @@ from colo.link import Conn, Opened
 from colo.messages import (
     CheckpointCommand,
     CheckpointNow,
+    CheckpointReply,
     CheckpointRequest,
     CommandResult,
     Commit,
@@ -275,10 +276,15 @@ def test_the_replication_link_reports_the_protocol_state(sink: list[dict[str, An
     _pump(p, until=lambda x: CheckpointReady(1) in x)
     p.send(CheckpointRequest(1, Trigger.TIMER))
     _pump(s, until=lambda x: any(isinstance(e, CheckpointRequest) for e in x))
+    s.send(CheckpointReply(1))
+    _pump(p, until=lambda x: CheckpointReply(1) in x)
     sent = [(e["msg"], e["state"]) for e in sink if e["kind"] == "send"]
     got = [(e["msg"], e["state"]) for e in sink if e["kind"] == "recv"]
     assert sent == [("initial-size", "INITIAL_RECEIVED"), ("checkpoint-ready", "IDLE"),
-                    ("checkpoint-request", "REQUESTED")]
+                    ("checkpoint-request", "REQUESTED"), ("checkpoint-reply", "REPLIED")]
+    (reply,) = [e for e in sink if e["kind"] == "phase"]  # the secondary's phases, read off its messages
+    assert (reply["side"], reply["phase"], reply["epoch"]) == ("secondary", "reply", 1)
+    assert reply["start"] <= reply["end"]
     assert got == sent  # both sides in the same state once the message is through
     assert all(e["link"] == "replication" for e in sink if e["kind"] in ("send", "recv"))
     p.close()

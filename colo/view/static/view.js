@@ -77,8 +77,6 @@ function applyToScene(sc, ev) {
     const s = page.sends.get(ev.flow);
     const e = s && s.fields && s.fields.epoch;
     if (ev.msg === "vmstate-received") markEpoch(sc, "primary", e, "sent", ev.t);
-    if (ev.msg === "checkpoint-request" && lane(ev.role) === "secondary") sc.busy = { start: ev.t, end: null, epoch: e };
-    if (ev.msg === "vmstate-loaded" && sc.busy) sc.busy.end = sc.busy.end || ev.t;
   } else if (k === "client") {
     const d = ev.dir;
     if (d === "in" || d === "out" || d === "open" || d === "close") {
@@ -89,9 +87,10 @@ function applyToScene(sc, ev) {
                        cls: "client" });
     }
   } else if (k === "phase") {
-    sc.phases.push({ name: ev.phase, start: ev.start, end: ev.end, epoch: ev.epoch });
-  } else if (k === "checkpoint") {
-    sc.phases = ev.phases.map(([name, start, end]) => ({ name, start, end, epoch: ev.epoch }));
+    sc.phases.push({ name: ev.phase, start: ev.start, end: ev.end, epoch: ev.epoch, side: ev.side });
+  } else if (k === "checkpoint") {  // the primary's phases, exact: they replace the ones told as they ended
+    sc.phases = sc.phases.filter((p) => p.side === "secondary" && p.epoch === ev.epoch).concat(
+      ev.phases.map(([name, start, end]) => ({ name, start, end, epoch: ev.epoch, side: "primary" })));
   } else if (k === "pages") {
     sc.npages = ev.npages || sc.npages;
     const grid = ev.side === "primary" ? "primary" : "secondary";
@@ -155,11 +154,11 @@ function drawDiagram() {
     }
     return TOP + ROW * (arrows.length + 0.5);
   };
-  // the pause: the primary's phases, the secondary's busy span
-  const px = LANE_X.primary;
+  // the pause: each side's phases of the checkpoint, on its lifeline
   scene.phases.forEach((p, i) => {
+    const px = LANE_X[p.side === "secondary" ? "secondary" : "primary"];
     const y1 = yOf(p.start), y2 = Math.max(yOf(p.end), y1 + 3);
-    const g = svg("g", { class: "phase", "data-phase": p.name });
+    const g = svg("g", { class: "phase", "data-phase": p.name, "data-side": p.side || "primary" });
     g.append(svg("rect", { x: px - 6, y: y1, width: 12, height: y2 - y1, style: i % 2 ? "fill:#fcd34d" : "" }));
     if (y2 - y1 >= 11) {
       g.append(svg("text", { x: px + 9, y: (y1 + y2) / 2 + 3 }, `${p.name} ${((p.end - p.start) * 1e3).toFixed(2)} ms`));
@@ -167,18 +166,12 @@ function drawDiagram() {
     g.append(svg("title", {}, `epoch ${p.epoch}: ${p.name} ${((p.end - p.start) * 1e3).toFixed(3)} ms`));
     root.append(g);
   });
-  if (scene.phases.length) {
-    const total = scene.phases[scene.phases.length - 1].end - scene.phases[0].start;
+  const prim = scene.phases.filter((p) => p.side !== "secondary");
+  if (prim.length) {
+    const total = prim[prim.length - 1].end - prim[0].start;
     root.append(svg("text", { class: "note", x: 10, y: height - 10, id: "phase-summary" },
-      `checkpoint ${scene.phases[0].epoch} on the primary: ` + scene.phases.map((p) =>
+      `checkpoint ${prim[0].epoch} on the primary: ` + prim.map((p) =>
         `${p.name} ${((p.end - p.start) * 1e3).toFixed(2)}`).join(" · ") + ` ms (pause ${(total * 1e3).toFixed(2)} ms)`));
-  }
-  if (scene.busy) {
-    const y1 = yOf(scene.busy.start), y2 = scene.busy.end ? yOf(scene.busy.end) : TOP + ROW * (arrows.length + 0.5);
-    const g = svg("g", { class: "phase" });
-    g.append(svg("rect", { x: LANE_X.secondary - 6, y: y1, width: 12, height: Math.max(3, y2 - y1) }));
-    g.append(svg("title", {}, `the secondary's part of checkpoint ${scene.busy.epoch}`));
-    root.append(g);
   }
   // The highlighted message: the one the last Step let go (step mode), the newest (live), the one being replayed.
   let hi = arrows[arrows.length - 1];
