@@ -260,11 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "client connection breaks; clients see a short stall, which the gateway reports "
                                     "(`colo status`). The old primary then exits, or with --swap waits as a spare "
                                     "and is copied anew by the new primary.")
-    sw.add_argument("--gateway", type=_address, metavar="HOST:PORT", help="default: the `colo up` on this host")
-    sw.add_argument("--key-file", help="shared key file")
+    _target_options(sw)
     sw.add_argument("--swap", action="store_true", help="keep the old primary, as the new secondary")
     sw.add_argument("--reason", default="planned switchover", help="recorded with the switchover")
-    _encrypt_option(sw)
 
     dn = sub.add_parser("down", help="stop a `colo up` cluster (from another terminal)",
                         description="Shut the cluster's service down through its gateway (no failover starts, no "
@@ -469,7 +467,7 @@ def cmd_secondary(args: argparse.Namespace) -> int:
             wants = {"ram": parse_size(args.ram)}
         elif not args.ram:
             wants.pop("ram")
-        node.guest_identity = wants
+        node.wants = wants
     role = SecondaryRole(node)
     role.bind()  # before the first hello (node.run starts the I/O thread)
     _on_term(lambda *_: node.request_shutdown())
@@ -544,16 +542,16 @@ def format_status(info: dict[str, Any]) -> str:
 
 def cmd_switchover(args: argparse.Namespace) -> int:
     from colo.messages import SwitchoverCommand
-    address, key = _gateway_address(args), _key(args)
+    address, key, encrypt = _target(args)
     res: CommandResult = ask_gateway(address, key, SwitchoverCommand(args.swap, args.reason), CommandResult,
-                                     encrypt=args.encrypt)
+                                     encrypt=encrypt)
     if not res.ok:
         print(f"colo switchover: {res.reason}", file=sys.stderr)
         return 1
     # Wait for the promotion, and say what clients saw.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        info: StatusReply = ask_gateway(address, key, StatusRequest(), StatusReply, encrypt=args.encrypt)
+        info: StatusReply = ask_gateway(address, key, StatusRequest(), StatusReply, encrypt=encrypt)
         events = info.info.get("events", [])
         done = [e for e in events if e.get("event") == "promoted" and "switchover" in str(e.get("reason", ""))]
         failed = [e for e in events if e.get("event") == "switchover-failed"]

@@ -187,8 +187,8 @@ class Node:
         self.state_log = StateLog()
         self.role: Any = None  # the current role object (PrimaryRole or SecondaryRole)
         self._taken_sent = 0
-        # primary: which guest it runs and how much RAM; secondary: what it insists on protecting (empty: any)
-        self.guest_identity: dict[str, Any] = {}
+        self.runs: dict[str, Any] = {}  # as a primary: which guest image, how much RAM (what spares may insist on)
+        self.wants: dict[str, Any] = {}  # as a spare: the guest and RAM it insists on protecting (empty: any)
         self.io = NodeIO(key=cfg.key, gateway=cfg.gateway, role=self.hello_role,
                          heartbeat_timeout=cfg.heartbeat_timeout, hello=self.hello, status=self.status,
                          on_message=self._urgent, encrypt=cfg.encrypt)

@@ -108,7 +108,7 @@ class PrimaryRole:
         return self.secondary_id if self.protected else ""
 
     def status_info(self) -> dict[str, Any]:
-        return {**self.node.guest_identity,
+        return {**self.node.runs,
                 "epoch": self.epoch - 1, "checkpoints": self.checkpoints, "triggers": dict(self.triggers),
                 "protected": self.protected, "last_pause_ms": round(self.last_pause_ms, 3),
                 "interval_ms": round(self.interval * 1e3, 3), "secondary": self.secondary_id or None}
@@ -122,7 +122,7 @@ class PrimaryRole:
         cfg = node.cfg
         node.vm = Machine(cfg.ram, hooks=cfg.hooks)
         node.vm.boot(Path(cfg.guest), cfg.cmdline)
-        node.guest_identity = guest_identity(Path(cfg.guest), cfg.ram)
+        node.runs = guest_identity(Path(cfg.guest), cfg.ram)
         role = cls(node)
         role.fresh = True
         return role

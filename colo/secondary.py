@@ -91,7 +91,7 @@ class SecondaryRole:
 
     def status_info(self) -> dict[str, Any]:
         latest = self.complete or self.applied
-        wants = {f"wants_{k}": v for k, v in self.node.guest_identity.items()}  # what it may protect (if set)
+        wants = {f"wants_{k}": v for k, v in self.node.wants.items()}  # what it may protect (if set)
         return {**wants, "epoch": self.applied.epoch if self.applied else 0,
                 "complete_epoch": latest.epoch if latest else 0, "primary": self.primary_id or None,
                 "address": self.address() or None}
@@ -396,6 +396,8 @@ class SecondaryRole:
         assert staged is not None and vm is not None
         node.generation = promote.generation
         node.mode = Mode.PRIMARY
+        # What it runs now: the VM's RAM, and the guest it insisted on (if it did): spares may check them.
+        node.runs = {**node.wants, "ram": vm.ram.size}
         if rollback:  # we resume from checkpoint `epoch`: the gateway replays what came after it
             input_seq, output_seq = staged.input_seq, staged.output_seq
         else:  # hybrid: we go on from our own running state, which produced everything clients saw

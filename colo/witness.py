@@ -307,7 +307,7 @@ def incompatible(spare: dict[str, Any], primary: dict[str, Any]) -> str:
         return (f"the spare reads checkpoints of format {sf}, the primary writes {pf} (colo "
                 f"{spare.get('colo_version', '?')} and {primary.get('colo_version', '?')}): upgrade them together")
     want = spare.get("wants_guest_sha256")
-    if want and want != primary.get("guest_sha256"):
+    if want and primary.get("guest_sha256") and want != primary.get("guest_sha256"):  # (a promoted node may not know)
         return (f"the spare is for guest {spare.get('wants_guest', '?')} ({want}), the primary runs "
                 f"{primary.get('guest', '?')} ({primary.get('guest_sha256', '?')})")
     ram = spare.get("wants_ram")
