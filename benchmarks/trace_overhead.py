@@ -60,8 +60,8 @@ def one_round(config: str, pages: int, checkpoints: int, d: Path) -> dict[str, A
 
 def micro() -> dict[str, float]:
     from colo.events import STREAM, FileSink
-    from colo.trace import message_fields
     from colo.messages import Commit
+    from colo.trace import message_fields
     n = 20000
     STREAM.reset()
     t0 = time.perf_counter()
