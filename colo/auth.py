@@ -125,11 +125,23 @@ class Handshake:
         self._unused = b""
         self._failed: AuthError | None = None
         self._session_taken = False
+        self._connection_id: str | None = None
 
     @property
     def done(self) -> bool:
         """True once we have sent our proof and verified the peer's."""
         return self._done
+
+    @property
+    def connection_id(self) -> str:
+        """A short name of this connection that both ends compute alike, from both nonces (public values): the
+        event stream matches a frame's sending to its receipt by it (colo.trace)."""
+        if self._peer_nonce is None:
+            return "-"
+        if self._connection_id is None:
+            a, b = sorted((self._nonce, self._peer_nonce))
+            self._connection_id = hashlib.sha256(a + b).hexdigest()[:8]
+        return self._connection_id
 
     @property
     def unused_data(self) -> bytes:

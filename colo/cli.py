@@ -105,7 +105,7 @@ def _common(p: argparse.ArgumentParser,
     p.add_argument("--key-file", metavar="FILE", help=key_help)
     p.add_argument("--heartbeat-timeout", type=positive_float, default=DEFAULT_HEARTBEAT_TIMEOUT, metavar="S",
                    help=f"a peer silent this long is lost (default {DEFAULT_HEARTBEAT_TIMEOUT} s)")
-    p.add_argument("--trace", action="store_true", help="print every protocol message with a timestamp")
+    _trace_options(p)
     _loudness(p)
     _encrypt_option(p)
     p.add_argument("--ready-file", help=argparse.SUPPRESS)  # `colo up` learns the chosen ports from it
@@ -116,6 +116,27 @@ def _loudness(p: argparse.ArgumentParser) -> None:
     loud = p.add_mutually_exclusive_group()
     loud.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
     loud.add_argument("-q", "--quiet", action="store_true", help="log only errors to stderr")
+
+
+def _trace_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", action="store_true",
+                   help="print the event stream on stderr: one line per message (its sender's), the witness's "
+                        "decisions, state changes, failover steps; times on the common clock")
+    p.add_argument("--trace-filter", default="", metavar="PATTERNS",
+                   help="with --trace: comma-separated globs matched against role, kind and message name; -PATTERN "
+                        "hides (e.g. 'primary,commit' or '-input,-output'); naming a hidden kind shows it ('output', "
+                        "'heartbeat', 'phase')")
+    p.add_argument("--trace-file", metavar="FILE",
+                   help="append the event stream to FILE as JSON lines (every role may share one file: a merged "
+                        "stream); read it with `colo trace show|export`")
+    p.add_argument("--trace-hex", type=int, default=0, metavar="N",
+                   help="with --trace-file: record the first N bytes of every frame in hex (default 0)")
+
+
+def _trace_setup(args: argparse.Namespace, role: str) -> None:
+    from colo import events
+    events.configure(role, trace=args.trace, trace_file=args.trace_file, trace_filter=args.trace_filter,
+                     hex_bytes=args.trace_hex)
 
 
 def _encrypt_option(p: argparse.ArgumentParser, default: bool | None = True) -> None:
@@ -271,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("file", metavar="FILE", help="where to write the key")
     k.add_argument("--force", action="store_true", help="replace FILE if it exists")
 
+    _teaching_commands(sub)
+
     sts = sub.add_parser("stats", help="summarise (or plot) a --stats file",
                          description="Summarise the checkpoints of a --stats file, run by run: triggers, "
                                      "pause percentiles, bytes, dirty pages, phase medians.")
@@ -281,6 +304,52 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also draw pause, phases and dirty pages over time (needs matplotlib: "
                           "pip install 'toyvm-colo[bench]')")
     return parser
+
+
+def _teaching_commands(sub: Any) -> None:
+    """`colo trace` and `colo view` (colo.teachcli runs them)."""
+    t = sub.add_parser("trace", help="read a recorded event stream (--trace-file): print it, export it",
+                       description="Print a recorded event stream as --trace does, or export it for Perfetto or "
+                                   "as a Mermaid sequence diagram.")
+    tsub = t.add_subparsers(dest="trace_command", required=True, metavar="SUBCOMMAND")
+    show = tsub.add_parser("show", help="print the events, one line each, on the common clock")
+    show.add_argument("files", nargs="+", metavar="FILE", help="trace files (one merged stream or one per role)")
+    show.add_argument("--filter", default="", metavar="PATTERNS", help="as --trace-filter")
+    ex = tsub.add_parser("export", help="Chrome trace-event JSON for Perfetto, or a Mermaid sequence diagram",
+                         description="Convert a recorded event stream. perfetto: open OUT at ui.perfetto.dev; "
+                                     "mermaid: one epoch (--epoch N, default the last complete one) or the first "
+                                     "failover (--failover) as a sequence diagram.")
+    ex.add_argument("files", nargs="+", metavar="FILE", help="trace files (one merged stream or one per role)")
+    ex.add_argument("--format", choices=("perfetto", "mermaid"), required=True)
+    which = ex.add_mutually_exclusive_group()
+    which.add_argument("--epoch", type=int, metavar="N", help="mermaid: the run and checkpoint of epoch N")
+    which.add_argument("--failover", action="store_true", help="mermaid: the failover window")
+    ex.add_argument("-o", "--output", metavar="OUT", help="where to write (default: stdout)")
+
+    v = sub.add_parser("view", help="the replicated guest, live and steppable, in a browser",
+                       description="Start gateway, secondary and primary locally with the event stream on, and "
+                                   "serve one page that shows them live: RAM, the handshake, held output, "
+                                   "checkpoints, failover; with controls (kill, checkpoint, step, slow motion).")
+    v.add_argument("guest", type=guest_argument, metavar="GUEST",
+                   help="guest image or a bundled guest's name (kvstore answers the page's Redis box)")
+    v.add_argument("--mode", choices=("periodic", "hybrid"), default="periodic")
+    v.add_argument("--interval", type=float, default=1000.0, metavar="MS",
+                   help="periodic checkpoint interval (default 1000: slow enough to watch)")
+    v.add_argument("--backstop", type=float, default=5000.0, metavar="MS", help="hybrid backstop (default 5000)")
+    v.add_argument("--ram", default="16M", help="guest RAM (default 16M: a page grid that fits a screen)")
+    v.add_argument("--cmdline", default="", help="command line passed to the guest")
+    v.add_argument("--listen", type=_address, default=("127.0.0.1", 8300), metavar="HOST:PORT",
+                   help="where the page is served (default 127.0.0.1:8300; port 0: any free one)")
+    v.add_argument("--no-browser", action="store_true", help="do not try to open a browser")
+    v.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT, metavar="S")
+    v.add_argument("--hooks", choices=("auto", "python", "native"), default=None)
+    loud = v.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
+    loud.add_argument("-q", "--quiet", action="store_true", help="log only errors to stderr")
+    v.add_argument("--trace-hex", type=int, default=64, metavar="N",
+                   help="record the first N bytes of every frame in hex (default 64; with --no-encrypt they read)")
+    _encrypt_option(v)
+    v.add_argument("--ready-file", help=argparse.SUPPRESS)
 
 
 def _target_options(p: argparse.ArgumentParser) -> None:
@@ -336,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_keygen(args)
         if args.command == "stats":
             return cmd_stats(args)
+        if args.command in ("trace", "view"):
+            from colo import teachcli
+            return teachcli.run(args)
     except (ColoError, ToyVMError, OSError, ValueError) as e:
         print(f"colo {args.command}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -344,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from colo.gateway import Gateway, GatewayConfig
+    _trace_setup(args, "gateway")
     gw = Gateway(GatewayConfig(_key(args), args.listen, args.service, args.heartbeat_timeout, args.trace,
                                mode=args.mode, compare_timeout=args.compare_timeout / 1000, encrypt=args.encrypt,
                                slow_timeout=args.client_timeout))
@@ -369,6 +442,7 @@ def cmd_primary(args: argparse.Namespace) -> int:
     from colo.node import Mode, Node
     from colo.primary import PrimaryRole
     cfg = _node_config(args, guest=args.guest, ram=parse_size(args.ram), cmdline=args.cmdline)
+    _trace_setup(args, "primary")
     node = Node(cfg, Mode.PRIMARY)
     role = PrimaryRole.boot(node)
     _on_term(lambda *_: node.request_shutdown())
@@ -387,6 +461,7 @@ def cmd_secondary(args: argparse.Namespace) -> int:
         _write_ready(args.ready_file, {"listen": list(address), "pid": os.getpid(), "node": node.id})
 
     cfg = _node_config(args, listen=args.listen, advertise=args.advertise, on_listening=ready)
+    _trace_setup(args, "spare")
     node = Node(cfg, Mode.SECONDARY)
     if args.guest or args.ram:  # what this spare insists on (the gateway pairs it with nothing else)
         from colo.primary import guest_identity

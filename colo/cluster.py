@@ -68,6 +68,12 @@ def exit_text(code: int | None) -> str:
 class LocalCluster:
     """The roles as local processes, sharing one key."""
 
+    # The event stream (colo.events): every role appends to `trace_file` (one merged stream; "{role}" in it makes
+    # one file per process instead), `trace_hex` leading bytes of each frame in hex. Set before start().
+    trace_file: str | None = None
+    trace_filter: str = ""
+    trace_hex: int = 0
+
     def __init__(self, guest: str, *, ram: str = "64M", cmdline: str = "", interval_ms: float = 100.0,
                  service: tuple[str, int] = ("127.0.0.1", 0), stats: str | None = None, trace: bool = False,
                  heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT, hooks: str | None = None,
@@ -113,6 +119,7 @@ class LocalCluster:
                 "--ready-file", str(self.ready_path(name)), "--mode", self.mode]
         if self.trace:
             args.append("--trace")
+        args += self.trace_args(name)
         if self.verbose:
             args.append("-v")
         elif self.quiet:
@@ -122,6 +129,11 @@ class LocalCluster:
         if self._lifeline is not None:
             args += ["--lifeline", str(self._lifeline[0])]
         return args
+
+    def trace_args(self, name: str) -> list[str]:
+        args = ["--trace-file", self.trace_file.replace("{role}", name)] if self.trace_file else []
+        args += ["--trace-hex", str(self.trace_hex)] if self.trace_hex else []
+        return args + (["--trace-filter", self.trace_filter] if self.trace_filter else [])
 
     def node_args(self) -> list[str]:
         """What every node needs: a promoted secondary checkpoints like the primary it replaces."""

@@ -359,6 +359,19 @@ class OutputComparer:
         """Bytes held on all connections, both sides."""
         return sum(len(c.primary.held) + len(c.secondary.held) for c in self._conns.values())
 
+    def snapshot(self, conn: int, limit: int = 256) -> dict[str, Any]:
+        """Where `conn` stands (the event stream, the teaching view): the bytes released so far (the common
+        prefix), what each side holds past it (its first `limit` bytes), and whether the streams differ; when they
+        do, they differ at byte `released` (the first byte each side holds), or one side closed before it."""
+        c = self._conns.get(conn)
+        if c is None:
+            return {"released": None, "finished": conn in self._finished}
+        p, s = c.primary, c.secondary
+        return {"released": c.released, "primary": bytes(p.held[:limit]), "secondary": bytes(s.held[:limit]),
+                "primary_held": len(p.held), "secondary_held": len(s.held), "primary_closed": p.closed,
+                "secondary_closed": s.closed, "diverged": c.diverged,
+                "differs_at": c.released if c.diverged else None}
+
     @property
     def checkpoint_requested(self) -> bool:
         """A checkpoint was asked for and has not been committed yet."""

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from colo import vmstate
+from colo import trace, vmstate
 from colo.errors import ColoError
+from colo.events import STREAM
 from colo.livecopy import FINAL, ROUND, RoundPlanner, record
 from colo.messages import CheckpointReady, InitialChunk, InitialSize
 from colo.wire import DEFAULT_CHUNK_SIZE
@@ -64,6 +65,8 @@ class CopySender:
         vm.collect_dirty()  # from here, the dirty log says what changed since a page was sent
         log.info("primary: copying the VM to %s %s (%d MiB of RAM)", role.secondary_id,
                  "while the guest serves" if live else "in one stop", vm.ram.size >> 20)
+        if STREAM.active:
+            trace.failover("copy", secondary=role.secondary_id, epoch=self.epoch, live=live)
 
     def progress(self) -> dict[str, Any]:
         return {"round": len(self.planner.rounds), "pages_left": self._left_in_round(),
@@ -158,6 +161,9 @@ class CopySender:
         role.expect(CheckpointReady, timeout=max(30.0, self.bytes_sent / 50e6))
         node.state_log.write(vm, self.epoch, node.generation)
         stop_ms = (time.perf_counter() - t) * 1e3
+        if STREAM.active:
+            trace.failover("copied", secondary=role.secondary_id, epoch=self.epoch, bytes=self.bytes_sent,
+                           rounds=len(self.planner.rounds) + 1, stop_ms=round(stop_ms, 1))
         role.copied({"live": self.live, "rounds": len(self.planner.rounds) + 1,
                      "pages": self.pages_sent + len(pages), "final_pages": len(pages),
                      "stop_ms": round(stop_ms, 1), "longest_step_ms": round(self.longest_step_ms, 1),

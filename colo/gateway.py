@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from colo.link import Closed, Conn, Opened, Tracer
+from colo import events, trace
+from colo.events import STREAM
+from colo.link import Closed, Conn, Opened
 from colo.messages import Message, NodeHello
 from colo.protocol import ConnectionClosed
 from colo.witness import (
@@ -72,7 +74,10 @@ class Gateway:
         self.cfg = cfg
         self.witness = Witness(WitnessConfig(mode=cfg.mode, heartbeat_timeout=cfg.heartbeat_timeout,
                                              compare_timeout=cfg.compare_timeout, credit=cfg.credit))
-        self.tracer = Tracer("gateway") if cfg.trace else None
+        self.witness.trace = STREAM.active  # the event stream gets every output held, released, dropped
+        trace.watch_witness(self.witness)
+        STREAM.node = self.witness.id
+        events.started()
         self.sel = selectors.DefaultSelector()
         self.listener = socket.create_server(cfg.listen, backlog=64)
         self.listener.setblocking(False)
@@ -174,7 +179,7 @@ class Gateway:
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             c = Conn(sock, key=self.cfg.key, role="gateway", peer_role=PEER_ROLES, name=f"{peer[0]}:{peer[1]}",
-                     tracer=self.tracer, encrypt=self.cfg.encrypt)
+                     encrypt=self.cfg.encrypt)
             self.conns[c.id] = c
 
     def _conn_ready(self, link: int, mask: int) -> None:
@@ -230,6 +235,8 @@ class Gateway:
 
     # -- clients --------------------------------------------------------------------------------------------
     def _on_client(self, ev: ClientEvent) -> None:
+        if STREAM.active:
+            self._trace_client(ev)
         if isinstance(ev, Connected):
             # The witness answers at once (the table needs adopt/refuse before its next event).
             self._run(ClientConnected(ev.token))
@@ -241,6 +248,12 @@ class Gateway:
             self._events.append(ClientClosed(ev.conn, gone=True))
         elif isinstance(ev, Backlog):
             self._events.append(ClientBacklog(ev.conn, ev.over))
+
+    def _trace_client(self, ev: ClientEvent) -> None:
+        if isinstance(ev, Data):
+            trace.client("in", ev.conn, ev.data)
+        elif isinstance(ev, (Eof, Gone)):
+            trace.client("close", ev.conn, reason="the client closed" if isinstance(ev, Eof) else "gone")
 
     # -- witness events and actions -----------------------------------------------------------------------
     def _do(self, ev: WitnessEvent) -> None:
@@ -266,10 +279,16 @@ class Gateway:
             if c is not None and not c.send(a.msg):
                 self._conn_closed(a.link, c.closed_reason or "send failed")
         elif isinstance(a, ToClient):
+            if STREAM.active:
+                trace.client("out", a.conn, a.data, a.seq)
             self.clients.write(a.conn, a.data)
         elif isinstance(a, CloseClient):
+            if STREAM.active:
+                trace.client("close", a.conn, reason=a.reason)
             self.clients.close(a.conn)
         elif isinstance(a, AcceptClient):
+            if STREAM.active:
+                trace.client("open", a.conn)
             self.clients.adopt(a.token, a.conn)
         elif isinstance(a, RefuseClient):
             self.clients.refuse(a.token, a.reason)
@@ -286,6 +305,10 @@ class Gateway:
                 if c.closed:
                     self._conn_closed(a.link, a.reason)
         elif isinstance(a, Record):
+            if STREAM.active:
+                trace.record(a.entry, a.level)
+            if a.level == "trace":
+                return  # for the event stream only
             level = {"warning": logging.WARNING, "error": logging.ERROR}.get(a.level, logging.INFO)
             entry = a.entry
             details = ", ".join(f"{k}={v}" for k, v in entry.items() if k not in ("time", "event"))

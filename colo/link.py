@@ -18,15 +18,15 @@ import logging
 import select
 import selectors
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Collection
-from typing import TextIO
 
+from colo import trace
 from colo.auth import Handshake
 from colo.errors import AuthError, ColoError
-from colo.messages import ErrorMessage, Heartbeat, Message, VmstateChunk, describe
+from colo.events import STREAM
+from colo.messages import ErrorMessage, Heartbeat, Message
 from colo.protocol import ConnectionClosed, ProtocolSide
 from colo.session import SessionCodec
 from colo.wire import MAX_PAYLOAD
@@ -36,7 +36,6 @@ AUTH_TIMEOUT = 5.0  # seconds a peer has to connect and prove the key
 DEFAULT_HEARTBEAT_TIMEOUT = 0.8  # seconds of silence after which a peer counts as lost (DESIGN: under 1 s)
 READ_SIZE = 1 << 20
 READS_PER_READY = 8  # reads per readiness before the loop serves other connections
-QUIET_MESSAGES = {"heartbeat", "node-status", "progress"}  # not traced: they would drown everything else
 
 
 class Opened:
@@ -59,29 +58,6 @@ class Closed:
 Event = Message | ConnectionClosed | Closed | Opened
 
 
-class Tracer:
-    """--trace: every protocol message with a timestamp, for people learning the protocol."""
-
-    def __init__(self, who: str, stream: TextIO | None = None) -> None:
-        self.who = who
-        self.stream = stream or sys.stderr
-        self.t0 = time.monotonic()
-        self._lock = threading.Lock()
-
-    def __call__(self, direction: str, peer: str, msg: Message) -> None:
-        if msg.NAME in QUIET_MESSAGES:
-            return
-        text = describe(msg)
-        if isinstance(msg, VmstateChunk) or msg.NAME == "initial-chunk":
-            text += f" ({len(getattr(msg, 'data', b''))} bytes)"
-        elif msg.NAME in ("input", "output"):
-            text += f" seq {getattr(msg, 'seq', '?')} conn {getattr(msg, 'conn', '?')} " \
-                    f"{len(getattr(msg, 'data', b''))} bytes"
-        with self._lock:
-            print(f"[{time.monotonic() - self.t0:9.4f}] {self.who} {direction} {peer}: {text}",
-                  file=self.stream, flush=True)
-
-
 class State(enum.Enum):
     CONNECTING = "connecting"  # an outgoing connect in progress
     HANDSHAKE = "handshake"  # proving the key both ways
@@ -96,9 +72,10 @@ class Conn:
     """One authenticated, framed connection. See the module text for which thread may call what."""
 
     _ids = iter(range(1, 1 << 62))
+    gate: Callable[[Conn, Message], None] | None = None  # a node sets it: colo.gate.Gate
 
     def __init__(self, sock: socket.socket, *, key: bytes, role: str, peer_role: str | Collection[str],
-                 name: str = "", connecting: bool = False, tracer: Tracer | None = None,
+                 name: str = "", connecting: bool = False,
                  protocol: ProtocolFactory | None = None, max_payload: int = MAX_PAYLOAD,
                  encrypt: bool = True) -> None:
         self.id = next(Conn._ids)
@@ -115,7 +92,6 @@ class Conn:
         self._protocol = protocol
         self._codec: SessionCodec | None = None  # plain links: every frame sealed (colo.session)
         self._max_payload = max_payload
-        self._tracer = tracer
         self._out: collections.deque[memoryview] = collections.deque()
         self._out_bytes = 0
         self._wlock = threading.Lock()  # the queue of frames and writes to the socket
@@ -248,8 +224,8 @@ class Conn:
             if ev is None:
                 return events
             self.last_heard = time.monotonic()
-            if self._tracer is not None and isinstance(ev, Message):
-                self._tracer("<-", self.name or self.peer_role, ev)
+            if STREAM.active and isinstance(ev, Message):
+                trace.received(self, ev)
             events.append(ev)
             if isinstance(ev, ConnectionClosed):
                 return events
@@ -287,8 +263,10 @@ class Conn:
         refuses to send `msg` now (a bug on our side)."""
         if not self.open:
             return False
-        if self._tracer is not None:
-            self._tracer("->", self.name or self.peer_role, msg)  # before the send: the order is right
+        if self.gate is not None:
+            self.gate(self, msg)  # step mode and slow motion (colo.gate): may wait here, in the sender's thread
+            if not self.open:
+                return False  # the link ended while the message waited: as if it had ended just before
         with self._wlock:
             if self.proto is not None:
                 with self._plock:
@@ -296,6 +274,8 @@ class Conn:
             else:
                 assert self._codec is not None
                 frame = self._codec.encode(msg)  # under the write lock: frames leave in the order sealed
+            if STREAM.active:
+                trace.sent(self, msg, frame)  # before the bytes leave: a reply's event never precedes it
             self._queue(frame)
             ok = self._flush_some_locked()
         if not ok:

@@ -178,6 +178,20 @@ def _bool_rule(v: object) -> str | None:
     return None if type(v) is bool else f"must be a bool, got {v!r}"
 
 
+MAX_DELAY_MS = 10_000  # slow motion: the longest wait before each handshake message
+MAX_GRANT = 1000  # step mode: messages one step-command may let go
+
+
+def _delay_rule(v: object) -> str | None:
+    ok = type(v) is int and 0 <= v <= MAX_DELAY_MS
+    return None if ok else f"must be an int in 0..{MAX_DELAY_MS}, got {v!r}"
+
+
+def _grant_rule(v: object) -> str | None:
+    ok = type(v) is int and 0 <= v <= MAX_GRANT
+    return None if ok else f"must be an int in 0..{MAX_GRANT}, got {v!r}"
+
+
 def _events_rule(v: object) -> str | None:
     return events_problem(v, MAX_EVENTS)
 
@@ -263,6 +277,11 @@ _FIELD_RULES: dict[str, Callable[[object], str | None]] = {
     "conns": _conns_rule,
     "code": _code_rule,
     "flags": _flags_rule,
+    # step mode (teaching): colo.gate
+    "on": _bool_rule,
+    "delay_ms": _delay_rule,
+    "grant": _grant_rule,
+    "target": _id_rule(empty_ok=True),
 }
 
 # Fields whose values travel as strings but live as enums: from_fields converts them.
@@ -675,6 +694,16 @@ class Shutdown(Message):
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Step(Message):
+    """Gateway->node (teaching): step mode `on`, slow motion `delay_ms`; `grant` held messages may go (colo.gate)."""
+
+    NAME: ClassVar[str] = "step"
+    on: bool
+    delay_ms: int
+    grant: int
+
+
 # -- the control link (control client <-> gateway) -----------------------------------------------
 
 
@@ -716,6 +745,25 @@ class ShutdownCommand(Message):
 
     NAME: ClassVar[str] = "shutdown-command"
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointCommand(Message):
+    """Control->gateway: ask the active primary for a checkpoint now (trigger `manual`), for `reason`."""
+
+    NAME: ClassVar[str] = "checkpoint-command"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepCommand(Message):
+    """Control->gateway (teaching): step mode, slow motion; node `target` may send `grant` held messages."""
+
+    NAME: ClassVar[str] = "step-command"
+    on: bool
+    delay_ms: int
+    target: str
+    grant: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -770,6 +818,7 @@ GATEWAY_MESSAGES: tuple[type[Message], ...] = (
     Handover,
     HandedOver,
     Demote,
+    Step,
 )
 
 CONTROL_MESSAGES: tuple[type[Message], ...] = (
@@ -779,6 +828,8 @@ CONTROL_MESSAGES: tuple[type[Message], ...] = (
     SwitchoverCommand,
     ShutdownCommand,
     CommandResult,
+    CheckpointCommand,
+    StepCommand,
 )
 
 _OTHER_MESSAGES: tuple[type[Message], ...] = (

@@ -30,7 +30,10 @@ from typing import Any
 import msgpack
 
 from colo.errors import ColoError
-from colo.link import DEFAULT_HEARTBEAT_TIMEOUT, Closed, Conn, Tracer
+from colo import events
+from colo.events import STREAM
+from colo.gate import Gate
+from colo.link import DEFAULT_HEARTBEAT_TIMEOUT, Closed, Conn
 from colo.memory import keep_buffers_on_heap
 from colo.messages import (
     CheckpointNow,
@@ -47,6 +50,7 @@ from colo.messages import (
     Progress,
     Promote,
     Shutdown,
+    Step,
     Welcome,
 )
 from colo.netevents import KIND_CLOSE, KIND_OPEN, NetEvent
@@ -170,10 +174,11 @@ class Node:
         self.cfg = cfg
         self.id = secrets.token_hex(6)
         self.mode = role
+        STREAM.node, STREAM.role_of = self.id, self.trace_role  # before the first event
+        events.started()
         self.state = NodeState.STARTING
         self.generation = 1 if role is Mode.PRIMARY else 0
         self.hybrid = cfg.mode == "hybrid"
-        self.tracer = Tracer(role.value) if cfg.trace else None
         self.vm: Machine | None = None
         self.backlog: dict[int, NetEvent] = {}  # inputs not yet in the VM, by seq: replays may come out of order
         self.received_seq = 0  # the highest input seq received
@@ -189,10 +194,29 @@ class Node:
         self.wants: dict[str, Any] = {}  # as a spare: the guest and RAM it insists on protecting (empty: any)
         self.io = NodeIO(key=cfg.key, gateway=cfg.gateway, role=self.hello_role,
                          heartbeat_timeout=cfg.heartbeat_timeout, hello=self.hello, status=self.status,
-                         tracer=self.tracer, on_message=self._urgent, encrypt=cfg.encrypt)
+                         on_message=self._urgent, encrypt=cfg.encrypt)
         self.inbox = self.io.inbox
+        self.gate = self.io.gate = Gate()  # step mode and slow motion (teaching): colo.gate
         sys.setswitchinterval(0.0005)  # hand the GIL over fast: the I/O thread must not wait 5 ms to run
         keep_buffers_on_heap()
+
+    @property
+    def state(self) -> NodeState:
+        return self._state
+
+    @state.setter
+    def state(self, new: NodeState) -> None:
+        old = getattr(self, "_state", None)
+        self._state = new
+        if STREAM.active and new is not old:
+            STREAM.emit("state", was=old.value if old is not None else None, now=new.value)
+
+    def trace_role(self) -> str:
+        """The role the event stream stamps on this node's events now (a spare is named so until it is paired)."""
+        if self.mode is Mode.PRIMARY:
+            return "primary"
+        return "spare" if getattr(self, "_state", NodeState.STARTING) in (NodeState.SPARE, NodeState.STARTING) \
+            else "secondary"
 
     # -- what the gateway learns about us -----------------------------------------------------------------------
     def hello_role(self) -> str:
@@ -217,6 +241,11 @@ class Node:
                                 "state_format": STATE_FORMAT, "colo_version": VERSION}
         if self.role is not None:
             info.update(self.role.status_info())
+        if STREAM.active:
+            info["sent_at"] = STREAM.now()  # the gateway estimates our clock's offset from it (colo.events)
+        if self.gate.holding:
+            info["step"] = {"on": self.gate.stepping, "delay_ms": round(self.gate.delay * 1e3),
+                            "waiting": self.gate.waiting}
         return info
 
     # -- running the roles -------------------------------------------------------------------------------------
@@ -239,6 +268,7 @@ class Node:
     def request_shutdown(self) -> None:
         """From a signal handler: stop at the next exact point and leave cleanly."""
         self.shutdown_requested = True
+        self.gate.release_all()
         if self.vm is not None:
             self.vm.request_stop()
         self.io.wake()
@@ -247,6 +277,10 @@ class Node:
         """I/O thread, before the message is queued: messages that must not wait for the VM's slice to end."""
         if self.vm is not None and isinstance(msg, (CheckpointNow, CheckpointRequest, Promote, Fence, Shutdown)):
             self.vm.request_stop()
+        if isinstance(msg, Step):
+            self.gate.update(msg.on, msg.delay_ms, msg.grant)  # here: the VM thread may be waiting in the gate
+        elif isinstance(msg, (Fence, Shutdown)):
+            self.gate.release_all()
 
     # -- events ------------------------------------------------------------------------------------------------
     def next_event(self, timeout: float) -> tuple[Source, NodeEvent] | None:
@@ -283,6 +317,8 @@ class Node:
             self.backlog[ev.seq] = ev.event
         elif isinstance(ev, Progress | Output):
             pass  # not for us
+        elif isinstance(ev, Step):
+            pass  # the I/O thread applied it (_urgent)
         elif isinstance(ev, Welcome):
             self.gateway_id = ev.gateway
             self.attached = True

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from colo.errors import ColoError
-from colo.link import Closed, Conn, Event, Opened, ProtocolFactory, Tracer, connect_nonblocking
+from colo.link import Closed, Conn, Event, Opened, ProtocolFactory, connect_nonblocking
 from colo.messages import Message
 
 log = logging.getLogger("colo.node")
@@ -68,7 +68,7 @@ Source = Conn | str
 
 class NodeIO:
     def __init__(self, *, key: bytes, gateway: tuple[str, int], role: Callable[[], str], heartbeat_timeout: float,
-                 hello: Callable[[], Message], status: Callable[[], Message], tracer: Tracer | None = None,
+                 hello: Callable[[], Message], status: Callable[[], Message],
                  on_message: Callable[[Source, Any], None] | None = None, encrypt: bool = True) -> None:
         self.key = key
         self.encrypt = encrypt
@@ -77,7 +77,7 @@ class NodeIO:
         self.timeout = heartbeat_timeout
         self.interval = heartbeat_timeout / 4
         self.hello, self.status = hello, status
-        self.tracer = tracer
+        self.gate: Any = None  # colo.gate.Gate: holds handshake messages in step mode (set by the node)
         self.on_message = on_message  # called in this thread before the event is queued (e.g. stop the VM now)
         self.inbox: queue.Queue[tuple[Source, NodeEvent]] = queue.Queue()
         self.sel = selectors.DefaultSelector()
@@ -145,7 +145,7 @@ class NodeIO:
                 self.inbox.put(("repl", Closed(f"cannot connect to {address[0]}:{address[1]}: {e}")))
                 return
             c = Conn(sock, key=self.key, role="primary", peer_role="secondary", name="secondary", connecting=True,
-                     tracer=self.tracer, protocol=factory, encrypt=self.encrypt)
+                     protocol=factory, encrypt=self.encrypt)
             self._add(c)
         self.call(go)
 
@@ -207,6 +207,8 @@ class NodeIO:
                 self._drop(c, "authentication timed out")
             elif c.open:
                 silent = now - c.last_heard > self.timeout
+                if silent and self.gate is not None and self.gate.holding:
+                    silent, c.last_heard = False, now  # step mode: nobody is judged by the time it waits
                 if silent and c not in self._silent:
                     self._silent.add(c)
                     self._post(c, Silent())
@@ -249,6 +251,7 @@ class NodeIO:
     def _add(self, c: Conn) -> None:
         self._conns.add(c)
         c.on_change = self.wake
+        c.gate = self.gate
         try:
             self.sel.register(c.sock, c.interest(), c)
         except (KeyError, ValueError):
@@ -308,7 +311,7 @@ class NodeIO:
             self._backoff = min(RECONNECT_MAX, self._backoff * 2)
             return
         c = Conn(sock, key=self.key, role=self.role(), peer_role="gateway", name="gateway", connecting=True,
-                 tracer=self.tracer, encrypt=self.encrypt)
+                 encrypt=self.encrypt)
         self._gw_conn = c
         self._add(c)
 
@@ -324,4 +327,4 @@ class NodeIO:
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._add(Conn(sock, key=self.key, role="secondary", peer_role="primary", name=f"{peer[0]}:{peer[1]}",
-                           tracer=self.tracer, protocol=self._repl_factory, encrypt=self.encrypt))
+                           protocol=self._repl_factory, encrypt=self.encrypt))

@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from colo import vmstate
+from colo import trace, vmstate
 from colo.copysender import GUEST_SLICE, CopySender
 from colo.errors import ColoError
+from colo.events import STREAM
 from colo.faults import FaultPlan
 from colo.link import Closed, Conn, Opened
 from colo.messages import (
@@ -385,6 +386,7 @@ class PrimaryRole:
         assert vm is not None and repl is not None
         epoch = self.epoch
         clock = PhaseClock(min(suspended_at, time.perf_counter()))
+        clock.trace_as("primary", epoch)  # the event stream: each phase as it ends
         rec = CheckpointRecord(epoch, trigger.value)
         timeout = self.cfg.heartbeat_timeout * REPLY_TIMEOUT_FACTOR
         try:
@@ -398,6 +400,8 @@ class PrimaryRole:
             outputs = node.epoch_outputs
             node.epoch_outputs = []
             pages = vm.collect_dirty()
+            if STREAM.active:
+                trace.pages("primary", epoch, "dirty", pages, vm.ram.npages)
             blob, st = vmstate.encode(vm, pages, epoch=epoch, full=False, outputs=outputs,
                                       inputs=self.held_inputs(), generation=node.generation, node=node.id,
                                       conns=sorted(node.conns_open))
@@ -424,6 +428,8 @@ class PrimaryRole:
             clock.mark("loaded")
             self.faults.reach("after-loaded", epoch)
         except (SecondaryLost, ColoError, OSError) as e:
+            if STREAM.active:
+                STREAM.emit("checkpoint-failed", epoch=epoch, reason=str(e))
             self._unprotect(f"checkpoint {epoch} failed: {e}")
             return
         self.epoch += 1
@@ -436,6 +442,8 @@ class PrimaryRole:
         rec.pause_ms = clock.total_ms()
         self.last_pause_ms = rec.pause_ms
         self.stats.write(rec)
+        if STREAM.active:
+            trace.checkpoint_done(clock, rec)
 
     def _send(self, msg: Message, block: float | None = None) -> None:
         repl = self.repl
@@ -451,6 +459,8 @@ class PrimaryRole:
         repl = self.repl
         assert repl is not None
         while True:
+            if self.node.gate.holding:
+                deadline = time.monotonic() + limit  # step mode: waiting for a step is not the secondary's silence
             left = deadline - time.monotonic()
             if left <= 0:
                 raise SecondaryLost(f"no {cls.NAME} from the secondary within {limit:.1f} s")

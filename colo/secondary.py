@@ -15,8 +15,9 @@ import logging
 import time
 from typing import Any
 
-from colo import vmstate
+from colo import trace, vmstate
 from colo.errors import ColoError, ProtocolError
+from colo.events import STREAM
 from colo.faults import FaultPlan
 from colo.link import Closed, Conn, Opened
 from colo.livecopy import ROUND, RecordReader
@@ -207,6 +208,8 @@ class SecondaryRole:
         limit = timeout or self.cfg.heartbeat_timeout * COPY_TIMEOUT_FACTOR
         deadline = time.monotonic() + limit
         while True:
+            if self.node.gate.holding:
+                deadline = time.monotonic() + limit  # step mode: waiting for a step is not the primary's silence
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PrimaryLost(f"nothing from the primary for {limit:.1f} s inside a checkpoint")
@@ -244,6 +247,8 @@ class SecondaryRole:
                 if kind == ROUND:
                     vmstate.apply_pages(vm, staged)  # the VM does not run before the final record
                     rounds += 1
+                    if STREAM.active:
+                        trace.pages("secondary", staged.epoch, "applied", trace.staged_pages(staged), vm.ram.npages)
                 else:
                     final = staged
         if vm is None or final is None:
@@ -280,6 +285,8 @@ class SecondaryRole:
         if self.cfg.mode == "hybrid":
             self.cache = vm.ram.view.copy()
         node.state_log.write(vm, staged.epoch, staged.generation)
+        if STREAM.active:
+            trace.pages("secondary", staged.epoch, "applied", trace.staged_pages(staged), vm.ram.npages)
         log.info("secondary: holds the VM of %s as of epoch %d (generation %d, %d round%s before the last)",
                  staged.node, staged.epoch, staged.generation, rounds, "" if rounds == 1 else "s")
 
@@ -305,6 +312,8 @@ class SecondaryRole:
             self.complete = vmstate.decode(b"".join(chunks), vm, epoch=epoch, full=False)
         except StateError as e:
             raise BadState(f"bad state from the primary: {e}") from None
+        if STREAM.active:
+            trace.pages("secondary", epoch, "staged", trace.staged_pages(self.complete), vm.ram.npages)
         repl.send(VmstateReceived(epoch))  # complete: the primary may release the output it covers
         self.faults.reach("after-received", epoch)
         self.apply_complete()
@@ -326,6 +335,8 @@ class SecondaryRole:
         node.generation = staged.generation
         self.applied, self.complete = staged, None
         node.state_log.write(node.vm, staged.epoch, staged.generation)
+        if STREAM.active:
+            trace.pages("secondary", staged.epoch, "applied", trace.staged_pages(staged), node.vm.ram.npages)
 
     def resync(self) -> None:
         """Hybrid: tell the gateway our VM now equals checkpoint `epoch`: our output before this point is from a
@@ -376,6 +387,8 @@ class SecondaryRole:
             self.primary_id = ""
             return
         log.warning("secondary: primary lost (%s): asking the gateway to promote us", why)
+        if STREAM.active:
+            trace.failover("primary-lost", reason=why, epoch=self.applied.epoch)
         node.state = NodeState.FAILOVER_REQUESTED
         self.failover_asked = True
         node.send_gateway(FailoverRequest(node.generation, why[:1000]))
@@ -403,6 +416,9 @@ class SecondaryRole:
             node.close_repl(None, self.repl)
             self.repl = None
         rollback = self.complete is not None or self.cfg.mode != "hybrid"
+        if STREAM.active:
+            trace.failover("promote", generation=promote.generation, reason=promote.reason,
+                           staged=self.complete.epoch if self.complete is not None else None, rollback=rollback)
         self.apply_complete()  # a complete checkpoint not yet applied: the primary may have released its output
         staged, vm = self.applied, node.vm
         assert staged is not None and vm is not None
@@ -414,6 +430,9 @@ class SecondaryRole:
             input_seq, output_seq = staged.input_seq, staged.output_seq
         else:  # hybrid: we go on from our own running state, which produced everything clients saw
             input_seq, output_seq = vm.net.state.last_input_seq, vm.net.state.last_output_seq
+        if STREAM.active:
+            trace.failover("resume", epoch=staged.epoch, generation=node.generation, input_seq=input_seq,
+                           output_seq=output_seq, took_ms=round((time.perf_counter() - started) * 1e3, 3))
         node.send_gateway(Promoted(node.generation, staged.epoch, input_seq, output_seq,
                                    [list(e) for e in staged.outputs], sorted(node.conns_open)))
         log.warning("secondary: promoted (%s): resuming from checkpoint %d as the primary of generation %d "

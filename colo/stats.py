@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from colo.events import STREAM
+
 PHASES = ("suspend", "collect", "compress", "send", "received", "loaded", "resume")
 
 
@@ -48,10 +50,18 @@ class PhaseClock:
     def __init__(self, start: float | None = None) -> None:
         self.t0 = self.last = start if start is not None else time.perf_counter()
         self.phases: dict[str, float] = {}
+        self._trace: tuple[str, int] | None = None
+
+    def trace_as(self, side: str, epoch: int) -> None:
+        """Emit each phase as it ends on the event stream (colo.events), as `side`'s phases of `epoch`."""
+        self._trace = (side, epoch)
 
     def mark(self, phase: str) -> None:
         now = time.perf_counter()
         self.phases[phase] = (now - self.last) * 1e3
+        if self._trace is not None and STREAM.active:
+            STREAM.emit("phase", side=self._trace[0], epoch=self._trace[1], phase=phase,
+                        start=round(STREAM.at(self.last), 6), end=round(STREAM.at(now), 6))
         self.last = now
 
     def total_ms(self) -> float:

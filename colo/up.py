@@ -37,7 +37,7 @@ START_TIMEOUT = 60.0  # seconds from the first role's start until the pair must 
 POLL = 0.2  # seconds between looks at the cluster
 DOWN_TIMEOUT = 20.0
 STOP_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
-STAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} ")  # colo's log lines start so
+STAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}(\d{3})? ")  # colo's log lines start so (--trace: to the us)
 
 
 class Interrupted(Exception):
@@ -88,8 +88,8 @@ class LogTail:
                 continue
             self.offsets[path] = self.offsets.get(path, 0) + cut
             for line in data[:cut].decode(errors="replace").splitlines():
-                if STAMP.match(line):
-                    self.last_stamp[path] = line[:23]
+                if m := STAMP.match(line):
+                    self.last_stamp[path] = m.group(0).rstrip().ljust(26, "0")  # to the us: --trace lines
                 lines.append((self.last_stamp.get(path, ""), len(lines), line))
         if not lines:
             return
@@ -179,6 +179,7 @@ def _run(args: argparse.Namespace, image: Path, run: rundir.Cluster, info: dict[
                            encrypt=args.encrypt, key_file=Path(args.key_file).absolute() if args.key_file else None,
                            logs=True)
     cluster.quote_logs = False  # the tail shows every line the roles write already
+    cluster.trace_file, cluster.trace_filter, cluster.trace_hex = args.trace_file, args.trace_filter, args.trace_hex
     me = info["procs"]["up"]
 
     def record(state: str | None = None) -> None:

@@ -31,6 +31,8 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
+from colo import trace
+from colo.events import STREAM
 from colo.netevents import conn_problem, events_problem
 from toyvm import Machine
 from toyvm.contract import PAGE_SIZE
@@ -251,5 +253,7 @@ def apply_hybrid(vm: Machine, cache: npt.NDArray[np.uint8], staged: StagedCheckp
         touched.append(b.index)
     idx = np.unique(np.concatenate(touched))
     vm.ram.pages[idx] = cache_pages[idx]
+    if STREAM.active:  # the teaching view: the secondary's own writes, and every page put back from the cache
+        trace.hybrid_pages(staged.epoch, touched[0], idx, vm.ram.npages)
     vm.restore_state(staged.vm_state, checked=True)
     return len(idx)

@@ -37,12 +37,17 @@ from typing import Any
 from colo.compare import Action as CompareAction
 from colo.compare import NeedCheckpoint, OutputComparer, Release, ReleaseClose
 from colo.messages import (
+    CheckpointCommand,
     CheckpointNow,
+    CommandResult,
     Commit,
+    Demote,
     FailoverCommand,
     FailoverRequest,
     Fence,
     GuestEnded,
+    HandedOver,
+    Handover,
     Heartbeat,
     Input,
     InputFloor,
@@ -51,9 +56,6 @@ from colo.messages import (
     NodeStatus,
     Output,
     Progress,
-    Demote,
-    HandedOver,
-    Handover,
     Promote,
     Promoted,
     Protect,
@@ -65,8 +67,9 @@ from colo.messages import (
     ShutdownCommand,
     StatusReply,
     StatusRequest,
+    Step,
+    StepCommand,
     SwitchoverCommand,
-    CommandResult,
     Trigger,
     Unprotect,
     Welcome,
@@ -404,6 +407,10 @@ class Witness:
         self.ended_code: int | None = None
         self._last_heartbeat = -1e18
         self._out: list[WitnessAction] = []
+        # teaching: `trace` adds Record actions of level "trace" (each output held, released, dropped; each
+        # comparison) for the event stream; `step` is the step mode and slow motion the nodes were told
+        self.trace = False
+        self.step = Step(False, 0, 0)
 
     # -- the one entry point ----------------------------------------------------------------------------------
     def handle(self, event: Event) -> list[WitnessAction]:
@@ -434,6 +441,11 @@ class Witness:
         return out
 
     @property
+    def liveness_suspended(self) -> bool:
+        """Step mode or slow motion is on (teaching): no node is found silent."""
+        return self.step.on or self.step.delay_ms > 0
+
+    @property
     def protected(self) -> bool:
         """A secondary holds a complete checkpoint and both nodes are heard."""
         if self.service is not S.PROTECTED or self.active is None or self.secondary is None:
@@ -461,6 +473,9 @@ class Witness:
                 self._learn_deadline += gap
             self._record("gateway-stalled", seconds=round(gap, 3), level="warning")
         self.now, self.wall = now, wall
+        if self.liveness_suspended:
+            for n in self.nodes.values():  # step mode: time spent waiting for a step is nobody's silence
+                n.heard = now
         if self.service is S.LEARNING and self._learn_deadline is not None and now >= self._learn_deadline:
             self._finish_learning()
         for n in list(self.nodes.values()):
@@ -511,6 +526,8 @@ class Witness:
         # Last, after whatever the decision sent it (input floor, a protect): a freshly booted primary that reads
         # the welcome knows whether a copy comes first.
         self._send(n, Welcome(self.id, max(self.generation, hello.generation)))
+        if self.liveness_suspended and n.link is not None:
+            self._send(n, Step(self.step.on, self.step.delay_ms, 0))
 
     def _decide_on(self, n: NodeView) -> None:
         hello = n.hello
@@ -844,17 +861,38 @@ class Witness:
             if ev.seq <= self.comparer.last_primary_seq:
                 return  # a repeat (a promoted node repeating itself): the comparer has it
             self._compare_actions(self.comparer.primary_output(ev.seq, ev.kind, ev.conn, ev.data, self._t()))
+            self._trace_compare(ev.conn)
             return
         if ev.seq <= self.released_seq or ev.seq in self.held:
             return  # already released (a promoted node repeating itself) or already held
         if self.service is S.PROTECTED:
             self.held[ev.seq] = ev
+            if self.trace:  # covered by the checkpoint of the epoch after the last commit
+                self._trace_output("held", ev, epoch=self.commit_epoch + 1, held=len(self.held))
         else:
             self._release(ev)
 
-    def _release(self, ev: NetEvent) -> None:
+    def _release(self, ev: NetEvent, epoch: int | None = None) -> None:
         self.released_seq = max(self.released_seq, ev.seq)
+        if self.trace:
+            self._trace_output("released", ev, epoch=epoch, held=len(self.held))
         self._to_client(ev)
+
+    def _trace_output(self, action: str, ev: NetEvent, **details: Any) -> None:
+        self._trace("output", action=action, seq=ev.seq, conn=ev.conn, kind=ev.kind, bytes=len(ev.data),
+                    data=ev.data[:256], **details)
+
+    def _drop_held(self, why: str) -> None:
+        """Held output no client will see (the state that produced it is gone)."""
+        if self.trace:
+            for seq in sorted(self.held):
+                self._trace_output("dropped", self.held[seq], reason=why, held=0)
+        self.held.clear()
+
+    def _trace_compare(self, conn: int) -> None:
+        """Hybrid: where the two VMs' streams on `conn` stand (released prefix, what each holds, the difference)."""
+        if self.trace and self.comparer is not None:
+            self._trace("compare", conn=conn, **self.comparer.snapshot(conn))
 
     def _to_client(self, ev: NetEvent) -> None:
         if ev.conn not in self.conns:
@@ -874,9 +912,9 @@ class Witness:
         c.input_closed = True
         self._reap(conn, c)
 
-    def _release_upto(self, seq: int) -> None:
+    def _release_upto(self, seq: int, epoch: int | None = None) -> None:
         for s in sorted(k for k in self.held if k <= seq):
-            self._release(self.held.pop(s))
+            self._release(self.held.pop(s), epoch)
 
     def _commit(self, msg: Commit) -> None:
         self.primary_committed = msg.epoch
@@ -885,7 +923,9 @@ class Witness:
         if self.comparer is not None and self._comparing():
             self._compare_actions(self.comparer.checkpoint_committed(msg.output_seq))
             self.checkpoint_asked = False
-        self._release_upto(msg.output_seq)
+            for conn in self.conns if self.trace else ():
+                self._trace_compare(conn)  # the primary's held output went out; the secondary's is void
+        self._release_upto(msg.output_seq, msg.epoch)
         self._trim_log(msg.input_seq)
         sec = self._node(self.secondary)
         if self.hybrid and sec is not None:
@@ -1096,7 +1136,7 @@ class Witness:
         for conn in list(self.conns):
             self._emit(CloseClient(conn, why))
         self.conns.clear()
-        self.held.clear()
+        self._drop_held(why)
         self.log.clear()
         self.log_bytes = 0
 
@@ -1134,8 +1174,9 @@ class Witness:
                 seq, kind, conn, data = e
                 if self.released_seq < seq <= ev.output_seq and seq not in self.held:
                     self.held[seq] = NetEvent(seq, kind, conn, data)
-            self._release_upto(ev.output_seq)
-        self.held.clear()  # beyond the checkpoint: never seen by a client; the survivor will redo it
+            self._release_upto(ev.output_seq, ev.epoch)
+        dropped = sorted(self.held)
+        self._drop_held("beyond the survivor's state")  # never seen by a client; the survivor will redo it
         self.promoting = None
         self.active = n.id
         n.role = "primary"
@@ -1171,6 +1212,8 @@ class Witness:
         took = (self.now - self.failover_started) * 1e3 if self.now is not None and self.failover_started else 0.0
         self._record("promoted", node=n.id, generation=self.generation, epoch=ev.epoch, replayed=len(replay),
                      failover_ms=round(took, 1), reason=self._promote_reason, level="warning")
+        self._trace("takeover", node=n.id, epoch=ev.epoch, input_seq=ev.input_seq, output_seq=ev.output_seq,
+                    dropped=dropped, replayed=[e.seq for e in replay])
         self._pump_all()
         self._assign_protection()
 
@@ -1243,6 +1286,8 @@ class Witness:
             if isinstance(a, Release):
                 if a.conn in self.conns:
                     self._emit(ToClient(a.conn, a.data))
+                    self._trace("output", action="released", conn=a.conn, bytes=len(a.data), data=a.data[:256],
+                                compared=True)
             elif isinstance(a, ReleaseClose):
                 if a.conn in self.conns:
                     self._guest_closed(a.conn)
@@ -1288,6 +1333,7 @@ class Witness:
                 # straight through (its output numbers are its own, not the primary's).
                 e = ev.event
                 self._compare_actions(self.comparer.secondary_output(e.kind, e.conn, e.data, self._t()))
+                self._trace_compare(e.conn)
             elif n.id == self.active:
                 self._output(n, ev)
 
@@ -1335,11 +1381,42 @@ class Witness:
         elif isinstance(msg, SwitchoverCommand):
             ok, why = self.start_switchover(msg.swap, msg.reason)
             self._emit(Send(link, CommandResult(ok, why)))
+        elif isinstance(msg, CheckpointCommand):
+            ok, why = self.manual_checkpoint(msg.reason)
+            self._emit(Send(link, CommandResult(ok, why)))
+        elif isinstance(msg, StepCommand):
+            self._emit(Send(link, CommandResult(*self.set_step(msg))))
         elif isinstance(msg, ShutdownCommand):
             self._emit(Send(link, CommandResult(True, "the service is stopping")))
             self._shutdown(msg.reason)
         elif not isinstance(msg, Heartbeat):
             self._emit(Send(link, CommandResult(False, f"unexpected {msg.NAME}")))
+
+    def manual_checkpoint(self, reason: str) -> tuple[bool, str]:
+        """An operator asks for a checkpoint now (trigger manual)."""
+        act = self._node(self.active)
+        if act is None or self.service not in SERVING:
+            return False, f"there is no active primary (the service is {self.service.value})"
+        if self.secondary is None or self.service is not S.PROTECTED:
+            return False, "the primary has no secondary to checkpoint to"
+        self._record("checkpoint-asked", trigger=str(Trigger.MANUAL), reason=reason)
+        self._send(act, CheckpointNow(Trigger.MANUAL))
+        return True, "checkpoint requested"
+
+    def set_step(self, msg: StepCommand) -> tuple[bool, str]:
+        """Step mode and slow motion (teaching): tell every node; grant `msg.grant` messages to `msg.target`."""
+        changed = (msg.on, msg.delay_ms) != (self.step.on, self.step.delay_ms)
+        if msg.target and msg.grant and msg.target not in self.nodes:
+            return False, f"no node {msg.target}"
+        self.step = Step(msg.on, msg.delay_ms, 0)
+        for n in self.nodes.values():
+            if n.link is not None and (changed or n.id == msg.target):
+                self._send(n, Step(msg.on, msg.delay_ms, msg.grant if n.id == msg.target else 0))
+        if changed:
+            self._record("step-mode", on=msg.on, delay_ms=msg.delay_ms)
+        elif msg.grant:
+            self._trace("step", node=msg.target, grant=msg.grant)
+        return True, "stepping" if msg.on else ("slow motion" if msg.delay_ms else "running")
 
     def _shutdown(self, reason: str) -> None:
         if self.service is S.STOPPED:
@@ -1433,6 +1510,11 @@ class Witness:
 
     def _emit(self, action: WitnessAction) -> None:
         self._out.append(action)
+
+    def _trace(self, what: str, **details: Any) -> None:
+        """A Record for the event stream only (self.trace: the gateway has a sink): no log line, not in the status."""
+        if self.trace:
+            self._emit(Record({"event": what, **details}, "trace"))
 
     def _record(self, what: str, level: str = "info", **details: Any) -> None:
         entry = {"time": round(self.wall, 3), "event": what, **{k: v for k, v in details.items() if v is not None}}

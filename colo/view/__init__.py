@@ -1,0 +1,1 @@
+"""`colo view`: the real replicated pair, live and steppable, in a browser (colo.view.server, colo.view.session)."""
