@@ -17,7 +17,6 @@ pays page faults, and which row pays more depends on allocation order more than 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import hmac
 import json
 import os
@@ -30,14 +29,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import cryptography  # noqa: E402
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305  # noqa: E402
+import cryptography
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from colo.auth import Handshake  # noqa: E402
-from colo.memory import keep_buffers_on_heap  # noqa: E402
-from colo.messages import VmstateChunk  # noqa: E402
-from colo.session import SessionCodec  # noqa: E402
-from colo.wire import FrameDecoder, encode_frame  # noqa: E402
+from colo.auth import Handshake
+from colo.memory import keep_buffers_on_heap
+from colo.messages import VmstateChunk
+from colo.session import SessionCodec
+from colo.wire import FrameDecoder, encode_frame
 
 MIB = 1 << 20
 CHECKPOINT_MIB = 16  # N = 4096 pages, fill=random: 16 MiB on the wire (BENCHMARKS.md)

@@ -16,7 +16,6 @@ import math
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys

@@ -68,7 +68,7 @@ def event_problem(v: object) -> str | None:
     if type(v) is not list or len(v) != len(_PARTS):
         got = f"{len(v)} items" if type(v) is list else type(v).__name__
         return f"must be a {EVENT_SHAPE} list, got {got}"
-    for (name, rule), value in zip(_PARTS, v):
+    for (name, rule), value in zip(_PARTS, v, strict=True):
         problem = rule(value)
         if problem is not None:
             return f"{name!r} {problem}"

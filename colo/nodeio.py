@@ -160,7 +160,7 @@ class NodeIO:
         try:
             while not self._stop.is_set():
                 self._turn()
-        except Exception:  # noqa: BLE001 - a bug here must not leave the node deaf: say so, and stop the node
+        except Exception:
             log.exception("node: the I/O thread failed")
             self.inbox.put(("gateway", Detached("the I/O thread failed")))
             self.inbox.put(("io", Closed("the I/O thread failed")))

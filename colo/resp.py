@@ -89,7 +89,7 @@ class Resp:
                 if not data:
                     break
                 extra += data
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             pass
         finally:
             self.sock.settimeout(self.timeout)

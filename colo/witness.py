@@ -293,7 +293,7 @@ SERVICE_TRANSITIONS: dict[tuple[Service, str], Service] = {
     **{(s, "shutdown"): S.STOPPED for s in Service if s is not S.STOPPED},
 }
 SERVING = (S.ALONE, S.PROTECTING, S.PROTECTED)  # an active node takes input and produces output
-ADMITTING = SERVING + (S.PROMOTING,)  # new clients are accepted (their input waits during a failover)
+ADMITTING = (*SERVING, S.PROMOTING)  # new clients are accepted (their input waits during a failover)
 
 
 class WitnessError(Exception):
@@ -1199,7 +1199,7 @@ class Witness:
         self.log_bytes = 0
         self.taken = ev.input_seq
         self._inflight.clear()
-        for conn, c in self.conns.items():
+        for c in self.conns.values():
             c.inflight = 0
         for e in replay:
             if e.kind == KIND_DATA and e.conn in self.conns:

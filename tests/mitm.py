@@ -251,8 +251,8 @@ class Mitm:
             rule.conn = frame.conn  # the first connection with a matching frame is the one
         elif rule.conn != frame.conn:
             return False
-        rule._seen += 1  # noqa: SLF001 - counted under the proxy's lock
-        return rule._seen > rule.nth  # noqa: SLF001
+        rule._seen += 1
+        return rule._seen > rule.nth
 
 
 def _close(s: socket.socket) -> None:

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from mitm import C2S, S2C, Frame, Mitm, Rule
 
 from colo.auth import Handshake
 from colo.errors import ColoError, IntegrityError
 from colo.messages import Heartbeat, Message, VmstateChunk
-from mitm import C2S, S2C, Frame, Mitm, Rule
 
 KEY = b"mitm-test-key-0123456789abcdef"
 N = 6  # messages each test sends

@@ -65,7 +65,7 @@ def test_any_split_of_the_stream_decodes_the_same(cuts: list[int], encrypt: bool
     stream = b"".join(p.encode(m) for m in MESSAGES)
     got: list[Message] = []
     last = 0
-    for cut in sorted(c for c in cuts if c <= len(stream)) + [len(stream)]:
+    for cut in [*sorted(c for c in cuts if c <= len(stream)), len(stream)]:
         got += receive_all(s, stream[last:cut])
         assert s.buffered <= SEALED_OVERHEAD + 600 + (cut - last)  # at most one frame plus one read
         last = cut
@@ -138,12 +138,12 @@ def test_replayed_dropped_and_reordered_frames_are_named(encrypt: bool) -> None:
         receive_all(s, f2)
     p, s = codecs(encrypt=encrypt)
     f1, f2, f3 = (p.encode(Heartbeat()) for _ in range(3))
-    with pytest.raises(IntegrityError, match="frame 2 from the primary is missing: the next frame carries "
-                                             "sequence number 3 .a dropped or reordered frame"):
+    with pytest.raises(IntegrityError, match=r"frame 2 from the primary is missing: the next frame carries "
+                                             r"sequence number 3 .a dropped or reordered frame"):
         receive_all(s, f1 + f3)
     p, s = codecs(encrypt=encrypt)
     f1, f2 = p.encode(Heartbeat()), p.encode(Heartbeat())
-    with pytest.raises(IntegrityError, match="frame 1 .* is missing"):
+    with pytest.raises(IntegrityError, match=r"frame 1 .* is missing"):
         receive_all(s, f2 + f1)
 
 
@@ -158,7 +158,7 @@ def test_a_frame_reflected_to_its_sender_is_refused(encrypt: bool) -> None:
 def test_a_frame_from_another_connection_is_refused(encrypt: bool) -> None:
     p1, _ = codecs(encrypt=encrypt)
     _, s2 = codecs(encrypt=encrypt)
-    with pytest.raises(IntegrityError, match="fails its MAC: .*another connection"):
+    with pytest.raises(IntegrityError, match=r"fails its MAC: .*another connection"):
         receive_all(s2, p1.encode(Heartbeat()))
 
 
@@ -183,7 +183,7 @@ def test_receiving_stays_failed_but_sending_goes_on() -> None:
         s.feed(b"JUNK" * 10)
     assert isinstance(s.error, IntegrityError)
     for call in (lambda: s.feed(p.encode(Heartbeat())), s.next_message):
-        with pytest.raises(IntegrityError, match="receiving stopped after an earlier error: .*bad magic"):
+        with pytest.raises(IntegrityError, match=r"receiving stopped after an earlier error: .*bad magic"):
             call()
     assert receive_all(p, s.encode(ErrorMessage("bad frame from you"))) == [ErrorMessage("bad frame from you")]
 
@@ -192,7 +192,7 @@ def test_an_authentic_header_over_the_bound_is_refused_from_the_header() -> None
     a, b = handshake_pair()
     p, s = a.session(max_payload=5000), b.session(max_payload=1000)
     frame = p.encode(VmstateChunk(1, bytes(2000)))
-    with pytest.raises(WireError, match="frame 1 from the primary: payload of 20.. bytes exceeds the limit of 1000") \
+    with pytest.raises(WireError, match=r"frame 1 from the primary: payload of 20.. bytes exceeds the limit of 1000") \
             as info:
         s.feed(frame[:SEALED_HEADER_SIZE])
     assert not isinstance(info.value, IntegrityError)  # authentic, just too large: not an attack
@@ -218,7 +218,7 @@ def test_keys_change_every_rekey_interval(encrypt: bool, monkeypatch: pytest.Mon
     p, s = codecs(encrypt=encrypt)
     msgs = [VmstateChunk(1, bytes([i]) * 8) for i in range(19)]
     assert receive_all(s, b"".join(p.encode(m) for m in msgs)) == msgs
-    direction = p._send  # noqa: SLF001 - the key objects themselves
+    direction = p._send
     assert direction.aeads(4)[0] is not direction.aeads(8)[0]
 
 

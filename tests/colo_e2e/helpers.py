@@ -6,8 +6,8 @@ replication layer makes a test fail, never hang.
 from __future__ import annotations
 
 import json
-import queue
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -444,7 +444,7 @@ class PeerLink:
         if self.proto is None:
             self._decoder = hs.session(**({"max_payload": max_payload} if max_payload else {}))
         self.codec = self.proto.codec if self.proto is not None else self._decoder  # seals hand-made frames
-        self.events: "queue.Queue[Any]" = queue.Queue()
+        self.events: queue.Queue[Any] = queue.Queue()
         self._lock = threading.Lock()
         self.closed = False
         self._drain()

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from colo.cluster import LocalCluster
-from colo.node import NodeState
 from colo.faults import PRIMARY_PHASES, SECONDARY_PHASES
+from colo.node import NodeState
 from colo.wire import DEFAULT_CHUNK_SIZE
 from colo_e2e.helpers import Workload, by_epoch, events_named, read_state_log, verify_ledger, wait_for
 from conftest import guest

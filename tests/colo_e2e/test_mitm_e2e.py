@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mitm import C2S, Frame, Mitm
 
 from colo_e2e.helpers import Procs, Workload, events_named, read_state_log, verify_ledger, wait_for
 from conftest import guest
-from mitm import C2S, Frame, Mitm
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("redis-cli") is None, reason="needs redis-cli (Debian redis-tools)")]
@@ -82,8 +82,9 @@ def test_tampering_on_the_replication_link_is_refused(tmp_path: Path, action: st
         assert len(log) == refused_at, f"{action}: the secondary applied something after the refusal"
         primary_states = read_state_log(tmp_path / "primary.states")
         last = {k: log[-1][k] for k in ("ram", "cpu", "devices")}
-        assert any({k: p[k] for k in ("ram", "cpu", "devices")} == last for p in primary_states if
-                   p["epoch"] == log[-1]["epoch"]), f"{action}: the secondary's state is not a checkpoint of the primary"
+        assert any({k: p[k] for k in ("ram", "cpu", "devices")} == last for p in primary_states
+                   if p["epoch"] == log[-1]["epoch"]), \
+            f"{action}: the secondary's state is not a checkpoint of the primary"
         assert "Traceback" not in procs.stderr("secondary"), procs.stderr("secondary")
 
         # The pair heals (a fresh copy through the proxy, whose rule has fired), then the primary dies: every

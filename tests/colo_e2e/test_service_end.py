@@ -51,7 +51,7 @@ def refused_at_once(address: tuple[str, int], timeout: float = 1.0) -> bool:
     try:
         s.settimeout(timeout)
         return s.recv(64) == b""
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return False
     except ConnectionResetError:
         return True

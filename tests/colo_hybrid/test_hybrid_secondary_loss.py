@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from colo.faults import SECONDARY_PHASES
-from colo_e2e.helpers import Resp, Workload, verify_ledger
 from colo.node import NodeState
+from colo_e2e.helpers import Resp, Workload, verify_ledger
 from colo_hybrid.cluster import HybridRun, Noisy, abort_workload, events_named, probe, wait_for, wait_gone
 
 needs_redis_cli = pytest.mark.skipif(shutil.which("redis-cli") is None,

@@ -73,7 +73,7 @@ def mutated(draw: st.DrawFn, stream: bytes) -> bytes:
 
 
 def splits(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts}) + [len(data)]
+    points = [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]
     out, last = [], 0
     for p in points:
         out.append(data[last:p])
@@ -203,7 +203,7 @@ def test_handshake_on_arbitrary_bytes(data: bytes, cuts: list[int]) -> None:
         for piece in splits(data, cuts):
             if piece:
                 hs.receive_data(piece)
-            assert hs._decoder.buffered <= HEADER_SIZE + AUTH_MAX_PAYLOAD + len(piece)  # noqa: SLF001
+            assert hs._decoder.buffered <= HEADER_SIZE + AUTH_MAX_PAYLOAD + len(piece)
     except AuthError:
         return
     assert not hs.done  # no key, no completion
