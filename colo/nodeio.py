@@ -133,8 +133,11 @@ class NodeIO:
         sock.setblocking(False)
         self._repl_factory = factory
         self._listener = sock
-        self.call(lambda: self.sel.register(sock, selectors.EVENT_READ, "listen"))
-        return sock.getsockname()[:2]
+        def register() -> None:
+            self.sel.register(sock, selectors.EVENT_READ, "listen")
+        self.call(register)
+        bound: tuple[str, int] = sock.getsockname()[:2]
+        return bound
 
     def connect_repl(self, address: tuple[str, int], factory: ProtocolFactory) -> None:
         """Open the replication link to a secondary (a primary): (conn, Opened) or (conn, Closed) follows."""

@@ -1170,8 +1170,8 @@ class Witness:
             self.mirror = None
         else:
             # Outputs the surviving state covers: fill in any we never got, release them all, in order.
-            for e in ev.events:
-                seq, kind, conn, data = e
+            for entry in ev.events:
+                seq, kind, conn, data = entry
                 if self.released_seq < seq <= ev.output_seq and seq not in self.held:
                     self.held[seq] = NetEvent(seq, kind, conn, data)
             self._release_upto(ev.output_seq, ev.epoch)

@@ -208,8 +208,10 @@ def test_one_line_docstring_with_the_direction(cls: type[Message]) -> None:
 
 
 def test_messages_are_frozen() -> None:
+    commit = EXAMPLES[Commit]
+    assert isinstance(commit, Commit)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        EXAMPLES[Commit].epoch = 4  # type: ignore[misc]
+        commit.epoch = 4  # type: ignore[misc]
 
 
 # -- round trips ---------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def connected(extra: bytes | None = None) -> tuple[Conn, Handshake, socket.socke
     conn = Conn(ours, key=KEY, role="gateway", peer_role=("control",), name="control")
     b = Handshake(KEY, "control", "gateway", encrypt=True)  # as Conn, by default
     theirs.sendall(b.start())
-    events = conn.on_ready(BOTH)  # sends our challenge
+    events: list[object] = list(conn.on_ready(BOTH))  # sends our challenge
     while not b.done:
         out = b.receive_data(theirs.recv(4096))
         if b.done:

@@ -299,7 +299,7 @@ def test_a_mismatch_fails_both_sides_with_a_clear_error(primary_encrypts: bool) 
 def _with_flags(challenge: bytes, flags: int) -> bytes:
     payload = msgpack.unpackb(challenge[HEADER_SIZE:])
     payload["flags"] = flags
-    packed = msgpack.packb(payload)
+    packed: bytes = msgpack.packb(payload)
     return challenge[:5] + len(packed).to_bytes(4, "big") + packed
 
 

@@ -92,6 +92,7 @@ from colo.witness import (
     Tick,
     ToClient,
     Witness,
+    WitnessAction,
     WitnessConfig,
 )
 
@@ -230,7 +231,7 @@ class Cluster(RuleBasedStateMachine):
             self._check(ev, before, covering, acts)
             self._carry_out(acts)
 
-    def _check(self, ev: Event, before: Service, covering: Node | None, acts: list) -> None:
+    def _check(self, ev: Event, before: Service, covering: Node | None, acts: list[WitnessAction]) -> None:
         after = self.w.service
         if isinstance(ev, NodeMessage) and isinstance(ev.msg, Promoted) and self.w.active == self.links.get(ev.link):
             self.taken = ev.msg.input_seq  # the survivor took everything its state covers
@@ -305,7 +306,7 @@ class Cluster(RuleBasedStateMachine):
             inflight = sum(n for seq, conn, n in self.data_inputs if conn == m.conn and seq > self.taken)
             check(inflight <= CREDIT, f"conn {m.conn}: {inflight} bytes in flight past {self.taken} > {CREDIT}")
 
-    def _carry_out(self, acts: list) -> None:
+    def _carry_out(self, acts: list[WitnessAction]) -> None:
         for a in acts:
             if isinstance(a, Send):
                 if isinstance(a.msg, (Fence, Shutdown)):
@@ -504,9 +505,9 @@ class Cluster(RuleBasedStateMachine):
             # be forwarded at once raises KeyError (the xfail in test_colo_witness.py).
             conns = [c for c, cl in sorted(self.clients.items()) if cl.half_closed and not cl.gone]
             if conns:
-                conn = conns[i % len(conns)]
-                self.clients[conn].gone = True
-                self.deliver(ClientClosed(conn, True))
+                leaving = conns[i % len(conns)]
+                self.clients[leaving].gone = True
+                self.deliver(ClientClosed(leaving, True))
             return
         conn = self._client(i, writable=kind in ("send", "close"))
         if conn is None:

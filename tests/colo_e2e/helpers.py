@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from colo.auth import generate_key, load_key
 from colo.cluster import ask_gateway
 from colo.messages import StatusReply, StatusRequest
+from colo.session import SessionCodec
 from conftest import ROOT
 
 T = TypeVar("T")
@@ -132,8 +133,8 @@ class Procs:
                    str(interval_ms), *extra, command="secondary")
         address = tuple(self.wait_ready(role)["listen"])
         if role == "secondary":
-            self.secondary = address  # type: ignore[assignment]
-        return address  # type: ignore[return-value]
+            self.secondary = address
+        return address
 
     def start_primary(self, guest: str | Path, *, ram: str = "16M", cmdline: str = "", interval_ms: float = 30,
                       extra: tuple[str, ...] = (), gateway: tuple[str, int] | None = None) -> None:
@@ -440,21 +441,27 @@ class PeerLink:
         self.sock = connect(address)
         hs = authenticate(self.sock, key, role, peer_role, encrypt=encrypt)
         self.proto = protocol(hs) if protocol is not None else None
-        self._decoder = None
+        self._decoder: SessionCodec | None = None
         if self.proto is None:
-            self._decoder = hs.session(**({"max_payload": max_payload} if max_payload else {}))
-        self.codec = self.proto.codec if self.proto is not None else self._decoder  # seals hand-made frames
+            self._decoder = hs.session(max_payload=max_payload) if max_payload else hs.session()
+        # seals hand-made frames
+        self.codec: SessionCodec = self.proto.codec if self.proto is not None else self._plain()
         self.events: queue.Queue[Any] = queue.Queue()
         self._lock = threading.Lock()
         self.closed = False
         self._drain()
         threading.Thread(target=self._read, daemon=True).start()
 
+    def _plain(self) -> SessionCodec:
+        """The codec of a link without a protocol object (set whenever `proto` is None)."""
+        assert self._decoder is not None
+        return self._decoder
+
     def _drain(self) -> None:
         from colo.protocol import ConnectionClosed
 
         while True:
-            ev = self.proto.next_event() if self.proto is not None else self._decoder.next_message()
+            ev = self.proto.next_event() if self.proto is not None else self._plain().next_message()
             if ev is None:
                 return
             self.events.put(ev)
@@ -472,7 +479,7 @@ class PeerLink:
                     if self.proto is not None:
                         self.proto.receive_data(data)
                     elif data:
-                        self._decoder.feed(data)
+                        self._plain().feed(data)
                     self._drain()
                 if not data:
                     break
@@ -483,7 +490,7 @@ class PeerLink:
 
     def send(self, msg: Any) -> None:
         with self._lock:
-            frame = self.proto.send(msg) if self.proto is not None else self._decoder.encode(msg)
+            frame = self.proto.send(msg) if self.proto is not None else self._plain().encode(msg)
         self.sock.sendall(frame)
 
     def raw(self, data: bytes) -> None:

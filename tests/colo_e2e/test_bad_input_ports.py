@@ -365,13 +365,13 @@ class FakePrimary:
         heartbeats stop first, so nothing else takes a sequence number."""
         self._stop.set()
         self._hb.join(2)
-        return self.link.proto.codec.encode(msg)
+        return self.link.codec.encode(msg)  # our protocol object's codec
 
     def seal(self, payload: bytes) -> bytes:
         """Any payload, sealed (a malformed one behind a valid MAC), past our protocol object."""
         self._stop.set()
         self._hb.join(2)
-        return self.link.proto.codec.seal(payload)
+        return self.link.codec.seal(payload)
 
     def close(self) -> None:
         self._stop.set()

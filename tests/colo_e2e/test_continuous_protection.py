@@ -71,7 +71,7 @@ def test_ten_failovers_in_a_row_lose_nothing(tmp_path: Path, mode: str) -> None:
             wait_for(lambda: min(w.acks_by().values()) >= 3 * n, 30, f"replies before failover {n} ({w.errors()})")
             victim = names[st["nodes"]["primary"]["id"]]
             procs.procs[victim].send_signal(signal.SIGKILL)
-            st = wait_for(lambda n=n: protected(n + 1), 40, f"protection again after failover {n}")
+            st = wait_for(lambda: protected(n + 1), 40, f"protection again after failover {n}")
             assert events_named(st, "promoted"), st["events"]
         since = time.monotonic()
         wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, f"replies after the last failover ({w.errors()})")

@@ -41,22 +41,24 @@ class HybridCluster(LocalCluster):
         self.extra = extra or {}
         self.freeze = freeze  # roles whose COLO_FAULT freezes them (SIGSTOP) instead of killing them
 
-    def _spawn(self, role: str, *args: str, stderr: Any = None, stdout: Any = None) -> subprocess.Popen[bytes]:
+    def _spawn(self, role: str, *args: str, stderr: Any = None, stdout: Any = None,
+               name: str | None = None) -> subprocess.Popen[bytes]:
+        name = name or role  # as in LocalCluster: the process's name (its ready file, env and entry in procs)
         common = ["--key-file", str(self.key_file), "--heartbeat-timeout", str(self.heartbeat_timeout),
-                  "--ready-file", str(self.dir / f"{role}.json"), "--mode", self.mode]
+                  "--ready-file", str(self.dir / f"{name}.json"), "--mode", self.mode]
         if self.trace:
             common.append("--trace")
         env = dict(os.environ)
         env.pop("COLO_FAULT", None)
         env.pop("COLO_STATE_LOG", None)
         env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env.update(self.env.get(role, {}))
+        env.update(self.env.get(name, {}))
         program = [str(FREEZE)] if role in self.freeze else ["-m", "colo"]
         proc = subprocess.Popen([sys.executable, *program, role, *args, *common, *self.extra.get(role, [])],
                                 env=env, stderr=stderr, stdout=subprocess.DEVNULL if stdout is None else stdout,
                                 stdin=subprocess.DEVNULL,
                                 cwd=ROOT, start_new_session=True)
-        self.procs[role] = proc
+        self.procs[name] = proc
         return proc
 
 

@@ -76,7 +76,7 @@ def test_every_constructor_with_one_field_replaced(name: str, data: st.DataObjec
     cls = MESSAGE_TYPES[name]
     names = field_names(cls)
     if not names:
-        assert check_sendable(from_fields(name, {})) is None
+        check_sendable(from_fields(name, {}))
         return
     base = VALID[name]
     field = data.draw(st.sampled_from(names))
