@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"reprotect: {cfg.name}, {copy} copy ...", file=sys.stderr, flush=True)
                 r = run_one(cfg, copy, args.checkpoints, work / f"{cfg.name.replace(' ', '_')}-{copy}")
                 if not args.quiet:
-                    print(f"  protected in {r['seconds']:.3f} s, longest stall {r['stall_ms']:.1f} ms "
+                    print(f"  protected in {r['seconds']:.3f} s, longest stall {r['stall_ms']:.1f} ms (step "
+                          f"{r.get('longest_step_ms', 0):.1f}, final {r['stop_ms']:.1f}) "
                           f"(checkpoint pause {fmt(r['checkpoint_pause_ms'])} ms), client gap "
                           f"{r['client_gap_ms']:.1f} ms", file=sys.stderr, flush=True)
                 pair.append(r)

@@ -7,7 +7,8 @@ scans RAM for non-zero pages a window at a time as it goes (a scan of 1 GiB at o
 dirty logging starts before it, so a page written after it went out goes again in the next round. When a round
 ends the planner says: another round of what was dirtied meanwhile, or the final stop.
 
-A stop-and-copy (`--copy stop`, or a guest that has not run yet) is the final stop alone, with every page.
+A stop-and-copy (`--copy stop`, or a guest that has not run yet) is the final stop alone, with every page. The
+final stop too sends records of bounded size, the machine state in the last one.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ log = logging.getLogger("colo")
 STEP_SECONDS = 0.003  # the longest the guest waits for one step of a round (a record may overrun it a little)
 GUEST_SLICE = 0.003  # the guest's turn between two steps: about half the CPU each, while a copy goes on
 RECORD_PAGES = 256  # pages per record of a round (1 MiB before compression)
+STOP_RECORD_PAGES = 2048  # pages per record while the guest is stopped (8 MiB: compressed on two threads)
 SCAN_PAGES = 4096  # RAM the first round scans for non-zero pages at a time (16 MiB)
 COPY_QUEUE = 4 << 20  # bytes the link may hold unsent before a step waits for the secondary
 FINAL_STOP_SECONDS = 0.02  # a remainder that goes out in this long ends the rounds (about one checkpoint)
@@ -93,6 +95,8 @@ class CopySender:
                     break        # stop does not wait for it
                 self._end_round()
                 return
+            if not len(pages):
+                continue  # a window of zero pages: scan the next, time permitting
             self._send(ROUND, pages)
             self.round_pages += len(pages)
             self.pages_sent += len(pages)
@@ -104,9 +108,10 @@ class CopySender:
         self.longest_step_ms = max(self.longest_step_ms, took * 1e3)
 
     def _next_pages(self) -> npt.NDArray[np.int64] | None:
-        """The next record's pages of this round; None when the round has sent everything."""
+        """The next record's pages of this round (none, after scanning a window of zero pages: one window per
+        call, so that a step stays short in a large, mostly empty RAM); None when the round has sent everything."""
         ram = self.vm.ram
-        while self.at >= len(self.queue):
+        if self.at >= len(self.queue):
             if self.scan_at is None or self.scan_at >= ram.npages:
                 self.scan_at = None
                 return None
@@ -154,9 +159,16 @@ class CopySender:
             pages = np.flatnonzero(both)
         node.forward_outputs()  # released at once: the copy's state comes after them
         node.epoch_outputs.clear()
-        self._send(FINAL, pages, machine=True, fault_midway=not self.live)
-        if not repl.flush(self.reply_timeout):
-            raise ColoError(f"the copy could not be sent: {repl.closed_reason or 'the link is stuck'}")
+        # Still records of bounded size (the last one FINAL, with the machine): one giant record would hold
+        # either side's interpreter for seconds (a starved I/O thread misses heartbeats), and the secondary
+        # applies each record while the next one comes.
+        parts = range(0, max(len(pages), 1), STOP_RECORD_PAGES)
+        for n, lo in enumerate(parts):
+            last = n == len(parts) - 1
+            self._send(FINAL if last else ROUND, pages[lo:lo + STOP_RECORD_PAGES], machine=last,
+                       fault_midway=not self.live and n == len(parts) // 2)
+            if not repl.flush(self.reply_timeout, below=0 if last else COPY_QUEUE):
+                raise ColoError(f"the copy could not be sent: {repl.closed_reason or 'the link is stuck'}")
         repl.send(InitialSize(self.bytes_sent))
         role.expect(CheckpointReady, timeout=max(30.0, self.bytes_sent / 50e6))
         node.state_log.write(vm, self.epoch, node.generation)

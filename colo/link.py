@@ -310,10 +310,11 @@ class Conn:
         if not ok:
             self._shut(self.closed_reason or "connection error while sending")
 
-    def flush(self, timeout: float) -> bool:
-        """Wait in this thread until everything queued is written (or `timeout` passes, or the connection ends)."""
+    def flush(self, timeout: float, below: int = 0) -> bool:
+        """Wait in this thread until everything queued is written, or all but `below` bytes (or `timeout` passes,
+        or the connection ends)."""
         deadline = time.monotonic() + timeout
-        while self._out_bytes and self.open:
+        while self._out_bytes > below and self.open:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False

@@ -89,7 +89,8 @@ class RecordReader:
             end = _RECORD.size + length
             if len(self._buf) < end:
                 break
-            out.append((kind, bytes(self._buf[_RECORD.size:end])))
+            with memoryview(self._buf) as view:
+                out.append((kind, bytes(view[_RECORD.size:end])))  # one copy (a bytearray slice is two)
             del self._buf[:end]
             if kind == FINAL:
                 self.final_seen = True

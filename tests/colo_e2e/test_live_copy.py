@@ -126,6 +126,21 @@ def test_a_stop_and_copy_when_asked(tmp_path: Path) -> None:
         procs.stop()
 
 
+def test_a_large_vm_in_use_is_copied_in_one_stop_without_starving_the_heartbeats(tmp_path: Path) -> None:
+    """640 MiB of incompressible RAM in one stop: the copy goes in bounded records, so neither side's I/O
+    thread waits long enough behind the copy to miss the gateway's heartbeat timeout (one 540 MB record did)."""
+    procs, plog, slog = start_alone(tmp_path, "pages=16 resident=640", "--copy", "stop", ram="1G")
+    try:
+        procs.start_secondary()
+        copy = wait_for(lambda: protected(procs), 120, "the copy to complete")["last_copy"]
+        assert copy["mb"] > 640 and copy["rounds"] == 1, copy
+        st = procs.status()
+        assert not [e for e in st["events"] if e["event"] in ("lost", "fenced")], st["events"]
+        same_states(plog, slog, min(e["epoch"] for e in read_state_log(plog)))
+    finally:
+        procs.stop()
+
+
 def logged_at(stderr: str, text: str) -> float:
     """The wall-clock time of the first log line with `text` (the roles log with milliseconds)."""
     for line in stderr.splitlines():
