@@ -307,11 +307,13 @@ class Conn:
         return [Closed(reason)]
 
     # -- any thread ---------------------------------------------------------------------------------------
-    def send(self, msg: Message, *, block: float | None = None) -> bool:
+    def send(self, msg: Message, *, block: float | None = None, flush: bool = True) -> bool:
         """Queue `msg` and write what the socket takes now. With `block` (seconds), wait until all of it is on the
         wire; False if the connection is gone, or (blocking) if it did not drain in time. ColoError if the protocol
         refuses to send `msg` now (a bug on our side). A state chunk's data that is a memoryview is written from
-        where it is: the caller keeps it unchanged until it is written (send with `block`)."""
+        where it is: the caller keeps it unchanged until it is written (send with `block`). `flush=False` only
+        queues the frame, to go out with the next one sent (one system call, and one wake-up of the peer, for
+        several frames); the caller sends (or flushes) again soon."""
         if not self.open:
             return False
         if self._tracer is not None:
@@ -325,6 +327,8 @@ class Conn:
                 parts = self._codec.encode_parts(msg)  # under the write lock: frames leave in the order sealed
             for part in parts:
                 self._queue(part)
+            if not flush:
+                return True
             ok = self._flush_some_locked()
         if not ok:
             self._shut(self.closed_reason or "connection error while sending")

@@ -34,6 +34,7 @@ from colo.link import Closed, Conn, Tracer
 from colo.memory import keep_buffers_on_heap
 from colo.messages import (
     CheckpointNow,
+    CheckpointReply,
     CheckpointRequest,
     ErrorMessage,
     Fence,
@@ -47,6 +48,8 @@ from colo.messages import (
     Progress,
     Promote,
     Shutdown,
+    VmstateLoaded,
+    VmstateReceived,
     Welcome,
 )
 from colo.netevents import KIND_CLOSE, KIND_OPEN, NetEvent
@@ -141,6 +144,8 @@ class NodeConfig:
     encrypt: bool = True  # frames encrypted as well as authenticated, on every link
     interval: float = 0.1  # periodic: seconds between checkpoints
     backstop: float = 2.0  # hybrid: a checkpoint at least this often
+    checkpoint_mode: str = "pipelined"  # or "strict": the guest stays stopped until vmstate-loaded
+    delta: bool = field(default_factory=lambda: os.environ.get("COLO_DELTA") == "1")  # XOR pages: see vmstate
     stats: str | None = None  # append one JSON line per checkpoint
     # primary: the guest to boot
     guest: str = ""
@@ -172,6 +177,12 @@ class Node:
         self.received_seq = 0  # the highest input seq received
         self.conns_open: set[int] = set()  # connections the VM has open (from its inputs and outputs)
         self.epoch_outputs: list[list[Any]] = []  # outputs since the last checkpoint: the next one carries them
+        # Pipelined checkpoints: outputs the guest produced after the stop of a checkpoint still in flight reach
+        # the gateway only after that checkpoint's commit, so that the gateway never sees output of epoch E+1
+        # before E is complete (it could otherwise release, on a match in hybrid mode, output a failover to E
+        # would have to take back).
+        self.hold_outputs = False
+        self.held_outputs: list[NetEvent] = []
         self.gateway_id = ""
         self.attached = False  # a gateway welcomed us and is heard
         self.shutdown_requested = False
@@ -233,7 +244,8 @@ class Node:
 
     def _urgent(self, source: Source, msg: Any) -> None:
         """I/O thread, before the message is queued: messages that must not wait for the VM's slice to end."""
-        if self.vm is not None and isinstance(msg, (CheckpointNow, CheckpointRequest, Promote, Fence, Shutdown)):
+        if self.vm is not None and isinstance(msg, (CheckpointNow, CheckpointRequest, CheckpointReply,
+                                                    VmstateReceived, VmstateLoaded, Promote, Fence, Shutdown)):
             self.vm.request_stop()
 
     # -- events ------------------------------------------------------------------------------------------------
@@ -359,12 +371,22 @@ class Node:
         return out
 
     def forward_outputs(self) -> None:
-        """Send the VM's new outputs (and how far it took input) to the gateway."""
-        for e in self.take_outputs():
-            self.send_gateway(Output(self.generation, *e))
+        """Send the VM's new outputs (and how far it took input) to the gateway; held while `hold_outputs`."""
+        if self.hold_outputs:
+            self.held_outputs += self.take_outputs()
+        else:
+            for e in self.take_outputs():
+                self.send_gateway(Output(self.generation, *e))
         taken = self.taken_seq()
         if taken > self._taken_sent and self.send_gateway(Progress(self.generation, taken)):
             self._taken_sent = taken
+
+    def release_outputs(self) -> None:
+        """Stop holding outputs and send the held ones, in order (after the commit that makes them sendable)."""
+        self.hold_outputs = False
+        held, self.held_outputs = self.held_outputs, []
+        for e in held:
+            self.send_gateway(Output(self.generation, *e))
 
     def print_console(self) -> None:
         assert self.vm is not None

@@ -44,6 +44,7 @@ from colo.node import LEAVING, SLICE, Mode, Node, NodeState
 from colo.nodeio import Heard, NodeEvent, Silent, Source
 from colo.protocol import ConnectionClosed, SecondaryProtocol
 from toyvm import Machine, StopReason
+from toyvm.contract import PAGE_SIZE
 from toyvm.errors import GuestFault, StateError, ToyVMError
 
 log = logging.getLogger("colo.secondary")
@@ -71,6 +72,10 @@ class SecondaryRole:
         self.promote: Promote | None = None
         self.failover_asked = False
         self.listen_address: tuple[str, int] = ("", 0)
+        self.receiver = vmstate.Receiver()  # its staging buffers are reused from checkpoint to checkpoint
+        self._chunks = 0
+        self._finished: int | None = None  # the epoch whose state the I/O thread completed
+        self._refused: StateError | None = None  # why it refused it
 
     # -- what the node reports ---------------------------------------------------------------------------------
     def holds_copy(self) -> bool:
@@ -97,6 +102,7 @@ class SecondaryRole:
     def run(self) -> Any:
         node = self.node
         node.mode = Mode.SECONDARY
+        node.io.repl_sink = self._sink
         if self.listen_address[1] == 0:
             self.listen_address = node.io.listen(self.cfg.listen, lambda hs: SecondaryProtocol(hs, first_epoch=None))
             if self.cfg.on_listening is not None:
@@ -209,34 +215,41 @@ class SecondaryRole:
             raise PrimaryLost(self._describe_loss(ev))
 
     def receive_copy(self) -> None:
-        """The whole VM: initial-chunk ... initial-size, verified, applied; then checkpoint-ready."""
-        repl = self.repl
+        """The whole VM: initial-chunk ... initial-size, verified piece by piece, applied; then checkpoint-ready."""
+        repl, node = self.repl, self.node
         assert repl is not None
-        chunks: list[bytes] = []
-        while True:
-            ev = self.expect(InitialChunk, InitialSize)
-            if isinstance(ev, InitialChunk):
-                chunks.append(ev.data)
-            else:
-                break
-        self.load_copy(b"".join(chunks))
+
+        def machine_for(ram: int) -> Machine:  # the copy says how much RAM its VM has
+            vm = node.vm
+            return vm if vm is not None and vm.ram.size == ram else Machine(ram, hooks=self.cfg.hooks)
+        r = self.receiver
+        r.begin(epoch=None, full=True, machine_for=machine_for)
+        try:
+            while True:
+                ev = self.expect(InitialChunk, InitialSize)
+                if isinstance(ev, InitialChunk):
+                    r.feed(ev.data)
+                else:
+                    break
+            staged = r.finish()
+        finally:
+            r.abort()  # a copy cut off: nothing staged survives it
+        assert r.machine is not None
+        self.load_copy(r.machine, staged)
         assert self.applied is not None
         if self.cfg.mode == "hybrid":
             self.resync()
         repl.send(CheckpointReady(self.applied.epoch + 1))
 
-    def load_copy(self, blob: bytes) -> None:
+    def load_copy(self, vm: Machine, staged: vmstate.StagedCheckpoint) -> None:
         node = self.node
-        ram = vmstate.peek_ram_size(blob)
-        vm = node.vm if node.vm is not None and node.vm.ram.size == ram else Machine(ram, hooks=self.cfg.hooks)
-        staged = vmstate.decode(blob, vm, epoch=None)
         vmstate.apply(vm, staged)
-        node.vm, self.applied, self.complete = vm, staged, None
+        node.vm, self.applied, self.complete = vm, staged.applied(), None
         self.primary_id = staged.node
         node.generation = staged.generation
         node.epoch_outputs = []
         node.backlog = {e[0]: NetEvent(*e) for e in staged.inputs}
-        node.received_seq = max([vm.net.state.last_input_seq] + list(node.backlog))
+        node.received_seq = max([vm.net.state.last_input_seq, *node.backlog])
         node.conns_open = set(staged.conns)
         if self.cfg.mode == "hybrid":
             self.cache = vm.ram.view.copy()
@@ -245,34 +258,79 @@ class SecondaryRole:
                  staged.generation)
 
     def receive_checkpoint(self, req: CheckpointRequest) -> None:
-        """One checkpoint, start to end (our VM is stopped: we are not inside a slice)."""
+        """One checkpoint, start to end (our VM is stopped: we are not inside a slice). Each piece is checked as
+        it comes and its pages decompressed in the pool meanwhile; nothing is applied until all of it is in."""
         repl, vm = self.repl, self.node.vm
-        assert repl is not None and vm is not None
+        assert repl is not None and vm is not None and self.complete is None
         epoch = req.epoch
         self.faults.reach("after-request", epoch)
         repl.send(CheckpointReply(epoch))
         self.faults.reach("after-reply", epoch)
-        self.expect(VmstateSend)
-        chunks: list[bytes] = []
-        while True:
-            ev = self.expect(VmstateChunk, VmstateSize)
-            if isinstance(ev, VmstateSize):
-                break
-            chunks.append(ev.data)
-            if len(chunks) == 1:
-                self.faults.reach("mid-receive", epoch)
-        self.faults.reach("after-size", epoch)
+        r = self.receiver
+        self._finished, self._refused = None, None
         try:
-            self.complete = vmstate.decode(b"".join(chunks), vm, epoch=epoch, full=False)
-        except StateError as e:
-            raise BadState(f"bad state from the primary: {e}") from None
-        repl.send(VmstateReceived(epoch))  # complete: the primary may release the output it covers
-        self.faults.reach("after-received", epoch)
+            self.expect(VmstateSend)  # the I/O thread has begun staging (_sink)
+            while True:  # the chunks are staged by the I/O thread as they arrive: only the size comes here
+                ev = self.expect(VmstateChunk, VmstateSize)
+                if not isinstance(ev, VmstateChunk):
+                    break
+                self._stage_chunk(ev)  # (without the I/O thread's help)
+            if self._finished != epoch and self._refused is None:
+                self._finish_state(epoch)  # (without the I/O thread's help)
+        finally:
+            r.abort()  # cut off or refused: the partial state is dropped, the VM stays where it was
+        if self._refused is not None:
+            raise BadState(f"bad state from the primary: {self._refused}")
         self.apply_complete()
         if self.cfg.mode == "hybrid":
             self.resync()
         repl.send(VmstateLoaded(epoch))
         self.faults.reach("after-loaded", epoch)
+
+    def _sink(self, msg: Message) -> bool:
+        """I/O thread, every message of the replication link: a checkpoint's state is staged here as it arrives
+        (checked piece by piece, pages decompressed in the pool), so the VM thread, waiting in
+        receive_checkpoint, wakes once, at vmstate-size, instead of once per chunk. True: taken care of."""
+        if isinstance(msg, VmstateSend):
+            vm = self.node.vm
+            if vm is not None and self.applied is not None:
+                self._begin_state(msg.epoch, vm)
+            return False  # the VM thread sees it too: it follows the conversation
+        if isinstance(msg, VmstateChunk) and self.node.vm is not None:
+            self._stage_chunk(msg)
+            return True
+        if isinstance(msg, VmstateSize) and self.node.vm is not None:
+            self._finish_state(msg.epoch)
+            return False  # the VM thread applies it
+        return False
+
+    def _finish_state(self, epoch: int) -> None:
+        """vmstate-size: the state is all in. Verified, it is complete, and we say so at once (from the I/O
+        thread, as soon as it reads vmstate-size): the primary may release the output it covers."""
+        self.faults.reach("after-size", epoch)
+        try:
+            self.complete = self.receiver.finish()
+        except StateError as e:
+            self._refused = e
+            return
+        repl = self.repl
+        if repl is not None:
+            repl.send(VmstateReceived(epoch))
+        self.faults.reach("after-received", epoch)
+        self._finished = epoch
+
+    def _begin_state(self, epoch: int, vm: Machine) -> None:
+        # Delta batches are against the primary's memory as of the last checkpoint: our RAM (periodic), or the
+        # cache of it (hybrid: our VM ran since).
+        pages = self.cache.reshape(-1, PAGE_SIZE) if self.cfg.mode == "hybrid" else vm.ram.pages
+        self.receiver.begin(epoch=epoch, full=False, vm=vm, base=lambda: pages)
+        self._chunks = 0
+
+    def _stage_chunk(self, msg: VmstateChunk) -> None:
+        self.receiver.offer(msg.data)  # a refusal is raised by finish(), at vmstate-size
+        self._chunks += 1
+        if self._chunks == 1:
+            self.faults.reach("mid-receive", msg.epoch)
 
     def apply_complete(self) -> None:
         node, staged = self.node, self.complete
@@ -285,7 +343,7 @@ class SecondaryRole:
         node.backlog = {e[0]: NetEvent(*e) for e in staged.inputs}
         node.conns_open = set(staged.conns)
         node.generation = staged.generation
-        self.applied, self.complete = staged, None
+        self.applied, self.complete = staged.applied(), None
         node.state_log.write(node.vm, staged.epoch, staged.generation)
 
     def resync(self) -> None:
@@ -345,6 +403,7 @@ class SecondaryRole:
 
         node = self.node
         started = time.perf_counter()
+        node.io.repl_sink = None
         node.state = NodeState.TAKING_OVER
         if self.repl is not None:
             node.close_repl(None, self.repl)
