@@ -107,6 +107,10 @@ class NodeIO:
         self._thread = threading.Thread(target=self._run, name="node-io", daemon=True)
 
     # -- the VM thread's calls ------------------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        return self._thread.is_alive() or self._stop.is_set()
+
     def start(self) -> None:
         self._thread.start()
 

@@ -76,6 +76,17 @@ class SecondaryRole:
         self._chunks = 0
         self._finished: int | None = None  # the epoch whose state the I/O thread completed
         self._refused: StateError | None = None  # why it refused it
+        if not node.io.started:
+            # Listen before the I/O thread starts: its hello to the gateway must carry our address, or the gateway
+            # never pairs us with a primary (it only pairs spares whose address it knows).
+            self.listen()
+
+    def listen(self) -> None:
+        node = self.node
+        if self.listen_address[1] == 0:
+            self.listen_address = node.io.listen(self.cfg.listen, lambda hs: SecondaryProtocol(hs, first_epoch=None))
+            if self.cfg.on_listening is not None:
+                self.cfg.on_listening(self.listen_address)
 
     # -- what the node reports ---------------------------------------------------------------------------------
     def holds_copy(self) -> bool:
@@ -103,10 +114,7 @@ class SecondaryRole:
         node = self.node
         node.mode = Mode.SECONDARY
         node.io.repl_sink = self._sink
-        if self.listen_address[1] == 0:
-            self.listen_address = node.io.listen(self.cfg.listen, lambda hs: SecondaryProtocol(hs, first_epoch=None))
-            if self.cfg.on_listening is not None:
-                self.cfg.on_listening(self.listen_address)
+        self.listen()
         node.state = NodeState.SPARE
         while self.promote is None:
             try:
