@@ -107,6 +107,9 @@ def _checkpoint_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backstop", type=float, default=2000.0, metavar="MS",
                    help="hybrid mode: checkpoint at least this often, in milliseconds (default 2000)")
     _mode_option(p)
+    p.add_argument("--checkpoint-mode", choices=("strict", "pipelined"), default="pipelined",
+                   help="pipelined (default): the guest resumes as soon as the state is copied, which is sent "
+                        "while it runs; strict: the guest stays stopped until the secondary has loaded it")
     p.add_argument("--stats", metavar="FILE", help="append one JSON line per checkpoint to FILE")
     p.add_argument("--hooks", choices=("auto", "python", "native"), default=None,
                    help="toyvm hook engine (default: native when a C compiler exists)")
@@ -259,7 +262,8 @@ def _node_config(args: argparse.Namespace, **extra: Any) -> Any:
         raise ValueError("--interval and --backstop must be positive")
     return NodeConfig(key=_key(args), gateway=args.gateway, heartbeat_timeout=args.heartbeat_timeout,
                       trace=args.trace, hooks=args.hooks, mode=args.mode, interval=args.interval / 1000,
-                      backstop=args.backstop / 1000, stats=args.stats, encrypt=args.encrypt, **extra)
+                      backstop=args.backstop / 1000, stats=args.stats, encrypt=args.encrypt,
+                      checkpoint_mode=args.checkpoint_mode, **extra)
 
 
 def cmd_primary(args: argparse.Namespace) -> int:
@@ -387,7 +391,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     cluster = LocalCluster(args.guest, ram=args.ram, cmdline=args.cmdline, interval_ms=args.interval,
                            service=args.service, stats=args.stats, trace=args.trace,
                            heartbeat_timeout=args.heartbeat_timeout, hooks=args.hooks, directory=d,
-                           verbose=args.verbose, mode=args.mode, backstop_ms=args.backstop, encrypt=args.encrypt)
+                           verbose=args.verbose, mode=args.mode, backstop_ms=args.backstop, encrypt=args.encrypt,
+                           checkpoint_mode=args.checkpoint_mode)
     stopping: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
