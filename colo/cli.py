@@ -110,6 +110,10 @@ def _checkpoint_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-mode", choices=("strict", "pipelined"), default="pipelined",
                    help="pipelined (default): the guest resumes as soon as the state is copied, which is sent "
                         "while it runs; strict: the guest stays stopped until the secondary has loaded it")
+    p.add_argument("--delta", action="store_true",
+                   help="send each dirty page XOR its content at the previous checkpoint (fewer bytes for guests "
+                        "that change parts of pages, such as kvstore; more for ones that rewrite whole pages; the "
+                        "primary keeps a copy of guest RAM)")
     p.add_argument("--stats", metavar="FILE", help="append one JSON line per checkpoint to FILE")
     p.add_argument("--hooks", choices=("auto", "python", "native"), default=None,
                    help="toyvm hook engine (default: native when a C compiler exists)")
@@ -263,7 +267,7 @@ def _node_config(args: argparse.Namespace, **extra: Any) -> Any:
     return NodeConfig(key=_key(args), gateway=args.gateway, heartbeat_timeout=args.heartbeat_timeout,
                       trace=args.trace, hooks=args.hooks, mode=args.mode, interval=args.interval / 1000,
                       backstop=args.backstop / 1000, stats=args.stats, encrypt=args.encrypt,
-                      checkpoint_mode=args.checkpoint_mode, **extra)
+                      checkpoint_mode=args.checkpoint_mode, delta=args.delta, **extra)
 
 
 def cmd_primary(args: argparse.Namespace) -> int:
@@ -392,7 +396,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                            service=args.service, stats=args.stats, trace=args.trace,
                            heartbeat_timeout=args.heartbeat_timeout, hooks=args.hooks, directory=d,
                            verbose=args.verbose, mode=args.mode, backstop_ms=args.backstop, encrypt=args.encrypt,
-                           checkpoint_mode=args.checkpoint_mode)
+                           checkpoint_mode=args.checkpoint_mode, delta=args.delta)
     stopping: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

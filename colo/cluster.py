@@ -46,7 +46,8 @@ class LocalCluster:
                  heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT, hooks: str | None = None,
                  directory: Path | None = None, env: dict[str, dict[str, str]] | None = None,
                  verbose: bool = False, mode: str = "periodic", backstop_ms: float = 2000.0,
-                 key_file: Path | None = None, encrypt: bool = True, checkpoint_mode: str = "pipelined") -> None:
+                 key_file: Path | None = None, encrypt: bool = True, checkpoint_mode: str = "pipelined",
+                 delta: bool = False) -> None:
         self.dir = directory or Path(tempfile.mkdtemp(prefix="colo-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         if key_file is None:
@@ -62,6 +63,7 @@ class LocalCluster:
         self.mode, self.backstop_ms = mode, backstop_ms
         self.encrypt = encrypt
         self.checkpoint_mode = checkpoint_mode
+        self.delta = delta
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.gateway: tuple[str, int] = ("", 0)
         self.service_address: tuple[str, int] = ("", 0)
@@ -86,6 +88,8 @@ class LocalCluster:
         """What both nodes need: a promoted secondary checkpoints like the primary it replaces."""
         args = ["--gateway", "%s:%d" % self.gateway, "--interval", str(self.interval_ms),
                 "--backstop", str(self.backstop_ms), "--checkpoint-mode", self.checkpoint_mode]
+        if self.delta:
+            args.append("--delta")
         if self.stats:
             args += ["--stats", self.stats]
         if self.hooks:

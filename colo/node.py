@@ -145,7 +145,7 @@ class NodeConfig:
     interval: float = 0.1  # periodic: seconds between checkpoints
     backstop: float = 2.0  # hybrid: a checkpoint at least this often
     checkpoint_mode: str = "pipelined"  # or "strict": the guest stays stopped until vmstate-loaded
-    delta: bool = field(default_factory=lambda: os.environ.get("COLO_DELTA") == "1")  # XOR pages: see vmstate
+    delta: bool = False  # send pages XOR their previous content (colo.vmstate; docs/decisions.md)
     stats: str | None = None  # append one JSON line per checkpoint
     # primary: the guest to boot
     guest: str = ""

@@ -48,13 +48,14 @@ def expected_resume(phase: str, n: int) -> set[int]:
 class Run:
     """A LocalCluster running kvstore with state logs, a fault plan and a workload; cleaned up by `close`."""
 
-    def __init__(self, tmp_path: Path, env: dict[str, dict[str, str]], mode: str = "pipelined") -> None:
+    def __init__(self, tmp_path: Path, env: dict[str, dict[str, str]], mode: str = "pipelined",
+                 delta: bool = False) -> None:
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.plog, self.slog = tmp_path / "primary.states", tmp_path / "secondary.states"
         env = {"primary": {"COLO_STATE_LOG": str(self.plog), **env.get("primary", {})},
                "secondary": {"COLO_STATE_LOG": str(self.slog), **env.get("secondary", {})}}
         self.cluster = LocalCluster(str(guest("kvstore")), ram=RAM, interval_ms=INTERVAL_MS, env=env,
-                                    directory=tmp_path / "cluster", checkpoint_mode=mode)
+                                    directory=tmp_path / "cluster", checkpoint_mode=mode, delta=delta)
         self.stderr_path = tmp_path / "stderr.txt"
         self._stderr = open(self.stderr_path, "wb")
         self.workload: Workload | None = None
@@ -102,8 +103,8 @@ class Run:
 def run(tmp_path: Path) -> Any:
     runs: list[Run] = []
 
-    def make(env: dict[str, dict[str, str]], mode: str = "pipelined") -> Run:
-        r = Run(tmp_path / f"run{len(runs)}", env, mode)
+    def make(env: dict[str, dict[str, str]], mode: str = "pipelined", delta: bool = False) -> Run:
+        r = Run(tmp_path / f"run{len(runs)}", env, mode, delta)
         runs.append(r)
         return r
     yield make
@@ -158,6 +159,16 @@ def check_primary_failover(r: Run, w: Workload, phase: str) -> None:
 @pytest.mark.parametrize("phase", PRIMARY_PHASES)
 def test_kill_primary_at_phase(run: Any, phase: str, mode: str) -> None:
     r: Run = run({"primary": {"COLO_FAULT": f"{phase}@{FAULT_EPOCH}"}}, mode)
+    w = r.start(persistent=2, cli=2)
+    check_primary_failover(r, w, phase)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["mid-send", "after-received"])
+def test_kill_primary_with_delta_pages(run: Any, phase: str) -> None:
+    """--delta: pages travel XORed with their content at the previous checkpoint; the secondary still resumes from
+    exactly the primary's checkpoint, and every state it applied was the primary's."""
+    r: Run = run({"primary": {"COLO_FAULT": f"{phase}@{FAULT_EPOCH}"}}, delta=True)
     w = r.start(persistent=2, cli=2)
     check_primary_failover(r, w, phase)
 
