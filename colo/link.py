@@ -362,6 +362,18 @@ class Conn:
         if not ok:
             self._shut(self.closed_reason or "connection error while sending")
 
+    def flush_now(self) -> bool:
+        """Write what the socket takes now (frames queued with flush=False), without waiting; False when the
+        connection failed."""
+        if not self.open or not self._out_bytes:
+            return self.open
+        if not self._flush_some():  # (and a close_after_flush that was waiting for these bytes happens)
+            self._shut(self.closed_reason or "connection error while sending")
+            return False
+        if self._out_bytes and self.on_change is not None:
+            self.on_change()  # the rest when the socket takes it: the loop must watch for writability
+        return True
+
     def flush(self, timeout: float) -> bool:
         """Wait in this thread until everything queued is written (or `timeout` passes, or the connection ends)."""
         deadline = time.monotonic() + timeout

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
@@ -767,6 +768,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 }
 
 
+@functools.cache  # asked for every message built, sent and received: the gateway's hot path
 def field_names(cls: type[Message]) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cast(Any, cls)))
 

@@ -325,9 +325,10 @@ class Node:
             self.vm.net.state.last_input_seq = seq
         log.info("%s: inputs up to %d are void (clients of an earlier gateway)", self.mode.value, seq)
 
-    def send_gateway(self, msg: Message, block: float | None = None) -> bool:
-        """Send to the gateway if one is attached; output is never queued for a gateway we do not have."""
-        return self.attached and self.io.send_gateway(msg, block)
+    def send_gateway(self, msg: Message, block: float | None = None, flush: bool = True) -> bool:
+        """Send to the gateway if one is attached; output is never queued for a gateway we do not have.
+        `flush=False`: queued, to leave with the next flushed send or `io.flush_gateway()`."""
+        return self.attached and self.io.send_gateway(msg, block, flush)
 
     # -- serving the guest -------------------------------------------------------------------------------------
     def deliver_inputs(self) -> None:
@@ -372,21 +373,24 @@ class Node:
 
     def forward_outputs(self) -> None:
         """Send the VM's new outputs (and how far it took input) to the gateway; held while `hold_outputs`."""
+        # All of it in one write: one system call, and one wake-up of the gateway, per slice.
         if self.hold_outputs:
             self.held_outputs += self.take_outputs()
         else:
             for e in self.take_outputs():
-                self.send_gateway(Output(self.generation, *e))
+                self.send_gateway(Output(self.generation, *e), flush=False)
         taken = self.taken_seq()
-        if taken > self._taken_sent and self.send_gateway(Progress(self.generation, taken)):
+        if taken > self._taken_sent and self.send_gateway(Progress(self.generation, taken), flush=False):
             self._taken_sent = taken
+        self.io.flush_gateway()
 
     def release_outputs(self) -> None:
         """Stop holding outputs and send the held ones, in order (after the commit that makes them sendable)."""
         self.hold_outputs = False
         held, self.held_outputs = self.held_outputs, []
         for e in held:
-            self.send_gateway(Output(self.generation, *e))
+            self.send_gateway(Output(self.generation, *e), flush=False)
+        self.io.flush_gateway()
 
     def print_console(self) -> None:
         assert self.vm is not None

@@ -134,9 +134,15 @@ class NodeIO:
         self._calls.put(fn)
         self.wake()
 
-    def send_gateway(self, msg: Message, block: float | None = None) -> bool:
+    def send_gateway(self, msg: Message, block: float | None = None, flush: bool = True) -> bool:
         gw = self.gateway
-        return gw is not None and gw.send(msg, block=block)
+        return gw is not None and gw.send(msg, block=block, flush=flush)
+
+    def flush_gateway(self) -> None:
+        """Write what was queued for the gateway with flush=False."""
+        gw = self.gateway
+        if gw is not None:
+            gw.flush_now()
 
     def listen(self, address: tuple[str, int], factory: ProtocolFactory) -> tuple[str, int]:
         """Accept primaries on `address` (a secondary); returns the address bound."""

@@ -163,7 +163,8 @@ class SecondaryRole:
             log.warning("secondary: our VM faulted (%s): waiting for the next checkpoint", e)
             r = None
         for e in node.take_outputs():
-            node.send_gateway(Output(node.generation, *e))
+            node.send_gateway(Output(node.generation, *e), flush=False)
+        node.io.flush_gateway()  # one write per slice
         node.print_console()
         idle = r is None or (r.reason in (StopReason.HALT, StopReason.POWER_OFF) and not vm.wakeup_pending
                              and not node.backlog)
