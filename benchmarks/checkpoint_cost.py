@@ -169,10 +169,11 @@ def run_row(cfg: Config, v: Variant, checkpoints: int, hooks: str | None, workdi
         cmd.append("--no-encrypt")
     if hooks:
         cmd += ["--hooks", hooks]
-    # The cluster's processes run `python -m colo`: they must import the colo and toyvm of the variant's tree.
+    # The cluster's processes run `python -m colo`: they must import the colo and toyvm of the variant's tree
+    # (-m puts the working directory first on sys.path, so that is the tree too).
     env = {**os.environ, "PYTHONPATH": str(v.tree)}
     with LoadMeter() as load:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=v.tree)
     if done.returncode != 0:
         raise RuntimeError(f"{cfg.name} on {v.name}: {done.stderr.strip()}")
     got = json.loads(out.read_text())
