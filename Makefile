@@ -40,7 +40,8 @@ demo-kvstore: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/guest_speed.py
 
-# Checkpoint pause through a real local cluster against the copy + lz4 floor (about 70 s); results: BENCHMARKS.md.
+# Checkpoint pause and commit latency through a real local cluster, pipelined and strict, against the copy + lz4
+# floor (about 5 min; add --baseline REF to compare with a commit); results: BENCHMARKS.md.
 bench-checkpoint: $(STAMP)
 	$(PY) benchmarks/checkpoint_cost.py
 

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
-from benchmarks.checkpoint_cost import BUSY_WARNING, LoadMeter, machine_info  # noqa: E402
+from benchmarks.checkpoint_cost import BUSY_WARNING, LoadMeter, machine_info, source_info  # noqa: E402
 from colo.cluster import LocalCluster  # noqa: E402
 from colo.errors import ColoError  # noqa: E402
 from colo.stats import read_records  # noqa: E402
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reprotect: {MEMTOUCH} is missing (make guests)", file=sys.stderr)
         return 2
     configs = [c for c in (QUICK if args.quick else CONFIGS) if args.only in c.name]
-    info = machine_info("auto")
+    info = {**machine_info("auto", []), "source": source_info(ROOT)}
     work = Path(tempfile.mkdtemp(prefix="reprotect-"))
     rows: list[tuple[dict[str, Any], dict[str, Any]]] = []
     try:

@@ -168,6 +168,13 @@ def _checkpoint_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--copy", choices=("live", "stop"), default="live",
                    help="how a new secondary gets the VM: live: rounds of pages while the guest serves, then one "
                         "short stop (pre-copy); stop: the guest stops for the whole copy (default live)")
+    p.add_argument("--checkpoint-mode", choices=("strict", "pipelined"), default="pipelined",
+                   help="pipelined (default): the guest resumes as soon as the state is copied, which is sent "
+                        "while it runs; strict: the guest stays stopped until the secondary has loaded it")
+    p.add_argument("--delta", action="store_true",
+                   help="send each dirty page XOR its content at the previous checkpoint (fewer bytes for guests "
+                        "that change parts of pages, such as kvstore; more for ones that rewrite whole pages; the "
+                        "primary keeps a copy of guest RAM)")
     p.add_argument("--stats", type=writable_file, metavar="FILE", help="append one JSON line per checkpoint to FILE")
     p.add_argument("--hooks", choices=("auto", "python", "native"), default=None,
                    help="toyvm hook engine (default: native when a C compiler exists)")
@@ -435,7 +442,8 @@ def _node_config(args: argparse.Namespace, **extra: Any) -> Any:
     return NodeConfig(key=_key(args), gateway=args.gateway, heartbeat_timeout=args.heartbeat_timeout,
                       trace=args.trace, hooks=args.hooks, mode=args.mode, interval=args.interval / 1000,
                       backstop=args.backstop / 1000, stats=args.stats, encrypt=args.encrypt,
-                      console=args.console, copy=args.copy, **extra)
+                      console=args.console, copy=args.copy,
+                      checkpoint_mode=args.checkpoint_mode, delta=args.delta, **extra)
 
 
 def cmd_primary(args: argparse.Namespace) -> int:

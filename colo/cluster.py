@@ -80,7 +80,8 @@ class LocalCluster:
                  directory: Path | None = None, env: dict[str, dict[str, str]] | None = None,
                  verbose: bool = False, mode: str = "periodic", backstop_ms: float = 2000.0,
                  key_file: Path | None = None, encrypt: bool = True, quiet: bool = False,
-                 console: str = "active", logs: bool = False, lifeline: bool = True, copy: str = "live") -> None:
+                 console: str = "active", logs: bool = False, lifeline: bool = True, copy: str = "live",
+                 checkpoint_mode: str = "pipelined", delta: bool = False) -> None:
         """`logs`: each process's stderr goes to DIR/NAME.log (else where `start` is told); `console`: the
         nodes' --console (active: only the active node prints the guest's console)."""
         self.dir = directory or Path(tempfile.mkdtemp(prefix="colo-"))
@@ -99,6 +100,8 @@ class LocalCluster:
         self.encrypt = encrypt
         self.console, self.logs = console, logs
         self.copy = copy
+        self.checkpoint_mode = checkpoint_mode
+        self.delta = delta
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.started: dict[str, float] = {}  # monotonic start time of each process
         self.gateway: tuple[str, int] = ("", 0)
@@ -138,7 +141,10 @@ class LocalCluster:
     def node_args(self) -> list[str]:
         """What every node needs: a promoted secondary checkpoints like the primary it replaces."""
         args = ["--gateway", "%s:%d" % self.gateway, "--interval", str(self.interval_ms),
-                "--backstop", str(self.backstop_ms), "--console", self.console, "--copy", self.copy]
+                "--backstop", str(self.backstop_ms), "--console", self.console, "--copy", self.copy,
+                "--checkpoint-mode", self.checkpoint_mode]
+        if self.delta:
+            args.append("--delta")
         if self.stats:
             args += ["--stats", self.stats]
         if self.hooks:

@@ -22,7 +22,7 @@ import numpy.typing as npt
 from colo import trace, vmstate
 from colo.errors import ColoError
 from colo.events import STREAM
-from colo.livecopy import FINAL, ROUND, RoundPlanner, record
+from colo.livecopy import FINAL, ROUND, RoundPlanner, pack_pieces, record
 from colo.messages import CheckpointReady, InitialChunk, InitialSize
 from colo.wire import DEFAULT_CHUNK_SIZE
 from toyvm.contract import PAGE_SIZE
@@ -47,6 +47,7 @@ class CopySender:
 
     def __init__(self, role: PrimaryRole, *, live: bool, reply_timeout: float) -> None:
         self.role, self.live, self.reply_timeout = role, live, reply_timeout
+        self.stager = vmstate.Stager()  # its own: the checkpoints' one may still be sending a state
         vm = role.node.vm
         assert vm is not None
         self.vm = vm
@@ -188,10 +189,10 @@ class CopySender:
         role, node = self.role, self.role.node
         repl = role.repl
         assert repl is not None
-        blob, _ = vmstate.encode(self.vm, pages, epoch=self.epoch, full=False,
-                                 inputs=role.held_inputs() if machine else None, generation=node.generation,
-                                 node=node.id, conns=sorted(node.conns_open))
-        data = record(kind, blob)
+        staged = self.stager.stage(self.vm, pages, epoch=self.epoch, full=False, copy=False,
+                                   inputs=role.held_inputs() if machine else None, generation=node.generation,
+                                   node=node.id, conns=sorted(node.conns_open))
+        data = record(kind, pack_pieces([bytes(p) for p in self.stager.pieces(staged)]))
         starts = range(0, len(data), DEFAULT_CHUNK_SIZE)
         for n, lo in enumerate(starts):
             if fault_midway and n == len(starts) // 2:

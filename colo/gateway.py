@@ -96,6 +96,9 @@ class Gateway:
         self.attached: set[int] = set()  # node links that said hello (the witness knows them)
         self.control: set[int] = set()
         self._events: collections.deque[WitnessEvent] = collections.deque()
+        # Links with frames queued this turn: written once at its end (one system call, and one wake-up of the
+        # peer, for all the witness sent it in the turn, instead of one per message).
+        self._unflushed: set[int] = set()
         self._stopping = False
         self._exit_at: float | None = None
 
@@ -153,6 +156,14 @@ class Gateway:
                 self._conn_closed(link, f"authentication timed out after {now - c.started:.0f} s")
         self.clients.poll(now)
         self._drain()
+        self._flush_links()
+
+    def _flush_links(self) -> None:
+        while self._unflushed:
+            link = self._unflushed.pop()
+            c = self.conns.get(link)
+            if c is not None and not c.flush_now():
+                self._conn_closed(link, c.closed_reason or "send failed")
 
     def _refresh_interest(self) -> None:
         for link, c in self.conns.items():
@@ -259,6 +270,7 @@ class Gateway:
     def _do(self, ev: WitnessEvent) -> None:
         self._events.append(ev)
         self._drain()
+        self._flush_links()
 
     def _drain(self) -> None:
         while self._events:
@@ -276,8 +288,11 @@ class Gateway:
     def _act(self, a: Any) -> None:
         if isinstance(a, Send):
             c = self.conns.get(a.link)
-            if c is not None and not c.send(a.msg):
-                self._conn_closed(a.link, c.closed_reason or "send failed")
+            if c is not None:
+                if c.send(a.msg, flush=False):
+                    self._unflushed.add(a.link)  # written at the end of the turn (_flush_links)
+                else:
+                    self._conn_closed(a.link, c.closed_reason or "send failed")
         elif isinstance(a, ToClient):
             if STREAM.active:
                 trace.client("out", a.conn, a.data, a.seq)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import enum
 import errno
+import itertools
 import logging
 import select
 import selectors
@@ -35,6 +36,8 @@ log = logging.getLogger("colo.link")
 AUTH_TIMEOUT = 5.0  # seconds a peer has to connect and prove the key
 DEFAULT_HEARTBEAT_TIMEOUT = 0.8  # seconds of silence after which a peer counts as lost (DESIGN: under 1 s)
 READ_SIZE = 1 << 20
+STATE_READ = 64 << 10  # replication links: small reads find a large frame's header early (see on_ready)
+SENDMSG_PARTS = 64  # buffers per sendmsg call
 READS_PER_READY = 8  # reads per readiness before the loop serves other connections
 
 
@@ -157,18 +160,25 @@ class Conn:
                 return self._fail(self.closed_reason or "connection error while sending")
         if mask & selectors.EVENT_READ:
             for _ in range(READS_PER_READY):
+                target = self._read_target()
+                want = len(target) if target is not None else READ_SIZE if self.proto is None else STATE_READ
                 try:
-                    data = self.sock.recv(READ_SIZE)
+                    if target is not None:  # the rest of a large frame, straight into its own buffer
+                        got = self.sock.recv_into(target)
+                        data = b"" if got == 0 else None
+                    else:
+                        data = self.sock.recv(want)
+                        got = len(data)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as e:
                     events += self._fail(f"connection error: {e}")
                     return events
-                if not data:
+                if not got:
                     events += self._eof()
                     return events
                 try:
-                    events += self._feed(data)
+                    events += self._feed(data) if data is not None else self._filled(got)
                 except (ColoError, AuthError) as e:
                     # Before the handshake completes the serving loop reports the refusal (it knows its role);
                     # after it, this is an authenticated peer misbehaving, also when its first bad frame came in
@@ -178,9 +188,26 @@ class Conn:
                     return events
                 if self.closed:
                     return events
-                if len(data) < READ_SIZE:
+                if got < want:
                     break
         return events
+
+    def _read_target(self) -> memoryview | None:
+        if self.state is not State.OPEN:
+            return None
+        if self.proto is not None:
+            with self._plock:
+                return self.proto.read_target()
+        return self._codec.read_target() if self._codec is not None else None
+
+    def _filled(self, n: int) -> list[Event]:
+        if self.proto is not None:
+            with self._plock:
+                self.proto.filled(n)
+        else:
+            assert self._codec is not None
+            self._codec.filled(n)
+        return self._drain()
 
     def _feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
@@ -257,10 +284,13 @@ class Conn:
         return [Closed(reason)]
 
     # -- any thread ---------------------------------------------------------------------------------------
-    def send(self, msg: Message, *, block: float | None = None) -> bool:
+    def send(self, msg: Message, *, block: float | None = None, flush: bool = True) -> bool:
         """Queue `msg` and write what the socket takes now. With `block` (seconds), wait until all of it is on the
         wire; False if the connection is gone, or (blocking) if it did not drain in time. ColoError if the protocol
-        refuses to send `msg` now (a bug on our side)."""
+        refuses to send `msg` now (a bug on our side). A state chunk's data that is a memoryview is written from
+        where it is: the caller keeps it unchanged until it is written (send with `block`). `flush=False` only
+        queues the frame, to go out with the next one sent (one system call, and one wake-up of the peer, for
+        several frames); the caller sends (or flushes) again soon."""
         if not self.open:
             return False
         if self.gate is not None:
@@ -270,13 +300,16 @@ class Conn:
         with self._wlock:
             if self.proto is not None:
                 with self._plock:
-                    frame = self.proto.send(msg)
+                    parts = self.proto.send_parts(msg)
             else:
                 assert self._codec is not None
-                frame = self._codec.encode(msg)  # under the write lock: frames leave in the order sealed
+                parts = self._codec.encode_parts(msg)  # under the write lock: frames leave in the order sealed
             if STREAM.active:
-                trace.sent(self, msg, frame)  # before the bytes leave: a reply's event never precedes it
-            self._queue(frame)
+                trace.sent(self, msg, parts)  # before the bytes leave: a reply's event never precedes it
+            for part in parts:
+                self._queue(part)
+            if not flush:
+                return True
             ok = self._flush_some_locked()
         if not ok:
             self._shut(self.closed_reason or "connection error while sending")
@@ -309,6 +342,18 @@ class Conn:
             self._wlock.release()
         if not ok:
             self._shut(self.closed_reason or "connection error while sending")
+
+    def flush_now(self) -> bool:
+        """Write what the socket takes now (frames queued with flush=False), without waiting; False when the
+        connection failed."""
+        if not self.open or not self._out_bytes:
+            return self.open
+        if not self._flush_some():  # (and a close_after_flush that was waiting for these bytes happens)
+            self._shut(self.closed_reason or "connection error while sending")
+            return False
+        if self._out_bytes and self.on_change is not None:
+            self.on_change()  # the rest when the socket takes it: the loop must watch for writability
+        return True
 
     def flush(self, timeout: float, below: int = 0) -> bool:
         """Wait in this thread until everything queued is written, or all but `below` bytes (or `timeout` passes,
@@ -343,10 +388,11 @@ class Conn:
             self._shut(self._close_after_flush)
 
     # -- internals ----------------------------------------------------------------------------------------
-    def _queue(self, data: bytes) -> None:
+    def _queue(self, data: bytes | bytearray | memoryview) -> None:
         if data:
-            self._out.append(memoryview(data))
-            self._out_bytes += len(data)
+            view = memoryview(data)
+            self._out.append(view if view.format == "B" and view.ndim == 1 else view.cast("B"))
+            self._out_bytes += view.nbytes
 
     def _flush_some(self) -> bool:
         with self._wlock:
@@ -358,20 +404,25 @@ class Conn:
     def _flush_some_locked(self) -> bool:
         """Write what the socket takes now. False when the connection failed."""
         while self._out:
-            head = self._out[0]
             try:
-                n = self.sock.send(head)
+                if len(self._out) == 1:
+                    n = self.sock.send(self._out[0])
+                else:  # several frames (or a frame's parts) in one system call
+                    n = self.sock.sendmsg(list(itertools.islice(self._out, SENDMSG_PARTS)))
             except (BlockingIOError, InterruptedError):
                 return True
             except OSError as e:
                 self.closed_reason = f"connection error: {e}"
                 return False
             self._out_bytes -= n
-            if n == len(head):
-                self._out.popleft()
-            else:
-                self._out[0] = head[n:]
-                return True
+            while n:
+                head = self._out[0]
+                if n >= len(head):
+                    n -= len(head)
+                    self._out.popleft()
+                else:
+                    self._out[0] = head[n:]
+                    return True
         return True
 
     def _shut(self, reason: str) -> None:

@@ -9,9 +9,10 @@ its output is released at once, as before any copy.
 Two pieces here, both without I/O:
 - `RoundPlanner` decides, after each round, whether to go on, stop (converged) or stop anyway (stalled);
 - the copy's byte stream, carried by initial-chunk messages: a sequence of records, each a kind byte and a
-  length, then one checkpoint-state blob (colo.vmstate). A `ROUND` record carries pages only (the secondary
-  writes them into its VM, which does not run); the `FINAL` record carries the last pages and the machine state.
-  `RecordReader` cuts the stream back into records, whatever the chunking.
+  length, then the pieces of one checkpoint state (colo.vmstate), each a u32 length and its bytes. A `ROUND`
+  record carries pages only (the secondary writes them into its VM, which does not run); the `FINAL` record
+  carries the last pages and the machine state. `RecordReader` cuts the stream back into records, whatever the
+  chunking.
 """
 from __future__ import annotations
 
@@ -62,6 +63,31 @@ class RoundPlanner:
         self.rounds.append(pages)
 
 
+_PIECE = struct.Struct(">I")
+
+
+def pack_pieces(pieces: list[bytes]) -> bytes:
+    """A record's body: the pieces of one state (colo.vmstate), each after its length."""
+    return b"".join(_PIECE.pack(len(p)) + p for p in pieces)
+
+
+def unpack_pieces(blob: bytes) -> list[memoryview]:
+    """The pieces of a record's body, as views of it; ProtocolError when the lengths do not add up."""
+    out, at, view = [], 0, memoryview(blob)
+    while at < len(blob):
+        if at + _PIECE.size > len(blob):
+            raise ProtocolError("copy: a record ends inside a piece's length")
+        (n,) = _PIECE.unpack_from(blob, at)
+        at += _PIECE.size
+        if at + n > len(blob):
+            raise ProtocolError(f"copy: a piece of {n} bytes runs past the end of its record")
+        out.append(view[at:at + n])
+        at += n
+    if not out:
+        raise ProtocolError("copy: an empty record")
+    return out
+
+
 def record(kind: int, blob: bytes) -> bytes:
     if kind not in (ROUND, FINAL):
         raise ValueError(f"record kind must be ROUND or FINAL, got {kind!r}")
@@ -75,7 +101,7 @@ class RecordReader:
         self._buf = bytearray()
         self.final_seen = False
 
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+    def feed(self, data: bytes | memoryview) -> list[tuple[int, bytes]]:
         if self.final_seen:
             raise ProtocolError("copy: bytes after the final record")
         self._buf += data

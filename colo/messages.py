@@ -288,15 +288,26 @@ _FIELD_RULES: dict[str, Callable[[object], str | None]] = {
 _ENUM_FIELDS: dict[str, type[enum.Enum]] = {"trigger": Trigger, "state": ProtectionState}
 
 
+def _buffer_rule(v: object) -> str | None:
+    """The state chunks' data: bytes, or a flat byte view of a buffer (sent or received without a copy)."""
+    if type(v) is bytes:
+        return None
+    if type(v) is memoryview and v.format in ("B", "b", "c") and v.ndim == 1 and v.c_contiguous:
+        return None
+    return f"must be bytes, got {type(v).__name__}"
+
+
 class Message:
     """Base of all messages: `NAME` is the wire name; fields are validated on construction."""
 
     __slots__ = ()
     NAME: ClassVar[str]
+    BUFFER_DATA: ClassVar[bool] = False  # `data` may be a memoryview (the state chunks)
 
     def __post_init__(self) -> None:
         for name in field_names(type(self)):
-            problem = _FIELD_RULES[name](getattr(self, name))
+            rule = _buffer_rule if name == "data" and self.BUFFER_DATA else _FIELD_RULES[name]
+            problem = rule(getattr(self, name))
             if problem is not None:
                 raise WireError(f"{self.NAME}: field {name!r} {problem}")
 
@@ -310,7 +321,8 @@ class InitialChunk(Message):
     """
 
     NAME: ClassVar[str] = "initial-chunk"
-    data: bytes
+    BUFFER_DATA: ClassVar[bool] = True
+    data: bytes | memoryview
 
     def __repr__(self) -> str:  # the whole VM: never dump it into a log
         return f"InitialChunk(data=<{len(self.data)} bytes>)"
@@ -366,8 +378,9 @@ class VmstateChunk(Message):
     """
 
     NAME: ClassVar[str] = "vmstate-chunk"
+    BUFFER_DATA: ClassVar[bool] = True
     epoch: int
-    data: bytes
+    data: bytes | memoryview
 
     def __repr__(self) -> str:  # the data may be megabytes: never dump it into a log
         return f"VmstateChunk(epoch={self.epoch}, data=<{len(self.data)} bytes>)"
@@ -853,8 +866,14 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 }
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # asked for every message built, sent and received: a hot path
+
+
 def field_names(cls: type[Message]) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cast(Any, cls)))
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cast(Any, cls)))
+    return names
 
 
 def epoch_of(msg: Message) -> int | None:

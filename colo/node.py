@@ -37,6 +37,7 @@ from colo.link import DEFAULT_HEARTBEAT_TIMEOUT, Closed, Conn
 from colo.memory import keep_buffers_on_heap
 from colo.messages import (
     CheckpointNow,
+    CheckpointReply,
     CheckpointRequest,
     ErrorMessage,
     Fence,
@@ -51,6 +52,8 @@ from colo.messages import (
     Promote,
     Shutdown,
     Step,
+    VmstateLoaded,
+    VmstateReceived,
     Welcome,
 )
 from colo.netevents import KIND_CLOSE, KIND_OPEN, NetEvent
@@ -149,6 +152,8 @@ class NodeConfig:
     encrypt: bool = True  # frames encrypted as well as authenticated, on every link
     interval: float = 0.1  # periodic: seconds between checkpoints
     backstop: float = 2.0  # hybrid: a checkpoint at least this often
+    checkpoint_mode: str = "pipelined"  # or "strict": the guest stays stopped until vmstate-loaded
+    delta: bool = False  # send pages XOR their previous content (colo.vmstate; docs/decisions.md)
     stats: str | None = None  # append one JSON line per checkpoint
     # how a new secondary gets the VM: "live" (rounds of pages while the guest serves, then one short stop) or
     # "stop" (the guest stops for the whole copy). A guest that has not run yet is always copied in one stop.
@@ -184,6 +189,12 @@ class Node:
         self.received_seq = 0  # the highest input seq received
         self.conns_open: set[int] = set()  # connections the VM has open (from its inputs and outputs)
         self.epoch_outputs: list[list[Any]] = []  # outputs since the last checkpoint: the next one carries them
+        # Pipelined checkpoints: outputs the guest produced after the stop of a checkpoint still in flight reach
+        # the gateway only after that checkpoint's commit, so that the gateway never sees output of epoch E+1
+        # before E is complete (it could otherwise release, on a match in hybrid mode, output a failover to E
+        # would have to take back).
+        self.hold_outputs = False
+        self.held_outputs: list[NetEvent] = []
         self.gateway_id = ""
         self.attached = False  # a gateway welcomed us and is heard
         self.shutdown_requested = False
@@ -275,7 +286,8 @@ class Node:
 
     def _urgent(self, source: Source, msg: Any) -> None:
         """I/O thread, before the message is queued: messages that must not wait for the VM's slice to end."""
-        if self.vm is not None and isinstance(msg, (CheckpointNow, CheckpointRequest, Promote, Fence, Shutdown)):
+        if self.vm is not None and isinstance(msg, (CheckpointNow, CheckpointRequest, CheckpointReply,
+                                                    VmstateReceived, VmstateLoaded, Promote, Fence, Shutdown)):
             self.vm.request_stop()
         if isinstance(msg, Step):
             self.gate.update(msg.on, msg.delay_ms, msg.grant)  # here: the VM thread may be waiting in the gate
@@ -361,9 +373,10 @@ class Node:
             self.vm.net.state.last_input_seq = seq
         log.info("%s: inputs up to %d are void (clients of an earlier gateway)", self.mode.value, seq)
 
-    def send_gateway(self, msg: Message, block: float | None = None) -> bool:
-        """Send to the gateway if one is attached; output is never queued for a gateway we do not have."""
-        return self.attached and self.io.send_gateway(msg, block)
+    def send_gateway(self, msg: Message, block: float | None = None, flush: bool = True) -> bool:
+        """Send to the gateway if one is attached; output is never queued for a gateway we do not have.
+        `flush=False`: queued, to leave with the next flushed send or `io.flush_gateway()`."""
+        return self.attached and self.io.send_gateway(msg, block, flush)
 
     # -- serving the guest -------------------------------------------------------------------------------------
     def deliver_inputs(self) -> None:
@@ -407,12 +420,25 @@ class Node:
         return out
 
     def forward_outputs(self) -> None:
-        """Send the VM's new outputs (and how far it took input) to the gateway."""
-        for e in self.take_outputs():
-            self.send_gateway(Output(self.generation, *e))
+        """Send the VM's new outputs (and how far it took input) to the gateway; held while `hold_outputs`."""
+        # All of it in one write: one system call, and one wake-up of the gateway, per slice.
+        if self.hold_outputs:
+            self.held_outputs += self.take_outputs()
+        else:
+            for e in self.take_outputs():
+                self.send_gateway(Output(self.generation, *e), flush=False)
         taken = self.taken_seq()
-        if taken > self._taken_sent and self.send_gateway(Progress(self.generation, taken)):
+        if taken > self._taken_sent and self.send_gateway(Progress(self.generation, taken), flush=False):
             self._taken_sent = taken
+        self.io.flush_gateway()
+
+    def release_outputs(self) -> None:
+        """Stop holding outputs and send the held ones, in order (after the commit that makes them sendable)."""
+        self.hold_outputs = False
+        held, self.held_outputs = self.held_outputs, []
+        for e in held:
+            self.send_gateway(Output(self.generation, *e), flush=False)
+        self.io.flush_gateway()
 
     def print_console(self) -> None:
         assert self.vm is not None

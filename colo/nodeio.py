@@ -62,7 +62,11 @@ class Attached:
         return f"Attached({self.conn!r})"
 
 
-NodeEvent = Event | Silent | Heard | Detached | Attached
+class Report:
+    """Base of the events a node's own threads post for its VM thread (e.g. the checkpoint sender's)."""
+
+
+NodeEvent = Event | Silent | Heard | Detached | Attached | Report
 Source = Conn | str
 
 
@@ -79,6 +83,9 @@ class NodeIO:
         self.hello, self.status = hello, status
         self.gate: Any = None  # colo.gate.Gate: holds handshake messages in step mode (set by the node)
         self.on_message = on_message  # called in this thread before the event is queued (e.g. stop the VM now)
+        # Called in this thread with each message of the replication link; True: it was taken care of here and is
+        # not queued (the secondary stages a checkpoint's chunks as they arrive, without waking its VM thread).
+        self.repl_sink: Callable[[Message], bool] | None = None
         self.inbox: queue.Queue[tuple[Source, NodeEvent]] = queue.Queue()
         self.sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -100,6 +107,10 @@ class NodeIO:
         self._thread = threading.Thread(target=self._run, name="node-io", daemon=True)
 
     # -- the VM thread's calls ------------------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        return self._thread.is_alive() or self._stop.is_set()
+
     def start(self) -> None:
         self._thread.start()
 
@@ -123,9 +134,15 @@ class NodeIO:
         self._calls.put(fn)
         self.wake()
 
-    def send_gateway(self, msg: Message, block: float | None = None) -> bool:
+    def send_gateway(self, msg: Message, block: float | None = None, flush: bool = True) -> bool:
         gw = self.gateway
-        return gw is not None and gw.send(msg, block=block)
+        return gw is not None and gw.send(msg, block=block, flush=flush)
+
+    def flush_gateway(self) -> None:
+        """Write what was queued for the gateway with flush=False."""
+        gw = self.gateway
+        if gw is not None:
+            gw.flush_now()
 
     def listen(self, address: tuple[str, int], factory: ProtocolFactory) -> tuple[str, int]:
         """Accept primaries on `address` (a secondary); returns the address bound."""
@@ -239,9 +256,20 @@ class NodeIO:
             else:
                 if isinstance(ev, Message) and self.on_message is not None:
                     self.on_message(self._source(c), ev)
+                sink = self.repl_sink
+                if c is self.repl and sink is not None and isinstance(ev, Message) and self._sunk(sink, ev):
+                    continue
                 self._post(c, ev)
         if c.closed:
             self._drop(c, c.closed_reason)
+
+    @staticmethod
+    def _sunk(sink: Callable[[Message], bool], msg: Message) -> bool:
+        try:
+            return sink(msg)
+        except Exception:  # a bug there must not kill this thread: the VM thread gets the message
+            log.exception("node: handling %s in the I/O thread failed", msg.NAME)
+            return False
 
     def _source(self, c: Conn) -> Source:
         return "gateway" if c is self._gw_conn else c

@@ -180,6 +180,23 @@ class ProtocolSide:
         self._check_usable()
         return self._guarded(lambda: self._send(msg))
 
+    def send_parts(self, msg: Message) -> list[bytes | bytearray | memoryview]:
+        """As `send`, but the frame as buffers to write in order (a large state chunk's data is one of them,
+        not copied: keep it unchanged until the frame is written)."""
+        self._check_usable()
+        return self._guarded(lambda: self._send_parts(msg))
+
+    def read_target(self) -> memoryview | None:
+        """Where the socket layer should read the next bytes to (see SessionCodec.read_target), or None."""
+        if self.state in (State.ERROR, State.CLOSED) or self._peer_closed:
+            return None
+        return self.codec.read_target()
+
+    def filled(self, n: int) -> None:
+        """`n` bytes were read into `read_target()`."""
+        self._check_usable()
+        self._guarded(lambda: self.codec.filled(n))
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Buffer bytes read from the peer; b"" means the peer closed its end."""
         self._check_usable()
@@ -215,6 +232,10 @@ class ProtocolSide:
     def _send(self, msg: Message) -> bytes:
         self._advance(self.ROLE, msg)
         return self.codec.encode(msg)
+
+    def _send_parts(self, msg: Message) -> list[bytes | bytearray | memoryview]:
+        self._advance(self.ROLE, msg)
+        return self.codec.encode_parts(msg)
 
     def _next_event(self) -> Event | None:
         msg = self.codec.next_message()

@@ -20,7 +20,7 @@ from colo.errors import ColoError, ProtocolError
 from colo.events import STREAM
 from colo.faults import FaultPlan
 from colo.link import Closed, Conn, Opened
-from colo.livecopy import ROUND, RecordReader
+from colo.livecopy import ROUND, RecordReader, unpack_pieces
 from colo.messages import (
     CheckpointReady,
     CheckpointReply,
@@ -47,6 +47,7 @@ from colo.node import LEAVING, SLICE, Mode, Node, NodeState
 from colo.nodeio import Heard, NodeEvent, Silent, Source
 from colo.protocol import ConnectionClosed, SecondaryProtocol
 from toyvm import Machine, StopReason
+from toyvm.contract import PAGE_SIZE
 from toyvm.errors import GuestFault, StateError, ToyVMError
 
 log = logging.getLogger("colo.secondary")
@@ -74,6 +75,21 @@ class SecondaryRole:
         self.promote: Promote | None = None
         self.failover_asked = False
         self.listen_address: tuple[str, int] = ("", 0)
+        self.receiver = vmstate.Receiver()  # its staging buffers are reused from checkpoint to checkpoint
+        self._chunks = 0
+        self._finished: int | None = None  # the epoch whose state the I/O thread completed
+        self._refused: StateError | None = None  # why it refused it
+        if not node.io.started:
+            # Listen before the I/O thread starts: its hello to the gateway must carry our address, or the gateway
+            # never pairs us with a primary (it only pairs spares whose address it knows).
+            self.listen()
+
+    def listen(self) -> None:
+        node = self.node
+        if self.listen_address[1] == 0:
+            self.listen_address = node.io.listen(self.cfg.listen, lambda hs: SecondaryProtocol(hs, first_epoch=None))
+            if self.cfg.on_listening is not None:
+                self.cfg.on_listening(self.listen_address)
 
     # -- what the node reports ---------------------------------------------------------------------------------
     def holds_copy(self) -> bool:
@@ -113,6 +129,7 @@ class SecondaryRole:
     def run(self) -> Any:
         node = self.node
         node.mode = Mode.SECONDARY
+        node.io.repl_sink = self._sink
         self.prepare()
         node.state = NodeState.SPARE
         while self.promote is None:
@@ -162,7 +179,8 @@ class SecondaryRole:
             log.warning("secondary: our VM faulted (%s): waiting for the next checkpoint", e)
             r = None
         for out in node.take_outputs():
-            node.send_gateway(Output(node.generation, *out))
+            node.send_gateway(Output(node.generation, *out), flush=False)
+        node.io.flush_gateway()  # one write per slice
         node.print_console()
         idle = r is None or (r.reason in (StopReason.HALT, StopReason.POWER_OFF) and not vm.wakeup_pending
                              and not node.backlog)
@@ -227,30 +245,38 @@ class SecondaryRole:
 
     def receive_copy(self) -> None:
         """The VM, as records (colo.livecopy): rounds of pages while the primary's guest serves on, then the final
-        record with the last pages, the CPU and the devices; each verified; then checkpoint-ready."""
+        record with the last pages, the CPU and the devices; each verified piece by piece; then checkpoint-ready."""
         repl = self.repl
         assert repl is not None
         self.applied = self.complete = None  # from the first page on, what we held is no VM any more
         reader = RecordReader()
+        r = self.receiver
         vm: Machine | None = None
         final: vmstate.StagedCheckpoint | None = None
         rounds = 0
-        while True:
-            ev = self.expect(InitialChunk, InitialSize)
-            if not isinstance(ev, InitialChunk):
-                break  # initial-size (the protocol checked that it counts the bytes that came)
-            for kind, blob in reader.feed(ev.data):
-                if vm is None:
-                    vm = self._copy_target(blob)
-                staged = vmstate.decode(blob, vm, epoch=None)
-                self.faults.reach("mid-copy", staged.epoch)
-                if kind == ROUND:
-                    vmstate.apply_pages(vm, staged)  # the VM does not run before the final record
-                    rounds += 1
-                    if STREAM.active:
-                        trace.pages("secondary", staged.epoch, "applied", trace.staged_pages(staged), vm.ram.npages)
-                else:
-                    final = staged
+        try:
+            while True:
+                ev = self.expect(InitialChunk, InitialSize)
+                if not isinstance(ev, InitialChunk):
+                    break  # initial-size (the protocol checked that it counts the bytes that came)
+                for kind, blob in reader.feed(ev.data):
+                    r.begin(epoch=None, full=False, vm=vm, machine_for=self._copy_target)
+                    for piece in unpack_pieces(blob):
+                        r.feed(piece)
+                    staged = r.finish()
+                    vm = r.machine
+                    assert vm is not None
+                    self.faults.reach("mid-copy", staged.epoch)
+                    if kind == ROUND:  # (its pages live in the receiver's buffer until the next record)
+                        vmstate.apply_pages(vm, staged)  # the VM does not run before the final record
+                        rounds += 1
+                        if STREAM.active:
+                            trace.pages("secondary", staged.epoch, "applied", trace.staged_pages(staged),
+                                        vm.ram.npages)
+                    else:
+                        final = staged
+        finally:
+            r.abort()  # a copy cut off: nothing staged survives it
         if vm is None or final is None:
             raise ProtocolError(f"the copy ended without its final record ({reader.pending} bytes of a record)")
         if self.cfg.mode == "hybrid":  # our VM runs from the copy on: the gateway must know it first
@@ -261,10 +287,10 @@ class SecondaryRole:
             repl.send(CheckpointReady(final.epoch + 1))
             self.load_copy(vm, final, rounds)
 
-    def _copy_target(self, blob: bytes) -> Machine:
-        """The VM a copy is written into: ours, emptied, when its RAM is the copy's size; else a new one."""
+    def _copy_target(self, ram: int) -> Machine:
+        """The VM a copy is written into (its first record says how much RAM): ours, emptied, when its RAM is
+        that size; else a new one."""
         node = self.node
-        ram = vmstate.peek_ram_size(blob)
         if node.vm is not None and node.vm.ram.size == ram:
             node.vm.ram.clear()
             return node.vm
@@ -275,7 +301,7 @@ class SecondaryRole:
         """The copy's final record: its pages, then the machine; from here the VM is the primary's."""
         node = self.node
         vmstate.apply(vm, staged)
-        node.vm, self.applied, self.complete = vm, staged, None
+        node.vm, self.applied, self.complete = vm, staged.applied(), None
         self.primary_id = staged.node
         node.generation = staged.generation
         node.epoch_outputs = []
@@ -291,36 +317,82 @@ class SecondaryRole:
                  staged.node, staged.epoch, staged.generation, rounds, "" if rounds == 1 else "s")
 
     def receive_checkpoint(self, req: CheckpointRequest) -> None:
-        """One checkpoint, start to end (our VM is stopped: we are not inside a slice)."""
+        """One checkpoint, start to end (our VM is stopped: we are not inside a slice). Each piece is checked as
+        it comes and its pages decompressed in the pool meanwhile; nothing is applied until all of it is in."""
         repl, vm = self.repl, self.node.vm
-        assert repl is not None and vm is not None
+        assert repl is not None and vm is not None and self.complete is None
         epoch = req.epoch
         self.faults.reach("after-request", epoch)
         repl.send(CheckpointReply(epoch))
         self.faults.reach("after-reply", epoch)
-        self.expect(VmstateSend)
-        chunks: list[bytes] = []
-        while True:
-            ev = self.expect(VmstateChunk, VmstateSize)
-            if not isinstance(ev, VmstateChunk):
-                break  # vmstate-size
-            chunks.append(ev.data)
-            if len(chunks) == 1:
-                self.faults.reach("mid-receive", epoch)
-        self.faults.reach("after-size", epoch)
+        r = self.receiver
+        self._finished, self._refused = None, None
         try:
-            self.complete = vmstate.decode(b"".join(chunks), vm, epoch=epoch, full=False)
-        except StateError as e:
-            raise BadState(f"bad state from the primary: {e}") from None
-        if STREAM.active:
-            trace.pages("secondary", epoch, "staged", trace.staged_pages(self.complete), vm.ram.npages)
-        repl.send(VmstateReceived(epoch))  # complete: the primary may release the output it covers
-        self.faults.reach("after-received", epoch)
+            self.expect(VmstateSend)  # the I/O thread has begun staging (_sink)
+            while True:  # the chunks are staged by the I/O thread as they arrive: only the size comes here
+                ev = self.expect(VmstateChunk, VmstateSize)
+                if not isinstance(ev, VmstateChunk):
+                    break
+                self._stage_chunk(ev)  # (without the I/O thread's help)
+            if self._finished != epoch and self._refused is None:
+                self._finish_state(epoch)  # (without the I/O thread's help)
+        finally:
+            r.abort()  # cut off or refused: the partial state is dropped, the VM stays where it was
+        if self._refused is not None:
+            raise BadState(f"bad state from the primary: {self._refused}")
         self.apply_complete()
         if self.cfg.mode == "hybrid":
             self.resync()
         repl.send(VmstateLoaded(epoch))
         self.faults.reach("after-loaded", epoch)
+
+    def _sink(self, msg: Message) -> bool:
+        """I/O thread, every message of the replication link: a checkpoint's state is staged here as it arrives
+        (checked piece by piece, pages decompressed in the pool), so the VM thread, waiting in
+        receive_checkpoint, wakes once, at vmstate-size, instead of once per chunk. True: taken care of."""
+        if isinstance(msg, VmstateSend):
+            vm = self.node.vm
+            if vm is not None and self.applied is not None:
+                self._begin_state(msg.epoch, vm)
+            return False  # the VM thread sees it too: it follows the conversation
+        if isinstance(msg, VmstateChunk) and self.node.vm is not None:
+            self._stage_chunk(msg)
+            return True
+        if isinstance(msg, VmstateSize) and self.node.vm is not None:
+            self._finish_state(msg.epoch)
+            return False  # the VM thread applies it
+        return False
+
+    def _finish_state(self, epoch: int) -> None:
+        """vmstate-size: the state is all in. Verified, it is complete, and we say so at once (from the I/O
+        thread, as soon as it reads vmstate-size): the primary may release the output it covers."""
+        self.faults.reach("after-size", epoch)
+        try:
+            self.complete = self.receiver.finish()
+        except StateError as e:
+            self._refused = e
+            return
+        vm = self.receiver.machine
+        if STREAM.active and vm is not None:
+            trace.pages("secondary", epoch, "staged", trace.staged_pages(self.complete), vm.ram.npages)
+        repl = self.repl
+        if repl is not None:
+            repl.send(VmstateReceived(epoch))
+        self.faults.reach("after-received", epoch)
+        self._finished = epoch
+
+    def _begin_state(self, epoch: int, vm: Machine) -> None:
+        # Delta batches are against the primary's memory as of the last checkpoint: our RAM (periodic), or the
+        # cache of it (hybrid: our VM ran since).
+        pages = self.cache.reshape(-1, PAGE_SIZE) if self.cfg.mode == "hybrid" else vm.ram.pages
+        self.receiver.begin(epoch=epoch, full=False, vm=vm, base=lambda: pages)
+        self._chunks = 0
+
+    def _stage_chunk(self, msg: VmstateChunk) -> None:
+        self.receiver.offer(msg.data)  # a refusal is raised by finish(), at vmstate-size
+        self._chunks += 1
+        if self._chunks == 1:
+            self.faults.reach("mid-receive", msg.epoch)
 
     def apply_complete(self) -> None:
         node, staged = self.node, self.complete
@@ -333,7 +405,7 @@ class SecondaryRole:
         node.backlog = {e[0]: NetEvent(*e) for e in staged.inputs}
         node.conns_open = set(staged.conns)
         node.generation = staged.generation
-        self.applied, self.complete = staged, None
+        self.applied, self.complete = staged.applied(), None
         node.state_log.write(node.vm, staged.epoch, staged.generation)
         if STREAM.active:
             trace.pages("secondary", staged.epoch, "applied", trace.staged_pages(staged), node.vm.ram.npages)
@@ -411,6 +483,7 @@ class SecondaryRole:
 
         node = self.node
         started = time.perf_counter()
+        node.io.repl_sink = None
         node.state = NodeState.TAKING_OVER
         if self.repl is not None:
             node.close_repl(None, self.repl)

@@ -27,9 +27,10 @@ Why GCM and a fresh key every REKEY_FRAMES frames: see docs/decisions.md ("Wire 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
+import msgpack
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -37,7 +38,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
 from colo.errors import ColoError, IntegrityError, WireError
-from colo.messages import Message
+from colo.messages import InitialChunk, Message, VmstateChunk
 from colo.wire import (
     HEADER_SIZE,
     MAGIC,
@@ -63,6 +64,10 @@ _IV_SIZE = 12
 # From this payload size on, a frame is sealed incrementally: on this kind of machine the one-call
 # AEAD's whole-frame temporaries cost more than its lower fixed cost (benchmarks/frame_cost.py).
 _INCREMENTAL_FROM = 16 * 1024
+# From this frame size on, a received frame is read straight into a buffer of its own, and a state chunk's
+# data is handed on as a view of it; a state chunk sent is sealed over its data in place (no copies).
+LARGE_FRAME = 64 * 1024
+Buffer = bytes | bytearray | memoryview
 _T = TypeVar("_T")
 _KEY_SIZE = 32
 
@@ -140,12 +145,14 @@ class SessionCodec:
         self.frames_in = 0  # frames verified and returned; the next one must carry frames_in + 1
         self._buf = bytearray()
         self._length: int | None = None  # body length of the verified header at the buffer's head
+        self._big: bytearray | None = None  # a large frame being read into its own buffer
+        self._big_fill = 0
         self._failed: ColoError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as messages."""
-        return len(self._buf)
+        return len(self._buf) + (self._big_fill if self._big is not None else 0)
 
     @property
     def error(self) -> ColoError | None:
@@ -161,41 +168,78 @@ class SessionCodec:
     def seal(self, payload: bytes) -> bytes:
         """The sealed frame for any payload bytes (`encode` is this for a message's payload; tests
         and fuzzers use it to put malformed payloads behind a valid MAC)."""
-        if len(payload) > self.max_payload:
-            raise WireError(f"payload of {len(payload)} bytes exceeds the limit of {self.max_payload} bytes")
+        return b"".join(self.seal_parts([payload]))
+
+    def encode_parts(self, msg: Message) -> list[Buffer]:
+        """The sealed frame for `msg` as buffers to write in order: a large state chunk's data is one of
+        them, not copied (keep it unchanged until the frame is written)."""
+        data = getattr(msg, "data", None)
+        if isinstance(msg, (VmstateChunk, InitialChunk)) and data is not None and len(data) >= LARGE_FRAME:
+            return self.seal_parts([chunk_prefix(msg), data])
+        return self.seal_parts([encode_payload(msg, max_payload=self.max_payload)])
+
+    def seal_parts(self, payload: Sequence[Buffer]) -> list[Buffer]:
+        """Seal a payload given as consecutive parts; returns the frame's buffers."""
+        length = sum(len(p) for p in payload)
+        if length > self.max_payload:
+            raise WireError(f"payload of {length} bytes exceeds the limit of {self.max_payload} bytes")
         seq = self.frames_out + 1
         if seq > MAX_SEQ:
             raise WireError(f"{self.role}: session used up ({MAX_SEQ} frames): reconnect")
-        head = SEALED_HEAD.pack(MAGIC, self._version, len(payload), seq)
+        head = SEALED_HEAD.pack(MAGIC, self._version, length, seq)
         header_aead, frame_aead = self._send.aeads(seq)
         nonce = self._send.nonce(seq)
         header = head + header_aead.encrypt(nonce, b"", head)
-        if len(payload) < _INCREMENTAL_FROM:  # one call: the fastest for small frames
+        out: list[Buffer]
+        if length < _INCREMENTAL_FROM:  # one call: the fastest for small frames
+            body = payload[0] if len(payload) == 1 else b"".join(payload)
             if self.encrypt:
-                frame = header + frame_aead.encrypt(nonce, payload, header)
+                out = [header + frame_aead.encrypt(nonce, body, header)]
             else:
-                frame = header + payload
-                frame += frame_aead.encrypt(nonce, b"", frame)
+                frame = header + body
+                out = [frame + frame_aead.encrypt(nonce, b"", frame)]
         else:  # the same GCM, fed piece by piece: no whole-frame temporaries to allocate and copy
             gcm = Cipher(algorithms.AES(self._send.frame_key), modes.GCM(nonce)).encryptor()
             gcm.authenticate_additional_data(header)
-            if self.encrypt:
-                body = gcm.update(payload)
-            else:
-                gcm.authenticate_additional_data(payload)
-                body = payload
+            out = [header]
+            for part in payload:
+                if self.encrypt:
+                    out.append(gcm.update(part))
+                else:
+                    gcm.authenticate_additional_data(part)
+                    out.append(part)
             gcm.finalize()
-            frame = b"".join((header, body, gcm.tag))
+            out.append(gcm.tag)
         self.frames_out = seq
-        return frame
+        return out
 
     # -- receiving --------------------------------------------------------------------------------
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Buffer received bytes; a bad header at the head of the buffer is rejected now."""
         self._check_alive()
+        if self._big is not None:  # the rest of a large frame first; what follows it waits in the buffer
+            take = min(len(data), len(self._big) - self._big_fill)
+            view = memoryview(data)
+            self._big[self._big_fill:self._big_fill + take] = view[:take]
+            self._big_fill += take
+            self._buf += view[take:]
+            return
         self._buf += data
         self._guard(self._parse_header)
+
+    def read_target(self) -> memoryview | None:
+        """Where the next bytes should be read to: the rest of a large frame whose header is in (read
+        straight into its own buffer), or None: read as usual and `feed()` them."""
+        if self._big is None or self._failed is not None:
+            return None
+        return memoryview(self._big)[self._big_fill:]
+
+    def filled(self, n: int) -> None:
+        """`n` bytes were read into `read_target()`."""
+        self._check_alive()
+        assert self._big is not None and 0 <= n <= len(self._big) - self._big_fill
+        self._big_fill += n
 
     def next_message(self) -> Message | None:
         """The next verified message, or None until more bytes are fed."""
@@ -204,35 +248,49 @@ class SessionCodec:
 
     def _next(self) -> Message | None:
         self._parse_header()
+        if self._big is not None:
+            if self._big_fill < len(self._big):
+                return None
+            frame, self._big = self._big, None
+            return self._open(frame, own=True)
         if self._length is None:
             return None
-        body_end = SEALED_HEADER_SIZE + self._length
-        end = body_end + TAG_SIZE
+        end = SEALED_HEADER_SIZE + self._length + TAG_SIZE
         if len(self._buf) < end:
             return None
+        msg = self._open(self._buf, own=False, end=end)
+        del self._buf[:end]
+        return msg
+
+    def _open(self, buf: bytearray, *, own: bool, end: int | None = None) -> Message:
+        """Verify and decode the frame at the start of `buf` (all of it when `own`: then the frame's
+        buffer is ours to hand on, and a state chunk's data is a view of it)."""
+        end = len(buf) if end is None else end
+        body_end = end - TAG_SIZE
         seq = self.frames_in + 1
         _, frame_aead = self._receive.aeads(seq)
         nonce = self._receive.nonce(seq)
-        with memoryview(self._buf) as view:
+        with memoryview(buf) as view:
             try:
                 if self.encrypt:
                     payload: bytes | memoryview = frame_aead.decrypt(
                         nonce, view[SEALED_HEADER_SIZE:end], view[:SEALED_HEADER_SIZE])
+                    own = True  # a fresh plaintext
                 else:
                     frame_aead.decrypt(nonce, view[body_end:end], view[:body_end])
                     payload = view[SEALED_HEADER_SIZE:body_end]
             except InvalidTag:
                 raise self._integrity(f"frame {seq} from the {self.peer_role} fails its MAC: altered frame "
                                 "(its header is intact: the body or the tag was changed)") from None
-            msg = decode_payload(payload)  # authentic; may still be malformed (a peer's bug)
+            # authentic; may still be malformed (a peer's bug)
+            msg = (chunk_from_payload(payload) if own else None) or decode_payload(payload)
             del payload
-        del self._buf[:end]
         self._length = None
         self.frames_in = seq
         return msg
 
     def _parse_header(self) -> None:
-        if self._length is not None or len(self._buf) < HEADER_SIZE:
+        if self._length is not None or self._big is not None or len(self._buf) < HEADER_SIZE:
             return
         seq = self.frames_in + 1
         if self._buf[:4] != MAGIC:
@@ -271,6 +329,13 @@ class SessionCodec:
             raise WireError(f"frame {seq} from the {self.peer_role}: payload of {length} bytes exceeds "
                             f"the limit of {self.max_payload} bytes")
         self._length = length
+        total = SEALED_HEADER_SIZE + length + TAG_SIZE
+        if total >= LARGE_FRAME:  # a frame of its own: the rest is read straight into it
+            self._big = bytearray(total)
+            take = min(total, len(self._buf))
+            self._big[:take] = self._buf[:take]
+            self._big_fill = take
+            del self._buf[:take]
 
     def _integrity(self, text: str) -> IntegrityError:
         return IntegrityError(f"{self.role}: {text}")
@@ -287,3 +352,72 @@ class SessionCodec:
         if self._failed is not None:
             raise type(self._failed)(f"{self.role}: receiving stopped after an earlier error: "
                                      f"{self._failed}")
+
+
+# -- state chunks without copies ---------------------------------------------------------------------------------
+# A state chunk's payload is the msgpack map {"msg": name, ["epoch": e,] "data": bin}, built here as a prefix and
+# the data, byte for byte what encode_payload makes, and read back the same way; anything that is not exactly
+# that goes through the general decoder, which then accepts or refuses it as it would anyway.
+_DATA_KEY: bytes = msgpack.packb("data")
+_MSG_KEY: bytes = msgpack.packb("msg") + msgpack.packb(VmstateChunk.NAME)
+_INITIAL_KEY: bytes = msgpack.packb("msg") + msgpack.packb(InitialChunk.NAME)
+_EPOCH_KEY: bytes = msgpack.packb("epoch")
+_UINTS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_BINS = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def chunk_prefix(msg: VmstateChunk | InitialChunk) -> bytes:
+    """The payload bytes before the data of a state chunk."""
+    if isinstance(msg, VmstateChunk):
+        epoch: bytes = msgpack.packb(msg.epoch)
+        head = b"\x83" + _MSG_KEY + _EPOCH_KEY + epoch
+    else:
+        head = b"\x82" + _INITIAL_KEY
+    return head + _DATA_KEY + _bin_header(len(msg.data))
+
+
+def chunk_from_payload(payload: bytes | memoryview) -> Message | None:
+    """A state chunk whose data is a view of `payload`, or None when the payload is anything else."""
+    p = memoryview(payload)
+    epoch: int | None = None
+    if not p:
+        return None
+    if p[0] == 0x83 and p[1:1 + len(_MSG_KEY)] == _MSG_KEY:
+        at = 1 + len(_MSG_KEY)
+        if p[at:at + len(_EPOCH_KEY)] != _EPOCH_KEY:
+            return None
+        at += len(_EPOCH_KEY)
+        if at >= len(p):
+            return None
+        tag = p[at]
+        if tag < 0x80:
+            epoch, at = tag, at + 1
+        elif tag in _UINTS:
+            w = _UINTS[tag]
+            epoch, at = int.from_bytes(p[at + 1:at + 1 + w], "big"), at + 1 + w
+        else:
+            return None
+    elif p[0] == 0x82 and p[1:1 + len(_INITIAL_KEY)] == _INITIAL_KEY:
+        at = 1 + len(_INITIAL_KEY)
+    else:
+        return None
+    if p[at:at + len(_DATA_KEY)] != _DATA_KEY:
+        return None
+    at += len(_DATA_KEY)
+    if at >= len(p) or p[at] not in _BINS:
+        return None
+    w = _BINS[p[at]]
+    n = int.from_bytes(p[at + 1:at + 1 + w], "big")
+    at += 1 + w
+    if at + n != len(p):
+        return None
+    data = p[at:]
+    return InitialChunk(data) if epoch is None else VmstateChunk(epoch, data)

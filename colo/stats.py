@@ -11,7 +11,17 @@ from typing import IO, Any
 
 from colo.events import STREAM
 
-PHASES = ("suspend", "collect", "compress", "send", "received", "loaded", "resume")
+# request   checkpoint-request sent -> checkpoint-reply received: the guest runs meanwhile (as in QEMU)
+# collect   the stop -> the state staged: dirty log, machine state, and (pipelined) the pages copied
+# send      vmstate-send -> vmstate-size sent: each batch compressed and sent as it is ready
+# received  vmstate-size sent -> vmstate-received: the secondary verifies the state
+# loaded    vmstate-received -> vmstate-loaded: the secondary applies it
+# resume    what is left until the guest runs again
+# Strict checkpoints run them in that order with the guest stopped from the stop to resume; pipelined ones
+# resume the guest after collect, and send, received and loaded follow while it runs. Older records (before
+# the guest ran during the round trip) have suspend and compress phases instead of request.
+PHASES = ("request", "collect", "send", "received", "loaded", "resume")
+MODES = ("strict", "pipelined")
 
 
 @dataclass
@@ -23,7 +33,9 @@ class CheckpointRecord:
     bytes_raw: int = 0
     bytes_wire: int = 0
     phases_ms: dict[str, float] = field(default_factory=dict)
-    pause_ms: float = 0.0
+    pause_ms: float = 0.0  # the guest stopped for the checkpoint
+    commit_ms: float = 0.0  # from the stop until vmstate-received: output of the epoch may go from then on
+    checkpoint_mode: str = "strict"  # or "pipelined"
     time: float = field(default_factory=time.time)
     # Which run wrote it: one --stats file may collect several runs (the writer appends). StatsWriter stamps these.
     run_id: str = ""
@@ -39,6 +51,7 @@ class CheckpointRecord:
         d["compression_ratio"] = round(self.ratio, 2)
         d["phases_ms"] = {k: round(v, 3) for k, v in self.phases_ms.items()}
         d["pause_ms"] = round(self.pause_ms, 3)
+        d["commit_ms"] = round(self.commit_ms, 3)
         if self.interval_ms is not None:
             d["interval_ms"] = round(self.interval_ms, 3)
         return json.dumps(d, sort_keys=True)

@@ -104,6 +104,7 @@ def summarize(run: Run) -> dict[str, Any]:
     n = len(recs)
     times = [float(r.get("time", 0.0)) for r in recs]
     pauses = [float(r["pause_ms"]) for r in recs]
+    commits = [float(r["commit_ms"]) for r in recs if "commit_ms" in r]  # records since pipelining have it
     raw = [int(r.get("bytes_raw", 0)) for r in recs]
     wire = [int(r.get("bytes_wire", 0)) for r in recs]
     dirty = [int(r.get("dirty_pages", 0)) for r in recs]
@@ -117,6 +118,11 @@ def summarize(run: Run) -> dict[str, Any]:
         "triggers": dict(Counter(str(r.get("trigger", "?")) for r in recs).most_common()),
         "pause_ms": {"p50": percentile(pauses, 50), "p90": percentile(pauses, 90), "p99": percentile(pauses, 99),
                      "max": max(pauses), "mean": statistics.fmean(pauses)},
+        "commit_ms": {"p50": percentile(commits, 50), "p90": percentile(commits, 90),
+                      "p99": percentile(commits, 99), "max": max(commits),
+                      "mean": statistics.fmean(commits)} if commits else None,
+        "checkpoint_modes": dict(Counter(str(r["checkpoint_mode"]) for r in recs
+                                         if "checkpoint_mode" in r).most_common()),
         "bytes_raw": {"total": sum(raw), "per_checkpoint": sum(raw) / n, "max": max(raw)},
         "bytes_wire": {"total": sum(wire), "per_checkpoint": sum(wire) / n, "max": max(wire)},
         "dirty_pages": {"median": statistics.median(dirty), "max": max(dirty)},
@@ -151,7 +157,14 @@ def format_run(s: dict[str, Any]) -> str:
         f"  checkpoints   {s['checkpoints']} over {s['span_s']:.1f} s{rate}, {_when(s['first'], s['last'])}",
         "  triggers      " + ", ".join(f"{k} {v}" for k, v in s["triggers"].items()),
         f"  pause ms      p50 {p['p50']:.2f}  p90 {p['p90']:.2f}  p99 {p['p99']:.2f}  max {p['max']:.2f}"
-        f"  (mean {p['mean']:.2f})",
+        f"  (mean {p['mean']:.2f}; the guest stopped)",
+    ]
+    c = s.get("commit_ms")
+    if c:
+        modes = ", ".join(f"{k} {v}" for k, v in s.get("checkpoint_modes", {}).items())
+        lines.append(f"  commit ms     p50 {c['p50']:.2f}  p90 {c['p90']:.2f}  p99 {c['p99']:.2f}  max {c['max']:.2f}"
+                     f"  (mean {c['mean']:.2f}; stop to vmstate-received{'; ' + modes if modes else ''})")
+    lines += [
         f"  bytes raw     {human_bytes(raw['total'])} total, {human_bytes(raw['per_checkpoint'])} per checkpoint "
         f"(max {human_bytes(raw['max'])})",
         f"  bytes wire    {human_bytes(wire['total'])} total, {human_bytes(wire['per_checkpoint'])} per checkpoint "
@@ -182,7 +195,7 @@ def require_matplotlib() -> None:
 
 
 def plot(runs: list[Run], out: str | Path, title: str = "") -> None:
-    """Pause over time, the phases of each checkpoint stacked, and dirty pages: one column per run."""
+    """Pause (and commit) over time, the phases of each checkpoint stacked, and dirty pages: one column per run."""
     require_matplotlib()
     if len(runs) > MAX_PLOT_RUNS:
         raise ColoError(f"{len(runs)} runs are too many for one plot: choose one with --run "
@@ -202,7 +215,11 @@ def plot(runs: list[Run], out: str | Path, title: str = "") -> None:
         # Bars as wide as the usual spacing, but never so wide that a sparse (hybrid) run shows slabs.
         width = 0.8 * min(statistics.median(gaps), max(x) / 20) if gaps else 0.1
         pause_ax, phase_ax, dirty_ax = axes[0][col], axes[1][col], axes[2][col]
-        pause_ax.plot(x, [float(r["pause_ms"]) for r in recs], marker=".", linewidth=0.8)
+        pause_ax.plot(x, [float(r["pause_ms"]) for r in recs], marker=".", linewidth=0.8, label="pause")
+        if any("commit_ms" in r for r in recs):
+            pause_ax.plot(x, [float(r.get("commit_ms", math.nan)) for r in recs], marker=".", linewidth=0.8,
+                          label="commit (stop to vmstate-received)")
+            pause_ax.legend(loc="upper right", fontsize="small")
         pause_ax.set_title(f"run {run.label}" + (f" ({run.mode})" if run.mode else ""))
         bottom = [0.0] * len(recs)
         for phase in summarize(run)["phases_ms_median"]:
@@ -211,7 +228,7 @@ def plot(runs: list[Run], out: str | Path, title: str = "") -> None:
             bottom = [b + h for b, h in zip(bottom, height, strict=True)]
         dirty_ax.bar(x, [int(r.get("dirty_pages", 0)) for r in recs], width=width, color="tab:gray")
         dirty_ax.set_xlabel("seconds since the run's first checkpoint")
-    axes[0][0].set_ylabel("pause (ms)")
+    axes[0][0].set_ylabel("pause, commit (ms)")
     axes[1][0].set_ylabel("phases (ms)")
     axes[2][0].set_ylabel("dirty pages")
     axes[1][0].legend(loc="upper right", fontsize="small", ncol=2)

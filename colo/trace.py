@@ -7,6 +7,7 @@ SEQ the sealed frame's sequence number in that direction (colo.session counts th
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from colo.events import STREAM, ClockOffsets, jsonable, text_of
@@ -51,17 +52,18 @@ def _codec(conn: Conn) -> Any:
     return conn.proto.codec if conn.proto is not None else conn._codec
 
 
-def sent(conn: Conn, msg: Message, frame: bytes) -> None:
-    """colo.link.Conn.send: the frame is built and not yet queued (the time is taken before the send)."""
+def sent(conn: Conn, msg: Message, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+    """colo.link.Conn.send: the frame is built (as the buffers to write in order) and not yet queued (the time
+    is taken before the send)."""
     codec = _codec(conn)
     seq = codec.frames_out if codec is not None else 0
     ev: dict[str, Any] = {"msg": msg.NAME, "link": link_kind(conn), "to": peer_role(conn), "peer": conn.name,
-                          "flow": f"{conn.hs.connection_id}:{conn.hs.role}:{seq}", "frame": len(frame),
+                          "flow": f"{conn.hs.connection_id}:{conn.hs.role}:{seq}", "frame": sum(len(p) for p in parts),
                           "fields": message_fields(msg)}
     if conn.proto is not None:
         ev["state"] = conn.proto.state.value
     if STREAM.hex_bytes:
-        ev["hex"] = bytes(frame[:STREAM.hex_bytes]).hex()
+        ev["hex"] = b"".join(bytes(p[:STREAM.hex_bytes]) for p in parts)[:STREAM.hex_bytes].hex()
     now = STREAM.now()
     STREAM.emit("send", t=now, **ev)
     if conn.proto is not None and conn.hs.role == "secondary":
@@ -167,27 +169,25 @@ def pages(side: str, epoch: int, what: str, idx: Any, npages: int) -> None:
 def staged_pages(staged: Any) -> Any:
     """The page numbers a staged checkpoint (colo.vmstate.StagedCheckpoint) carries."""
     import numpy as np
-    parts = [b.index for b in staged.batches]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return np.asarray(staged.index, dtype=np.int64)
 
 
-def checkpoint_done(clock: Any, rec: Any) -> None:
-    """The primary's checkpoint completed: its slice and its phases, laid end to end from the clock's start in the
-    order they happen (colo.stats.PHASES), so that they nest exactly inside it."""
-    from colo.stats import PHASES
-    t = STREAM.at(clock.t0)
+def checkpoint_done(rec: Any, phases: list[tuple[str, float, float]]) -> None:
+    """The primary's checkpoint completed: its slice and its phases (name, start, end in time.perf_counter), in the
+    order they happen. A pipelined checkpoint's phases come from two threads: each is clamped to start where the
+    one before ended, so that they never overlap and nest exactly inside the slice."""
+    out: list[list[Any]] = []
+    t = STREAM.at(phases[0][1]) if phases else STREAM.now()
     start = t
-    phases = []
-    for name in PHASES:
-        ms = rec.phases_ms.get(name)
-        if ms is None:
-            continue
-        end = t + ms / 1e3
-        phases.append([name, round(t, 6), round(end, 6)])
-        t = end
+    for name, a, b in phases:
+        lo = max(t, STREAM.at(a))
+        hi = max(lo, STREAM.at(b))
+        out.append([name, round(lo, 6), round(hi, 6)])
+        t = hi
     STREAM.emit("checkpoint", epoch=rec.epoch, trigger=rec.trigger, start=round(start, 6), end=round(t, 6),
-                pause_ms=round(rec.pause_ms, 3), phases=phases, dirty_pages=rec.dirty_pages,
-                zero_pages=rec.zero_pages, bytes_raw=rec.bytes_raw, bytes_wire=rec.bytes_wire)
+                pause_ms=round(rec.pause_ms, 3), commit_ms=round(rec.commit_ms, 3), mode=rec.checkpoint_mode,
+                phases=out, dirty_pages=rec.dirty_pages, zero_pages=rec.zero_pages, bytes_raw=rec.bytes_raw,
+                bytes_wire=rec.bytes_wire)
 
 
 def failover(step: str, **details: Any) -> None:

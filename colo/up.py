@@ -175,7 +175,7 @@ def _run(args: argparse.Namespace, image: Path, run: rundir.Cluster, info: dict[
                            service=args.service, stats=args.stats, trace=args.trace,
                            heartbeat_timeout=args.heartbeat_timeout, hooks=args.hooks, directory=run.dir,
                            verbose=args.verbose, quiet=args.quiet, mode=args.mode, backstop_ms=args.backstop,
-                           copy=args.copy,
+                           copy=args.copy, checkpoint_mode=args.checkpoint_mode, delta=args.delta,
                            encrypt=args.encrypt, key_file=Path(args.key_file).absolute() if args.key_file else None,
                            logs=True)
     cluster.quote_logs = False  # the tail shows every line the roles write already

@@ -46,7 +46,7 @@ from unicorn.x86_const import UC_X86_INS_IN, UC_X86_INS_OUT
 from . import native
 from .bus import PortBus
 from .contract import DEFAULT_RAM
-from .cpu import reg, restore_cpu, save_cpu, set_reg
+from .cpu import RegisterFile, reg, set_reg
 from .devices.clock import Clock
 from .devices.net import NetDevice
 from .devices.power import Power
@@ -114,6 +114,7 @@ class Machine:
         self._unmapped: tuple[str, int, int] | None = None
         self._power_rip: int | None = None
         self._probe_uc: Uc | None = None
+        self._probe_regs: RegisterFile | None = None
         self._power_count = 0
         self._stop_requested = threading.Event()
         self._ips = 50e6  # counted slices: instructions per second, learned as the guest runs
@@ -134,6 +135,7 @@ class Machine:
         self.uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         self.counter = InstructionCounter(self.uc)
+        self.regs = RegisterFile(self.uc)  # the whole register list in one call (toyvm.cpu)
         self._native_state: native.NativeState | None = None
         if self.hooks == "native":
             self._install_native()
@@ -385,7 +387,7 @@ class Machine:
             "format": FORMAT,
             "version": VERSION,
             "machine": {"ram_size": self.ram.size, "cmdline": self.cmdline, "exit_code": self.exit_code},
-            "cpu": save_cpu(self.uc),
+            "cpu": self.regs.save(),
             "devices": {dev.name: dev.save() for dev in self.bus.devices},
         }
         if include_ram:
@@ -426,9 +428,10 @@ class Machine:
             probe = type(dev).__new__(type(dev))
             probe.__dict__.update(dev.__dict__)
             probe.restore(devices[dev.name])
-        if self._probe_uc is None:  # a scratch CPU, kept: a replica checks a state at every checkpoint
+        if self._probe_regs is None:  # a scratch CPU, kept: a replica checks a state at every checkpoint
             self._probe_uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        restore_cpu(self._probe_uc, payload["cpu"])
+            self._probe_regs = RegisterFile(self._probe_uc)
+        self._probe_regs.restore(payload["cpu"])
         return pages
 
     def restore_state(self, payload: dict[str, Any], *, checked: bool = False) -> None:
@@ -444,7 +447,7 @@ class Machine:
             self.ram.pages[idx] = data
         for dev in self.bus.devices:
             dev.restore(devices[dev.name])
-        restore_cpu(self.uc, payload["cpu"])
+        self.regs.restore(payload["cpu"])
         self.cmdline = str(m.get("cmdline") or "")
         self.fault = None
         self.flush_code()

@@ -109,5 +109,9 @@ def test_the_initial_copy_messages() -> None:
     assert from_fields("initial-size", {"size": 5}) == InitialSize(5)
     with pytest.raises(WireError, match="initial-size: field 'size' must be an int >= 0, got True"):
         InitialSize(True)
-    with pytest.raises(WireError, match="initial-chunk: field 'data' must be bytes, got memory"):
-        InitialChunk(memoryview(b"x"))  # type: ignore[arg-type]
+    # The state chunks carry their data without a copy: a flat byte view of a buffer, or bytes; nothing else.
+    assert InitialChunk(memoryview(b"xy")).data == b"xy"
+    with pytest.raises(WireError, match="initial-chunk: field 'data' must be bytes, got bytearray"):
+        InitialChunk(bytearray(b"x"))  # type: ignore[arg-type]
+    with pytest.raises(WireError, match="initial-chunk: field 'data' must be bytes, got memoryview"):
+        InitialChunk(memoryview(b"xxxx").cast("I"))

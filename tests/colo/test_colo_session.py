@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import colo.session
 from colo.auth import Handshake, compute_proof
 from colo.errors import AuthError, IntegrityError, WireError
-from colo.messages import CheckpointReady, ErrorMessage, Heartbeat, Message, VmstateChunk, VmstateSize
+from colo.messages import CheckpointReady, ErrorMessage, Heartbeat, InitialChunk, Message, VmstateChunk, VmstateSize
 from colo.session import LABEL, SessionCodec, direction_secret, transcript
 from colo.wire import HEADER_SIZE, SEALED_HEADER_SIZE, SEALED_OVERHEAD, frame_size
 
@@ -340,3 +340,59 @@ def test_large_frames_are_sealed_the_same_incrementally(encrypt: bool, monkeypat
         frames[threshold] = [p.encode(VmstateChunk(1, bytes([n % 251]) * n)) for n in sizes]
         assert receive_all(s, b"".join(frames[threshold])) == [VmstateChunk(1, bytes([n % 251]) * n) for n in sizes]
     assert frames[0] == frames[2**40]
+
+
+# -- large state chunks without copies ---------------------------------------------------------------------------
+CHUNK_SIZES = [0, 1, 255, 256, 65_535, 65_536, 200_000]
+
+
+@MODES
+def test_chunks_sealed_in_parts_are_the_same_frames(encrypt: bool) -> None:
+    # encode_parts seals a large chunk over its data where it lies; the bytes are exactly encode()'s.
+    msgs: list[Message] = [VmstateChunk(e, bytes([n % 251]) * n) for e in (0, 7, 300, 2**40) for n in CHUNK_SIZES]
+    msgs += [InitialChunk(bytes([n % 13]) * n) for n in CHUNK_SIZES]
+    a, _ = fixed_codecs(encrypt=encrypt)
+    b, _ = fixed_codecs(encrypt=encrypt)
+    for msg in msgs:
+        assert b"".join(a.encode_parts(msg)) == b.encode(msg)
+    view = memoryview(bytearray(b"x" * 100_000))
+    assert b"".join(a.encode_parts(VmstateChunk(3, view))) == b.encode(VmstateChunk(3, bytes(view)))
+
+
+@MODES
+def test_large_frames_read_into_their_own_buffer(encrypt: bool) -> None:
+    # A reader that follows read_target() gets the same messages as one that feeds everything; a large chunk's
+    # data is then a view of the frame's own buffer (no copy), and stays valid as more frames come.
+    msgs: list[Message] = [Heartbeat(), VmstateChunk(1, b"a" * 200_000), VmstateSize(1, 5),
+                           VmstateChunk(1, b"b" * 70_000), VmstateChunk(1, b"c" * 10), Heartbeat()]
+    p, s = codecs(encrypt=encrypt)
+    stream = b"".join(p.encode(m) for m in msgs)
+    got: list[Message] = []
+    at = 0
+    while at < len(stream):
+        target = s.read_target()
+        if target is not None:
+            n = min(len(target), 5000, len(stream) - at)
+            target[:n] = stream[at:at + n]
+            s.filled(n)
+        else:
+            n = min(3000, len(stream) - at)
+            s.feed(stream[at:at + n])
+        at += n
+        while (msg := s.next_message()) is not None:
+            got.append(msg)
+    assert got == msgs
+    assert isinstance(got[1], VmstateChunk) and isinstance(got[1].data, memoryview)
+    assert s.buffered == 0
+
+
+def test_only_an_exact_chunk_payload_takes_the_fast_path() -> None:
+    # chunk_from_payload reads only what decode_payload would make into the same message; anything else is left
+    # to decode_payload, which refuses it as before.
+    good = msgpack.packb({"msg": "vmstate-chunk", "epoch": 9, "data": b"xyz"}, use_bin_type=True)
+    assert colo.session.chunk_from_payload(good) == VmstateChunk(9, b"xyz")
+    for bad in (good + b"\x00", good[:-1], good.replace(b"vmstate-chunk", b"vmstate-chunX"),
+                msgpack.packb({"msg": "vmstate-chunk", "epoch": -1, "data": b"xyz"}),
+                msgpack.packb({"msg": "vmstate-chunk", "data": b"xyz", "epoch": 9}),
+                msgpack.packb({"msg": "vmstate-chunk", "epoch": 9, "data": "xyz"}), b""):
+        assert colo.session.chunk_from_payload(bad) is None

@@ -35,7 +35,8 @@ def _record(epoch: int, t: float, pause: float, **extra: object) -> dict[str, ob
 def write_sample(path: Path) -> None:
     """A file with one stamped run, two older runs written before records had run ids, and a torn last line."""
     lines = [_record(i, T0 + 0.1 * (i - 1), float(i), run_id="aaaa1111", mode="periodic", interval_ms=100.0,
-                     trigger="manual" if i == 4 else "timer") for i in range(1, 11)]
+                     trigger="manual" if i == 4 else "timer", commit_ms=2.0 * i,
+                     checkpoint_mode="strict" if i == 1 else "pipelined") for i in range(1, 11)]
     lines += [_record(i, T0 + 100 + i, 2.0) for i in (1, 2, 3)]
     lines += [_record(i, T0 + 200 + i, 3.0) for i in (1, 2)]
     lines += [_record(1, T0 + 300, 1.0, run_id="bbbb2222", mode="hybrid", interval_ms=2000.0, trigger="mismatch")]
@@ -85,14 +86,17 @@ def test_summary_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 run aaaa1111: periodic, interval 100 ms
   checkpoints   10 over 0.9 s (10.0/s), 2023-11-14 22:13:20 to 22:13:20
   triggers      timer 9, manual 1
-  pause ms      p50 5.50  p90 9.10  p99 9.91  max 10.00  (mean 5.50)
+  pause ms      p50 5.50  p90 9.10  p99 9.91  max 10.00  (mean 5.50; the guest stopped)
+  commit ms     p50 11.00  p90 18.20  p99 19.82  max 20.00  (mean 11.00; stop to vmstate-received; pipelined 9, strict 1)
   bytes raw     220.0 KiB total, 22.0 KiB per checkpoint (max 40.0 KiB)
   bytes wire    27.5 KiB total, 2.8 KiB per checkpoint (max 5.0 KiB), 8.0x smaller
   dirty pages   median 5.5, max 10
-  phase ms      suspend 0.79  collect 0.79  compress 0.79  send 0.79  received 0.79  loaded 0.79  resume 0.79  (medians)
+  phase ms      request 0.92  collect 0.92  send 0.92  received 0.92  loaded 0.92  resume 0.92  (medians)
 run unlabelled-1: mode not recorded
   checkpoints   3 over 2.0 s (1.0/s), 2023-11-14 22:15:01 to 22:15:03
-"""
+  triggers      timer 3
+  pause ms      p50 2.00  p90 2.00  p99 2.00  max 2.00  (mean 2.00; the guest stopped)
+  bytes raw"""
     assert out.startswith(expected_first_run), out
     assert "run bbbb2222: hybrid, backstop 2000 ms\n  checkpoints   1 over 0.0 s, 2023-11-14 22:18:20" in out
     assert "  triggers      mismatch 1\n  pause ms      p50 1.00  p90 1.00  p99 1.00  max 1.00" in out

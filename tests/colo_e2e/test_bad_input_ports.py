@@ -29,7 +29,7 @@ import pytest
 from colo import vmstate
 from colo.auth import Handshake, generate_key
 from colo.link import Closed
-from colo.livecopy import FINAL, record
+from colo.livecopy import FINAL, pack_pieces, record
 from colo.messages import (
     CheckpointReady,
     CheckpointReply,
@@ -321,31 +321,31 @@ class FakePrimary:
     def initial_copy(self) -> dict[str, str]:
         vm = self.vm
         vm.collect_dirty()
-        blob, _ = vmstate.encode(vm, vm.ram.nonzero_pages(), epoch=0, full=True)
-        copy = record(FINAL, blob)  # a stop-and-copy: one record, the whole VM
+        pieces, _ = vmstate.encode(vm, vm.ram.nonzero_pages(), epoch=0, full=False)
+        copy = record(FINAL, pack_pieces(pieces))  # a stop-and-copy: one record, the whole VM
         for lo in range(0, len(copy), 1 << 20):
             self.link.send(InitialChunk(copy[lo:lo + (1 << 20)]))
         self.link.send(InitialSize(len(copy)))
         self.expect(CheckpointReady)
         return state_digest(vm)
 
-    def next_state(self, epoch: int) -> tuple[bytes, dict[str, str]]:
-        """Run the guest a little and encode the checkpoint, as the primary does."""
+    def next_state(self, epoch: int) -> tuple[list[bytes], dict[str, str]]:
+        """Run the guest a little and encode the checkpoint's pieces, as the primary does."""
         self.vm.run_slice(0.005)
         self.vm.take_serial()
-        blob, _ = vmstate.encode(self.vm, self.vm.collect_dirty(), epoch=epoch, full=False)
-        return blob, state_digest(self.vm)
+        pieces, _ = vmstate.encode(self.vm, self.vm.collect_dirty(), epoch=epoch, full=False)
+        return pieces, state_digest(self.vm)
 
     def begin(self, epoch: int) -> None:
         self.link.send(CheckpointRequest(epoch, Trigger.TIMER))
         self.expect(CheckpointReply)
         self.link.send(VmstateSend(epoch))
 
-    def send_state(self, epoch: int, blob: bytes, chunk: int = 1 << 20) -> None:
+    def send_state(self, epoch: int, pieces: list[bytes]) -> None:
         self.begin(epoch)
-        for lo in range(0, len(blob), chunk):
-            self.link.send(VmstateChunk(epoch, blob[lo:lo + chunk]))
-        self.link.send(VmstateSize(epoch, len(blob)))
+        for piece in pieces:
+            self.link.send(VmstateChunk(epoch, piece))
+        self.link.send(VmstateSize(epoch, sum(map(len, pieces))))
 
     def checkpoint(self, epoch: int) -> dict[str, str]:
         blob, digest = self.next_state(epoch)
@@ -378,34 +378,46 @@ class FakePrimary:
         self.link.close()
 
 
-def rebuild(blob: bytes, change: Callable[[dict[str, Any]], None], *, fix_crc: bool = True) -> bytes:
-    """The state blob with its msgpack body changed by `change`, and (by default) a correct CRC, so only the
-    intended field is wrong."""
-    body = msgpack.unpackb(blob[8:], raw=False, strict_map_key=False)
+def head_piece(body: bytes) -> bytes:
+    return struct.pack("<4sII", b"CVH2", len(body), zlib.crc32(body)) + body
+
+
+def rebuild(pieces: list[bytes], change: Callable[[dict[str, Any]], None]) -> list[bytes]:
+    """The state with its head (a msgpack map) changed by `change`, under a correct CRC, so only the intended
+    field is wrong."""
+    body = msgpack.unpackb(pieces[0][12:], raw=False, strict_map_key=False)
     change(body)
-    packed: bytes = msgpack.packb(body, use_bin_type=True)
-    return struct.pack(">4sI", b"CVS1", zlib.crc32(packed) if fix_crc else 0) + packed
+    return [head_piece(msgpack.packb(body, use_bin_type=True)), *pieces[1:]]
+
+
+def batch_piece(number: int, index: list[int], data: bytes, flags: int = 0) -> bytes:
+    """A page batch with a correct CRC."""
+    b = bytearray(struct.pack("<4sIIII", b"CVB2", number, len(index), flags, 0))
+    b += struct.pack(f"<{len(index)}I", *index) + lz4.block.compress(data, store_size=False)
+    struct.pack_into("<I", b, 16, zlib.crc32(bytes(b[20:]), zlib.crc32(bytes(b[:16]))))
+    return bytes(b)
 
 
 def set_version(m: dict[str, Any]) -> None:
-    m["version"] = 3
+    m["version"] = 99
 
 
-def page_outside_ram(m: dict[str, Any]) -> None:
-    b = m["batches"][0]
-    idx = bytearray(b["index"])
-    idx[-4:] = struct.pack("<I", parse_size(RAM) // 4096)  # one past the last page
-    b["index"] = bytes(idx)
+def page_outside_ram(pieces: list[bytes]) -> list[bytes]:
+    b = bytearray(pieces[1])
+    n = struct.unpack_from("<I", b, 8)[0]
+    struct.pack_into("<I", b, 20 + 4 * (n - 1), parse_size(RAM) // 4096)  # one past the last page
+    struct.pack_into("<I", b, 16, zlib.crc32(bytes(b[20:]), zlib.crc32(bytes(b[:16]))))
+    return [pieces[0], bytes(b), *pieces[2:]]
 
 
 def wrong_epoch_inside(m: dict[str, Any]) -> None:
     m["epoch"] = m["epoch"] + 7
 
 
-def corrupt_crc(blob: bytes) -> bytes:
-    b = bytearray(blob)
+def corrupt_batch(pieces: list[bytes]) -> list[bytes]:
+    b = bytearray(pieces[-1])
     b[-1] ^= 0xFF
-    return bytes(b)
+    return [*pieces[:-1], bytes(b)]
 
 
 @pytest.fixture
@@ -453,17 +465,16 @@ def assert_still_at(procs: Procs, digest: dict[str, str], epoch: int, lines: int
     assert sec["connected"] and sec["complete_epoch"] == epoch, sec
 
 
-BAD_STATES: list[tuple[str, Callable[[bytes], bytes], str]] = [
-    # name, how to make the blob from a good one, what the secondary must say
-    ("page-outside-ram", lambda b: rebuild(b, page_outside_ram),
+BAD_STATES: list[tuple[str, Callable[[list[bytes]], list[bytes]], str]] = [
+    # name, how to make the state's pieces from a good one's, what the secondary must say
+    ("page-outside-ram", page_outside_ram,
      f"page index {parse_size(RAM) // 4096} is outside guest RAM ({parse_size(RAM) // 4096} pages)"),
-    ("wrong-state-version", lambda b: rebuild(b, set_version), "state version 3 is not supported"),
-    ("bad-checksum", corrupt_crc, "checksum mismatch"),
-    ("not-msgpack", lambda b: struct.pack(">4sI", b"CVS1", zlib.crc32(b"\xc1" * 32)) + b"\xc1" * 32,
-     "not valid msgpack"),
+    ("wrong-state-version", lambda b: rebuild(b, set_version), "state version 99 is not supported"),
+    ("bad-checksum", corrupt_batch, "checksum mismatch"),
+    ("not-msgpack", lambda b: [head_piece(b"\xc1" * 32), *b[1:]], "not valid msgpack"),
     ("state-for-another-epoch", lambda b: rebuild(b, wrong_epoch_inside), "the state says it is for epoch 9"),
-    ("bad-magic", lambda b: b"XXXX" + b[4:], "bad state magic"),
-    ("too-short", lambda b: b[:5], "too short"),
+    ("bad-magic", lambda b: [b"XXXX" + b[0][4:], *b[1:]], "bad state magic"),
+    ("too-short", lambda b: [b[0][:5]], "too short"),
     ("machine-state-for-other-ram", lambda b: rebuild(b, lambda m: m.__setitem__("vm", msgpack.packb(
         {**msgpack.unpackb(m["vm"], raw=False), "machine": {**msgpack.unpackb(m["vm"], raw=False)["machine"],
                                                              "ram_size": 32 << 20}}, use_bin_type=True))),
@@ -506,15 +517,18 @@ def test_state_cut_off_mid_transfer_is_discarded(standalone: Procs, where: str) 
         fake.initial_copy()
         digest = fake.checkpoint(1)
         lines = len(read_state_log(procs.state_log))  # type: ignore[attr-defined]
-        fake.vm.ram.view[0x300000:0x300000 + (3 << 20)] = 0x5A  # a state of several chunks
-        blob, _ = fake.next_state(2)
+        fake.vm.ram.write(0x300000, b"\x5a" * (3 << 20))  # dirty: a state of several chunks
+        pieces, _ = fake.next_state(2)
+        assert len(pieces) >= 3
         fake.begin(2)
-        half = len(blob) // 2
-        fake.link.send(VmstateChunk(2, blob[:half]))
+        half = len(pieces) // 2
+        for piece in pieces[:half]:
+            fake.link.send(VmstateChunk(2, piece))
         if where == "before-size":
-            fake.link.send(VmstateChunk(2, blob[half:]))
+            for piece in pieces[half:]:
+                fake.link.send(VmstateChunk(2, piece))
         elif where == "inside-a-frame":
-            frame = fake.forge(VmstateChunk(2, blob[half:]))
+            frame = fake.forge(VmstateChunk(2, pieces[half]))
             fake.raw(frame[:len(frame) // 2])
         time.sleep(0.2)
     finally:
@@ -532,10 +546,11 @@ def test_state_cut_off_mid_transfer_is_discarded(standalone: Procs, where: str) 
 
 def send_size_mismatch(fake: FakePrimary) -> None:
     """A whole state, then a vmstate-size that is not what was sent."""
-    blob, _ = fake.next_state(2)
+    pieces, _ = fake.next_state(2)
     fake.begin(2)
-    fake.link.send(VmstateChunk(2, blob))
-    fake.raw(fake.forge(VmstateSize(2, len(blob) + 1)))
+    for piece in pieces:
+        fake.link.send(VmstateChunk(2, piece))
+    fake.raw(fake.forge(VmstateSize(2, sum(map(len, pieces)) + 1)))
 
 
 PROTOCOL_ABUSE: list[tuple[str, Callable[[FakePrimary], None], str]] = [
@@ -604,7 +619,7 @@ def test_an_empty_page_batch_does_not_crash_the_secondary(standalone: Procs) -> 
         digest = fake.checkpoint(1)
         lines = len(read_state_log(procs.state_log))  # type: ignore[attr-defined]
         good, _ = fake.next_state(2)
-        bad = rebuild(good, lambda m: m["batches"].append({"index": b"", "zero": b"", "data": b"", "raw": 0}))
+        bad = [*good, batch_piece(len(good) - 1, [], b"")]  # one batch more than the head says, with no pages
         fake.send_state(2, bad)
         seen = fake.closed_with()
         assert not any(isinstance(e, VmstateReceived) for e in seen), \
@@ -627,15 +642,12 @@ def test_pages_are_applied_where_the_index_says(standalone: Procs, order: tuple[
         pages = [base + i for i in order]
         for n, p in enumerate(pages):
             vm.ram.view[p * 4096:(p + 1) * 4096] = 0x11 * (n + 1)
-        blob, _ = vmstate.encode(vm, np.array(sorted(pages), dtype=np.int64), epoch=2, full=False)
+        good, _ = vmstate.encode(vm, np.array(sorted(pages), dtype=np.int64), epoch=2, full=False)
         expected = state_digest(vm)
-
-        def listed_in_order(m: dict[str, Any]) -> None:  # the same three pages, listed in `order`, data to match
-            data = b"".join(bytes(vm.ram.view[p * 4096:(p + 1) * 4096]) for p in pages)
-            m["batches"] = [{"index": struct.pack("<3I", *pages), "zero": bytes([0]),
-                             "data": lz4.block.compress(data, store_size=False), "raw": len(data)}]
+        # the same three pages, listed in `order`, data to match
+        data = b"".join(bytes(vm.ram.view[p * 4096:(p + 1) * 4096]) for p in pages)
         lines = len(read_state_log(procs.state_log))  # type: ignore[attr-defined]
-        fake.send_state(2, rebuild(blob, listed_in_order))
+        fake.send_state(2, [good[0], batch_piece(0, pages, data)])
         if list(order) != sorted(order):
             # Page numbers out of order are refused (the primary always sends them sorted): no ack, no change.
             seen = fake.closed_with()

@@ -72,7 +72,7 @@ class HybridRun:
     def __init__(self, directory: Path, name: str, *, cmdline: str = "", backstop_ms: float = 2000.0,
                  heartbeat_timeout: float = 0.8, env: dict[str, dict[str, str]] | None = None,
                  extra: dict[str, list[str]] | None = None, freeze: tuple[str, ...] = (), state_logs: bool = True,
-                 trace: bool = False) -> None:
+                 trace: bool = False, checkpoint_mode: str = "pipelined") -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.plog, self.slog = self.dir / "primary.states", self.dir / "secondary.states"
@@ -84,7 +84,8 @@ class HybridRun:
         self.cluster = HybridCluster(str(guest(name)), ram=RAM, cmdline=cmdline, backstop_ms=backstop_ms,
                                      heartbeat_timeout=heartbeat_timeout, env=env, extra=extra, freeze=freeze,
                                      directory=self.dir / "cluster", stats=str(self.stats_path),
-                                     trace=trace or bool(os.environ.get("COLO_HYBRID_TRACE")))
+                                     trace=trace or bool(os.environ.get("COLO_HYBRID_TRACE")),
+                                     checkpoint_mode=checkpoint_mode)
         self.stderr_path = self.dir / "stderr.txt"
         self._stderr = open(self.stderr_path, "wb")
         self.closed = False

@@ -4,16 +4,20 @@ stay open, so its peers only notice it by its silence (the heartbeat timeout), a
 goes on with whatever it had. Test-only: colo.faults itself always SIGKILLs."""
 from __future__ import annotations
 
-import os
 import signal
 import sys
+import threading
 
 from colo import faults
 
 
 def _freeze(self: faults.FaultPlan, phase: str, epoch: int) -> None:
     if self.phase == phase and epoch >= self.epoch:
-        os.kill(os.getpid(), signal.SIGSTOP)  # stops every thread of the process, heartbeats included
+        # Stops every thread of the process, heartbeats included. Sent to the calling thread itself: a phase may be
+        # reached in a thread other than the main one (the checkpoint sender, the I/O thread), and with a signal to
+        # the process the kernel may pick another thread to start the stop, letting this one finish its next
+        # system call (a frame sent past the phase) before it stops.
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
 
 faults.FaultPlan.reach = _freeze  # type: ignore[method-assign]

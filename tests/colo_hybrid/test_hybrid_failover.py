@@ -40,6 +40,8 @@ BACKSTOP_MS = 200
 FAULT_EPOCH = 8  # over a second of client writes before the fault
 AFTER_FAILOVER_ACKS = 5  # replies every client must get from the survivor
 BEFORE_COMPLETE = ("before-request", "after-request", "after-reply", "mid-send")
+# Killed at every phase in both checkpoint modes; the freeze tests (slower) run in the default mode only.
+CHECKPOINT_MODES = ("pipelined", "strict")
 
 
 def expected_resume(phase: str, n: int) -> set[int]:
@@ -128,9 +130,11 @@ def test_kill_primary_at_a_random_moment(hybrid: Callable[..., HybridRun], seed:
 
 @pytest.mark.redis
 @needs_redis_cli
+@pytest.mark.parametrize("mode", CHECKPOINT_MODES)
 @pytest.mark.parametrize("phase", PRIMARY_PHASES)
-def test_kill_primary_at_checkpoint_phase(hybrid: Callable[..., HybridRun], phase: str) -> None:
-    run = hybrid("kvstore", backstop_ms=BACKSTOP_MS, env={"primary": {"COLO_FAULT": f"{phase}@{FAULT_EPOCH}"}})
+def test_kill_primary_at_checkpoint_phase(hybrid: Callable[..., HybridRun], phase: str, mode: str) -> None:
+    run = hybrid("kvstore", backstop_ms=BACKSTOP_MS, env={"primary": {"COLO_FAULT": f"{phase}@{FAULT_EPOCH}"}},
+                 checkpoint_mode=mode)
     kvstore_failover(run, allowed=lambda _: expected_resume(phase, FAULT_EPOCH))
 
 
@@ -173,11 +177,13 @@ def test_primary_hangs_after_state_sent_idle_guest(hybrid: Callable[..., HybridR
     assert len(events_named(st, "promoted")) == 1, st
 
 
+@pytest.mark.parametrize("mode", CHECKPOINT_MODES)
 @pytest.mark.parametrize("phase", PRIMARY_PHASES)
-def test_noisy_kill_primary_during_mismatch_checkpoint(hybrid: Callable[..., HybridRun], phase: str) -> None:
+def test_noisy_kill_primary_during_mismatch_checkpoint(hybrid: Callable[..., HybridRun], phase: str,
+                                                       mode: str) -> None:
     """Checkpoints come only from mismatches (no backstop): the primary dies inside the 4th, while the two VMs'
     answers differ. Every client still gets exactly one well-formed answer per request and keeps its connection."""
-    run = hybrid("noisy", backstop_ms=60_000, env={"primary": {"COLO_FAULT": f"{phase}@4"}})
+    run = hybrid("noisy", backstop_ms=60_000, env={"primary": {"COLO_FAULT": f"{phase}@4"}}, checkpoint_mode=mode)
     run.start()
     loop = NoisyLoop(run.service, clients=2).start()
     try:

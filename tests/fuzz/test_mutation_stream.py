@@ -37,9 +37,9 @@ from toyvm.errors import StateError
 
 KEY = b"mutation-key-0123456789abcdef"
 RAM = 4 << 20  # memtouch puts its buffer at 2 MiB
-CHUNK = 8 * 1024  # small chunks: many frames, many headers
 CHECKPOINTS = 3
 READ = 4096  # the secondary reads the stream in pieces of this size
+CHUNK = 8 * 1024  # the copy in small chunks: many frames, many headers
 
 
 def pair(encrypt: bool) -> tuple[PrimaryProtocol, SecondaryProtocol]:
@@ -61,7 +61,7 @@ class Recording:
 
 
 SMALL = "pages=6 iters=0"  # about 10 KB of stream: every byte can be flipped
-LARGE = "pages=12 iters=0 fill=random"  # incompressible pages: a few hundred KB, 8 KiB chunks
+LARGE = "pages=24 iters=0 fill=random"  # incompressible pages: frames above LARGE_FRAME, read in pieces
 
 
 def record(encrypt: bool, args: str = SMALL) -> Recording:
@@ -89,23 +89,24 @@ def record(encrypt: bool, args: str = SMALL) -> Recording:
         while primary.next_event() is not None:
             pass
 
-    blob, _ = vmstate.encode(vm, vm.ram.nonzero_pages(), epoch=0, full=True)
+    pieces, _ = vmstate.encode(vm, vm.ram.nonzero_pages(), epoch=0, full=False)
     first_round, _ = vmstate.encode(vm, vm.ram.nonzero_pages()[:8], epoch=0, full=False)
     # as a live copy: a round of pages, then the VM
-    copy = livecopy.record(ROUND, first_round) + livecopy.record(FINAL, blob)
+    copy = (livecopy.record(ROUND, livecopy.pack_pieces(first_round))
+            + livecopy.record(FINAL, livecopy.pack_pieces(pieces)))
     for lo in range(0, len(copy), CHUNK):
         send(InitialChunk(copy[lo:lo + CHUNK]))
     send(InitialSize(len(copy)))
     reply(CheckpointReady(1))
     for epoch in range(1, CHECKPOINTS + 1):
         vm.run_slice(0.005)
-        blob, _ = vmstate.encode(vm, vm.collect_dirty(), epoch=epoch, full=False)
+        pieces, _ = vmstate.encode(vm, vm.collect_dirty(), epoch=epoch, full=False)
         send(CheckpointRequest(epoch, Trigger.TIMER))
         reply(CheckpointReply(epoch))
         send(VmstateSend(epoch))
-        for lo in range(0, len(blob), CHUNK):
-            send(VmstateChunk(epoch, blob[lo:lo + CHUNK]))
-        send(VmstateSize(epoch, len(blob)))
+        for piece in pieces:
+            send(VmstateChunk(epoch, piece))
+        send(VmstateSize(epoch, sum(map(len, pieces))))
         reply(VmstateReceived(epoch))
         reply(VmstateLoaded(epoch))
     assert secondary.state is State.IDLE and secondary.loaded_epoch == CHECKPOINTS
@@ -121,28 +122,34 @@ def replay(stream: bytes, encrypt: bool, vm: Machine) -> int:
     """Play the secondary's part against `stream`, as colo.secondary does (decode each state, never
     apply it here); returns the last epoch it verified. A refusal raises a ColoError or StateError."""
     _, side = pair(encrypt)
+    receiver = vmstate.Receiver()
     chunks: list[bytes] = []
     verified = 0
     for lo in range(0, len(stream), READ):
         side.receive_data(stream[lo:lo + READ])
         while (ev := side.next_event()) is not None:
-            if isinstance(ev, (InitialChunk, VmstateChunk)):
-                chunks.append(ev.data)
+            if isinstance(ev, InitialChunk):
+                chunks.append(bytes(ev.data))
+            elif isinstance(ev, VmstateChunk):
+                receiver.feed(ev.data)
             elif isinstance(ev, InitialSize):
                 reader = RecordReader()
                 records = reader.feed(b"".join(chunks))
                 if not reader.final_seen:
                     raise ProtocolError("the copy ended without its final record")
                 for _, blob in records:
-                    vmstate.decode(blob, vm, epoch=None)
+                    receiver.begin(epoch=None, full=False, vm=vm)
+                    for piece in livecopy.unpack_pieces(blob):
+                        receiver.feed(piece)
+                    receiver.finish()
                 chunks = []
                 side.send(CheckpointReady(1))
             elif isinstance(ev, CheckpointRequest):
                 side.send(CheckpointReply(ev.epoch))
             elif isinstance(ev, VmstateSend):
-                chunks = []
+                receiver.begin(epoch=ev.epoch, full=False, vm=vm)
             elif isinstance(ev, VmstateSize):
-                vmstate.decode(b"".join(chunks), vm, epoch=ev.epoch)
+                receiver.finish()
                 verified = ev.epoch
                 side.send(VmstateReceived(ev.epoch))
                 side.send(VmstateLoaded(ev.epoch))
