@@ -633,8 +633,10 @@ class PrimaryRole:
         """I/O thread, every message of the replication link: the commit goes to the gateway the moment
         vmstate-received is read, without waiting for the VM thread (the event is queued for it as well)."""
         flight = self.committing
+        # Not while the step gate may hold (teaching): the commit would wait in this thread, which reads the
+        # step that lets it go; the VM thread sends it instead.
         if isinstance(msg, VmstateReceived) and flight is not None and flight.epoch == msg.epoch \
-                and flight.t_received is None:
+                and flight.t_received is None and not self.node.gate.holding:
             self._commit(flight)
         return False
 

@@ -77,6 +77,7 @@ class SecondaryRole:
         self.listen_address: tuple[str, int] = ("", 0)
         self.receiver = vmstate.Receiver()  # its staging buffers are reused from checkpoint to checkpoint
         self._chunks = 0
+        self._sunk: int | None = None  # the epoch whose state the I/O thread stages (_sink)
         self._finished: int | None = None  # the epoch whose state the I/O thread completed
         self._refused: StateError | None = None  # why it refused it
         if not node.io.started:
@@ -323,12 +324,15 @@ class SecondaryRole:
         assert repl is not None and vm is not None and self.complete is None
         epoch = req.epoch
         self.faults.reach("after-request", epoch)
+        # Before the reply: from then on the I/O thread may stage this checkpoint's state (_sink).
+        self._sunk, self._finished, self._refused = None, None, None
         repl.send(CheckpointReply(epoch))
         self.faults.reach("after-reply", epoch)
         r = self.receiver
-        self._finished, self._refused = None, None
         try:
-            self.expect(VmstateSend)  # the I/O thread has begun staging (_sink)
+            self.expect(VmstateSend)  # the I/O thread has begun staging (_sink), unless the step gate holds
+            if self._sunk != epoch:
+                self._begin_state(epoch, vm)  # this state is ours to stage, here
             while True:  # the chunks are staged by the I/O thread as they arrive: only the size comes here
                 ev = self.expect(VmstateChunk, VmstateSize)
                 if not isinstance(ev, VmstateChunk):
@@ -352,13 +356,18 @@ class SecondaryRole:
         receive_checkpoint, wakes once, at vmstate-size, instead of once per chunk. True: taken care of."""
         if isinstance(msg, VmstateSend):
             vm = self.node.vm
-            if vm is not None and self.applied is not None:
+            # Not while the step gate may hold: vmstate-received would wait in this thread, which reads the step
+            # that would let it go. The VM thread then stages this state itself.
+            if vm is not None and self.applied is not None and not self.node.gate.holding:
                 self._begin_state(msg.epoch, vm)
+                self._sunk = msg.epoch
             return False  # the VM thread sees it too: it follows the conversation
-        if isinstance(msg, VmstateChunk) and self.node.vm is not None:
+        if self._sunk is None or getattr(msg, "epoch", None) != self._sunk:
+            return False
+        if isinstance(msg, VmstateChunk):
             self._stage_chunk(msg)
             return True
-        if isinstance(msg, VmstateSize) and self.node.vm is not None:
+        if isinstance(msg, VmstateSize):
             self._finish_state(msg.epoch)
             return False  # the VM thread applies it
         return False

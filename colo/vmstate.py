@@ -497,6 +497,8 @@ class Receiver:
             self.epoch = epoch
         elif m.get("epoch") != epoch:
             raise _fail(epoch, f"the state says it is for epoch {m.get('epoch')!r}")
+        if type(m.get("full")) is not bool:
+            raise _fail(epoch, f"the head's full must be true or false, not {m.get('full')!r}")
         if self.full is not None and m.get("full") is not self.full:
             raise _fail(epoch, "a whole copy was expected" if self.full else
                         "a checkpoint, not a whole copy, was expected")

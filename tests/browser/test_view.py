@@ -217,8 +217,8 @@ def test_manual_checkpoint_and_slow_motion(page: Page) -> None:
     page.locator("#rng-slow").fill("300")
     page.dispatch_event("#rng-slow", "change")
     assert "Slow motion" in page.inner_text("#step-banner")
-    page.wait_for_function("[...document.querySelectorAll('#timeline rect.bar')].some(b => +b.dataset.pause > 1800)",
-                           timeout=20_000)  # seven messages, 300 ms each
+    page.wait_for_function("[...document.querySelectorAll('#timeline rect.bar')].some(b => +b.dataset.span > 1800)",
+                           timeout=20_000)  # seven messages, 300 ms each: a checkpoint from its request to loaded
     page.locator("#rng-slow").fill("0")
     page.dispatch_event("#rng-slow", "change")
 

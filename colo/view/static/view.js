@@ -171,7 +171,7 @@ function drawDiagram() {
     const total = prim[prim.length - 1].end - prim[0].start;
     root.append(svg("text", { class: "note", x: 10, y: height - 10, id: "phase-summary" },
       `checkpoint ${prim[0].epoch} on the primary: ` + prim.map((p) =>
-        `${p.name} ${((p.end - p.start) * 1e3).toFixed(2)}`).join(" · ") + ` ms (pause ${(total * 1e3).toFixed(2)} ms)`));
+        `${p.name} ${((p.end - p.start) * 1e3).toFixed(2)}`).join(" · ") + ` ms (${(total * 1e3).toFixed(2)} ms in all)`));
   }
   // The highlighted message: the one the last Step let go (step mode), the newest (live), the one being replayed.
   let hi = arrows[arrows.length - 1];
@@ -373,14 +373,20 @@ function drawTimeline() {
   root.replaceChildren();
   const w = 9, max = Math.floor((root.clientWidth || 1200) / w) - 2;
   const shown = page.checkpoints.slice(-max);
-  const top = Math.max(1, ...shown.map((c) => c.pause_ms));
+  // A bar is a checkpoint from its request to vmstate-loaded; pipelined, the guest is stopped only for part of
+  // it (the pause), and its output may go from vmstate-received on (the commit latency).
+  const span = (c) => (c.end - c.start) * 1e3;
+  const top = Math.max(1, ...shown.map(span));
   shown.forEach((c, i) => {
-    const h = Math.max(3, 70 * Math.log1p(c.pause_ms) / Math.log1p(top));
+    const h = Math.max(3, 70 * Math.log1p(span(c)) / Math.log1p(top));
     const r = svg("rect", { class: "bar", x: 4 + i * w, y: 80 - h, width: w - 2, height: h,
                              fill: TRIGGER_COLORS[c.trigger] || "#6b7280", "data-epoch": c.epoch,
-                             "data-trigger": c.trigger, "data-pause": c.pause_ms });
+                             "data-trigger": c.trigger, "data-pause": c.pause_ms,
+                             "data-span": span(c).toFixed(3) });
     if (page.replay && page.replay.epoch === c.epoch) r.classList.add("selected");
-    r.append(svg("title", {}, `checkpoint ${c.epoch} (${c.trigger}): pause ${c.pause_ms} ms, ` +
+    r.append(svg("title", {}, `checkpoint ${c.epoch} (${c.trigger}, ${c.mode || "strict"}): ` +
+                                `${span(c).toFixed(1)} ms in all, the guest stopped ${c.pause_ms} ms, output ` +
+                                `sendable after ${c.commit_ms ?? "?"} ms, ` +
                                 `${c.dirty_pages} dirty pages, ${c.bytes_wire} bytes`));
     r.addEventListener("click", () => replayEpoch(c.epoch));
     root.append(r);
