@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint demo demo-kvstore bench bench-checkpoint bench-colo bench-reprotect guests guests-check clean
+.PHONY: setup test test-fast lint demo demo-kvstore bench bench-checkpoint bench-colo bench-reprotect bench-delta guests guests-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ bench-checkpoint: $(STAMP)
 # A new secondary for a running primary: live copy against stop-and-copy, 64 MiB to 1 GiB (a few minutes).
 bench-reprotect: $(STAMP)
 	$(PY) benchmarks/reprotect.py
+
+# --delta against plain pages: kvstore under redis-benchmark, memtouch (about 2 min).
+bench-delta: $(STAMP)
+	@scripts/need-redis-tools
+	$(PY) benchmarks/delta_cost.py
 
 # Why COLO: client throughput, latency and checkpoints/s of kvstore and noisy alone, under periodic checkpoints
 # (20/50/100 ms) and in hybrid mode; 3 interleaved rounds, about 8 min; writes benchmarks/colo_vs_periodic.png.

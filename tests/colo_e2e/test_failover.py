@@ -124,7 +124,10 @@ def check_primary_failover(r: Run, w: Workload, phase: str) -> None:
     acked_before = r.wait_killed("primary")
     assert acked_before >= 1, "no write was acknowledged before the primary died: the test proves nothing"
 
-    wait_for(lambda: events_named(r.status(), "promoted"), 15, "the gateway to report the secondary promoted")
+    try:
+        wait_for(lambda: events_named(r.status(), "promoted"), 15, "the gateway to report the secondary promoted")
+    except AssertionError as e:  # what the roles said is what tells why
+        raise AssertionError(f"{e}\n{r.stderr()[-6000:]}") from None
     promoted_at = time.monotonic()
     wait_survivor_serves(w, promoted_at)
     w.stop()
