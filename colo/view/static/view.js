@@ -373,12 +373,12 @@ function drawTimeline() {
   root.replaceChildren();
   const w = 9, max = Math.floor((root.clientWidth || 1200) / w) - 2;
   const shown = page.checkpoints.slice(-max);
-  // A bar is a checkpoint from its request to vmstate-loaded; pipelined, the guest is stopped only for part of
-  // it (the pause), and its output may go from vmstate-received on (the commit latency).
+  // A bar's height is the checkpoint's pause (the guest stopped); its title also gives the whole checkpoint,
+  // request to vmstate-loaded (pipelined, the guest runs for most of it), and when its output could go.
   const span = (c) => (c.end - c.start) * 1e3;
-  const top = Math.max(1, ...shown.map(span));
+  const top = Math.max(1, ...shown.map((c) => c.pause_ms));
   shown.forEach((c, i) => {
-    const h = Math.max(3, 70 * Math.log1p(span(c)) / Math.log1p(top));
+    const h = Math.max(3, 70 * Math.log1p(c.pause_ms) / Math.log1p(top));
     const r = svg("rect", { class: "bar", x: 4 + i * w, y: 80 - h, width: w - 2, height: h,
                              fill: TRIGGER_COLORS[c.trigger] || "#6b7280", "data-epoch": c.epoch,
                              "data-trigger": c.trigger, "data-pause": c.pause_ms,
