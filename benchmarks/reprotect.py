@@ -143,34 +143,37 @@ def run_one(cfg: Config, copy: str, checkpoints: int, workdir: Path) -> dict[str
     cluster = LocalCluster(str(MEMTOUCH), ram=cfg.ram, cmdline=cfg.cmdline, interval_ms=INTERVAL_MS,
                            stats=str(stats), directory=workdir, verbose=True, copy=copy, logs=True)
     client: EchoClient | None = None
-    try:
-        with LoadMeter() as load, contextlib.ExitStack() as stack:
-            out = stack.enter_context(open(console, "wb"))  # the secondaries started later print here too
-            cluster.start(secondary=False, stdout=out)
-            deadline = time.monotonic() + 120
-            while b"memtouch: " not in console.read_bytes():  # it prints once its resident RAM is filled
-                if time.monotonic() > deadline or cluster.procs["primary"].poll() is not None:
-                    raise ColoError("the guest did not start: " + cluster.log_tail("primary"))
-                time.sleep(0.05)
-            client = EchoClient(cluster.service_address).start()
-            time.sleep(WARM_S)
-            before = time.time()
-            cluster.add_secondary()
-            joined = time.monotonic()
-            deadline = time.monotonic() + 300
-            while True:
-                primary = cluster.status()["nodes"]["primary"]
-                if (primary.get("last_copy") and primary.get("checkpoints", 0) >= checkpoints + 2
-                        and time.monotonic() - joined > WARM_S + primary["last_copy"]["seconds"]):
-                    break
-                if time.monotonic() > deadline or client.error:
-                    raise ColoError(f"not protected with {checkpoints} checkpoints within 300 s {client.error}")
-                time.sleep(0.1)
-            client.stop()
-    finally:
-        if client is not None:
-            client.stop()
-        cluster.stop()
+    # The meter spans the cluster's whole life: its processes must be reaped inside it, or their CPU time would
+    # count as other work.
+    with LoadMeter() as load:
+        try:
+            with contextlib.ExitStack() as stack:
+                out = stack.enter_context(open(console, "wb"))  # the secondaries started later print here too
+                cluster.start(secondary=False, stdout=out)
+                deadline = time.monotonic() + 120
+                while b"memtouch: " not in console.read_bytes():  # it prints once its resident RAM is filled
+                    if time.monotonic() > deadline or cluster.procs["primary"].poll() is not None:
+                        raise ColoError("the guest did not start: " + cluster.log_tail("primary"))
+                    time.sleep(0.05)
+                client = EchoClient(cluster.service_address).start()
+                time.sleep(WARM_S)
+                before = time.time()
+                cluster.add_secondary()
+                joined = time.monotonic()
+                deadline = time.monotonic() + 300
+                while True:
+                    primary = cluster.status()["nodes"]["primary"]
+                    if (primary.get("last_copy") and primary.get("checkpoints", 0) >= checkpoints + 2
+                            and time.monotonic() - joined > WARM_S + primary["last_copy"]["seconds"]):
+                        break
+                    if time.monotonic() > deadline or client.error:
+                        raise ColoError(f"not protected with {checkpoints} checkpoints within 300 s {client.error}")
+                    time.sleep(0.1)
+                client.stop()
+        finally:
+            if client is not None:
+                client.stop()
+            cluster.stop()
     log = cluster.log_path("primary").read_text(errors="replace")
     summary = primary["last_copy"]
     ended = logged_at(log, "primary: protected by")

@@ -90,6 +90,7 @@ class Conn:
         self.state = State.CONNECTING if connecting else State.HANDSHAKE
         self.started = time.monotonic()
         self.last_heard = self.started
+        self.read_paused = False  # flow control (colo.nodeio): the reader is behind; the kernel holds the rest
         self.closed_reason = ""
         self.proto: ProtocolSide | None = None
         self._protocol = protocol
@@ -127,7 +128,8 @@ class Conn:
             return 0
         if self.state is State.CONNECTING:
             return selectors.EVENT_WRITE
-        return selectors.EVENT_READ | (selectors.EVENT_WRITE if self._out_bytes else 0)
+        read = 0 if self.read_paused else selectors.EVENT_READ
+        return read | (selectors.EVENT_WRITE if self._out_bytes else 0)
 
     def alive(self, timeout: float, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now

@@ -311,6 +311,7 @@ class Node:
             if source == "gateway":
                 self.on_gateway_event(ev)
                 return None
+            self.io.taken(ev)
             return source, ev
 
     def drain_events(self) -> list[tuple[Source, NodeEvent]]:

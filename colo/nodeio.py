@@ -22,10 +22,14 @@ from typing import Any
 
 from colo.errors import ColoError
 from colo.link import Closed, Conn, Event, Opened, ProtocolFactory, connect_nonblocking
-from colo.messages import Message
+from colo.messages import InitialChunk, Message, VmstateChunk
 
 log = logging.getLogger("colo.node")
 RECONNECT_MIN, RECONNECT_MAX = 0.05, 1.0  # seconds between attempts to reach the gateway
+# State bytes (copy records, checkpoint chunks) read from the replication link and not yet taken by the VM thread:
+# past this the link is not read until it catches up, so a fast primary waits in TCP instead of piling the copy
+# up here (where the primary's final stop would wait for all of it to be applied).
+BACKLOG_LIMIT = 8 << 20
 
 
 class Silent:
@@ -87,6 +91,8 @@ class NodeIO:
         # not queued (the secondary stages a checkpoint's chunks as they arrive, without waking its VM thread).
         self.repl_sink: Callable[[Message], bool] | None = None
         self.inbox: queue.Queue[tuple[Source, NodeEvent]] = queue.Queue()
+        self.backlog = 0  # state bytes in the inbox (BACKLOG_LIMIT); changed under _backlog_lock
+        self._backlog_lock = threading.Lock()
         self.sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -199,6 +205,9 @@ class NodeIO:
         now = time.monotonic()
         if self._gw_conn is None and now >= self._next_connect:
             self._connect_gateway()
+        repl = self.repl
+        if repl is not None:
+            repl.read_paused = self.backlog > BACKLOG_LIMIT
         for c in list(self._conns):
             events = c.interest()
             try:
@@ -226,6 +235,8 @@ class NodeIO:
             if c.handshake_expired(now):
                 self._drop(c, "authentication timed out")
             elif c.open:
+                if c.read_paused:
+                    c.last_heard = now  # we do not read it (flow control): its silence is not its own
                 silent = now - c.last_heard > self.timeout
                 if silent and self.gate is not None and self.gate.holding:
                     silent, c.last_heard = False, now  # step mode: nobody is judged by the time it waits
@@ -277,7 +288,19 @@ class NodeIO:
     def _post(self, c: Conn, ev: NodeEvent) -> None:
         # Tagged here, not judged by the VM thread later: by then the link may be gone (a shutdown message read
         # just before the gateway closed must still count as the gateway's).
+        if isinstance(ev, (InitialChunk, VmstateChunk)):
+            with self._backlog_lock:
+                self.backlog += len(ev.data)
         self.inbox.put(("gateway" if c is self._gw_conn else c, ev))
+
+    def taken(self, ev: NodeEvent) -> None:
+        """The VM thread took `ev` from the inbox: a state chunk no longer counts against the backlog."""
+        if isinstance(ev, (InitialChunk, VmstateChunk)):
+            with self._backlog_lock:
+                self.backlog -= len(ev.data)
+                resume = self.repl is not None and self.repl.read_paused and self.backlog <= BACKLOG_LIMIT
+            if resume:
+                self.wake()
 
     def _add(self, c: Conn) -> None:
         self._conns.add(c)
