@@ -651,8 +651,10 @@ class PrimaryRole:
         rec, st = flight.rec, flight.staged.stats
         loaded = loaded_at
         received = flight.t_received or loaded
-        sent = flight.t_sent or received  # (a sender that reported after the secondary answered)
-        send_start = flight.t_send_start or flight.t_resume or sent
+        # The sender thread reports when its last write returned; the secondary's answer may be read before that
+        # (pipelined): the state was sent by then.
+        sent = min(flight.t_sent or received, received)
+        send_start = min(flight.t_send_start or flight.t_resume or sent, sent)
         rec.phases_ms["send"] = (sent - send_start) * 1e3
         rec.phases_ms["received"] = (received - sent) * 1e3
         rec.phases_ms["loaded"] = (loaded - received) * 1e3
