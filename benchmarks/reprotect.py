@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
 
+from benchmarks import checkpoint_cost  # noqa: E402
 from benchmarks.checkpoint_cost import BUSY_WARNING, LoadMeter, machine_info, source_info  # noqa: E402
 from colo.cluster import LocalCluster  # noqa: E402
 from colo.errors import ColoError  # noqa: E402
@@ -62,14 +63,8 @@ LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{3}) ")
 
 
 @dataclass(frozen=True)
-class Config:
-    ram: str
-    pages: int
-    fill: str = "word"
-
-    @property
-    def name(self) -> str:
-        return f"{self.ram} N={self.pages} {self.fill}"
+class Config(checkpoint_cost.Config):
+    """A row of checkpoint_cost.py's kind, with half the RAM resident (what a copy carries)."""
 
     @property
     def cmdline(self) -> str:

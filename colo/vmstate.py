@@ -184,9 +184,7 @@ class Stager:
         st.raw_bytes = n * PAGE_SIZE + len(machine_state)
         base = None
         if delta and full:  # what the secondary will hold: the base of the next checkpoint's deltas
-            if self.cache is None or self.cache.shape != vm.ram.pages.shape:
-                self.cache = np.empty_like(vm.ram.pages)
-            np.copyto(self.cache, vm.ram.pages)
+            self.remember(vm)
         elif delta and self.cache is not None and self.cache.shape == vm.ram.pages.shape:
             base = self.cache
         elif not delta:
