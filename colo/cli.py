@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -383,6 +384,9 @@ def _on_term(handler: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args)
+    if hasattr(signal, "SIGUSR1"):
+        # `kill -USR1 PID`: every thread's Python stack on stderr, the process runs on (a role that seems stuck)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     if getattr(args, "lifeline", None) is not None:
         from colo import lifeline
         lifeline.watch(args.lifeline, args.command)

@@ -126,7 +126,7 @@ class Gateway:
 
     def _close(self) -> None:
         for c in self.conns.values():
-            c.close("the gateway stops")
+            c.release("the gateway stops")
         self.clients.close_all()
         self.listener.close()
         self.sel.close()
@@ -166,7 +166,10 @@ class Gateway:
                 self._conn_closed(link, c.closed_reason or "send failed")
 
     def _refresh_interest(self) -> None:
-        for link, c in self.conns.items():
+        for link, c in list(self.conns.items()):
+            if c.closed:  # closed once its last bytes were written (close_after_flush), or by a failed send
+                self._conn_closed(link, c.closed_reason or "closed")
+                continue
             events = c.interest()
             try:
                 key = self.sel.get_key(c.sock)
@@ -191,6 +194,7 @@ class Gateway:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             c = Conn(sock, key=self.cfg.key, role="gateway", peer_role=PEER_ROLES, name=f"{peer[0]}:{peer[1]}",
                      encrypt=self.cfg.encrypt)
+            c.loop_owned = True
             self.conns[c.id] = c
 
     def _conn_ready(self, link: int, mask: int) -> None:
@@ -234,7 +238,7 @@ class Gateway:
             self.sel.unregister(c.sock)
         except (KeyError, ValueError):
             pass
-        c.close(why)
+        c.release(why)
         if not c.authenticated:
             log.error("gateway: refused a connection from %s: %s", c.name, why)
         elif link not in self.attached and why.startswith("bad input"):

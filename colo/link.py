@@ -102,6 +102,10 @@ class Conn:
         self._plock = threading.Lock()  # the protocol object (sends in one thread, receives in another)
         self._close_after_flush = ""
         self.on_change: Callable[[], None] | None = None  # a sender from another thread queued bytes
+        # Served from a selector: only the loop closes the file descriptor (`release`, after it unregistered it).
+        # Closed from another thread, a number still in the selector could go to a new socket, which the selector
+        # would then never watch (a node that missed its fence for good).
+        self.loop_owned = False
         if not connecting:
             self._queue(self.hs.start())
 
@@ -377,7 +381,16 @@ class Conn:
         return self.open
 
     def close(self, reason: str = "closed") -> None:
+        """Close the connection (any thread). A loop-owned one keeps its file descriptor until `release`."""
         self._shut(reason)
+
+    def release(self, reason: str = "closed") -> None:
+        """The loop's thread, once the selector no longer holds the socket: close it and free its descriptor."""
+        self._shut(reason)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
     def close_after_flush(self, reason: str) -> None:
         """Close once what is queued is written (the loop calls `finish_close` when it is)."""
@@ -441,9 +454,13 @@ class Conn:
             with self._plock:
                 self.proto.close()
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(socket.SHUT_RDWR)  # the peer learns it now, and so does the loop (a hang-up)
         except OSError:
             pass
+        if self.loop_owned:
+            if self.on_change is not None:
+                self.on_change()  # wake the loop: it drops the link and releases the socket
+            return
         try:
             self.sock.close()
         except OSError:

@@ -192,7 +192,7 @@ class NodeIO:
             self.inbox.put(("io", Closed("the I/O thread failed")))
         finally:
             for c in list(self._conns):
-                c.close("the node stops")
+                c.release("the node stops")
             if self._listener is not None:
                 self._listener.close()
 
@@ -209,6 +209,9 @@ class NodeIO:
         if repl is not None:
             repl.read_paused = self.backlog > BACKLOG_LIMIT
         for c in list(self._conns):
+            if c.closed:  # by another thread (a failed send): the link ends here, as if it had been read
+                self._drop(c, c.closed_reason or "closed")
+                continue
             events = c.interest()
             try:
                 key = self.sel.get_key(c.sock)
@@ -305,6 +308,7 @@ class NodeIO:
     def _add(self, c: Conn) -> None:
         self._conns.add(c)
         c.on_change = self.wake
+        c.loop_owned = True
         c.gate = self.gate
         try:
             self.sel.register(c.sock, c.interest(), c)
@@ -337,7 +341,7 @@ class NodeIO:
         except (KeyError, ValueError):
             pass
         was_open = c.open
-        c.close(reason)
+        c.release(reason)
         if c.peer_role != "secondary" and c is not self._gw_conn and not c.authenticated:
             log.error("secondary: refused a connection from %s: %s", c.name, reason)
         elif was_open and reason.startswith("bad input"):

@@ -32,8 +32,10 @@ START_TIMEOUT = 30.0
 
 
 # -- waiting ---------------------------------------------------------------------------------------------------
-def wait_for(pred: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
-    """Poll `pred` until it returns something truthy (returned) or fail the test after `timeout` seconds."""
+def wait_for(pred: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05,
+             context: Callable[[], str] | None = None) -> T:
+    """Poll `pred` until it returns something truthy (returned) or fail the test after `timeout` seconds; the
+    failure quotes `context()` (the roles' logs, say), read only then."""
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
     while True:
@@ -45,6 +47,8 @@ def wait_for(pred: Callable[[], T | None], timeout: float, what: str, interval: 
             last_exc = e
         if time.monotonic() >= deadline:
             extra = f" (last error: {last_exc!r})" if last_exc else ""
+            if context is not None:
+                extra += f":\n{context()}"
             raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}{extra}")
         time.sleep(interval)
 

@@ -81,7 +81,9 @@ def wait_exit(procs: Procs, role: str, timeout: float = 10.0) -> int:
     try:
         return procs.procs[role].wait(timeout)
     except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired: say what it was doing
-        raise AssertionError(f"the {role} did not stop within {timeout} s:\n{procs.stderr(role)[-2000:]}") from None
+        procs.procs[role].send_signal(signal.SIGUSR1)  # its threads' stacks (colo.cli), to see where it waits
+        time.sleep(0.5)
+        raise AssertionError(f"the {role} did not stop within {timeout} s:\n{procs.stderr(role)[-6000:]}") from None
 
 
 @pytest.mark.slow

@@ -108,7 +108,8 @@ def kvstore_failover(run: HybridRun, *, allowed: Callable[[set[int]], set[int]],
                                     f"{events_named(run.status(), 'promoted')}"
         else:
             assert run.procs["primary"].returncode == -signal.SIGKILL, run.stderr()[-3000:]
-        wait_for(lambda: events_named(run.status(), "promoted"), 15, "the gateway to report the secondary promoted")
+        wait_for(lambda: events_named(run.status(), "promoted"), 15, "the gateway to report the secondary promoted",
+                 context=lambda: run.stderr()[-4000:])
         wait_survivor_serves(w, time.monotonic(), run, timeout=10.0)
         w.stop()
         counts = verify_ledger(w, run.service)
@@ -189,7 +190,8 @@ def test_noisy_kill_primary_during_mismatch_checkpoint(hybrid: Callable[..., Hyb
     try:
         wait_gone(run, "primary", lambda: sum(loop.rounds))
         assert run.procs["primary"].returncode == -signal.SIGKILL, run.stderr()[-3000:]
-        wait_for(lambda: events_named(run.status(), "promoted"), 15, "the secondary promoted")
+        wait_for(lambda: events_named(run.status(), "promoted"), 15, "the secondary promoted",
+                 context=lambda: run.stderr()[-4000:])
         since = time.monotonic()
         wait_for(lambda: all(n >= 3 for n in loop.rounds_since(since)) or loop.errors, 10,
                  f"every client to get 3 more rounds (errors {loop.errors})")
