@@ -336,7 +336,8 @@ class OutputComparer:
         for seq in range(self._last_seq + 1, output_seq + 1):  # stops at the first hole
             if seq not in missing:
                 raise ValueError(
-                    f"failover_rollback: output {seq} was never received and is not in events"
+                    f"failover_rollback: output {seq} was never received and is not in events (received up "
+                    f"to {self._last_seq}; events {sorted(int(e[0]) for e in events)}, up to {output_seq})"
                 )
         # Now nothing can fail: fill in the missing events as if the primary had sent them.
         for seq in sorted(missing):
@@ -376,6 +377,13 @@ class OutputComparer:
     def checkpoint_requested(self) -> bool:
         """A checkpoint was asked for and has not been committed yet."""
         return self._request is not None
+
+    def failover_discard(self) -> None:
+        """The primary is lost and what the survivor's state covers cannot be given to the clients (output
+        missing): drop everything held, and from now on pass the secondary's output straight through. The
+        caller ends the client connections."""
+        self._check_live("failover_discard")
+        self._pass_through_from_now()
 
     # -- internals -------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import collections
 import enum
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1152,6 +1152,18 @@ class Witness:
         self._record("promote", node=sec.id, generation=self.generation, reason=why, level="warning")
         self._send(sec, Promote(self.generation, why))
 
+    def _rollback(self, output_seq: int, events: Sequence[Sequence[Any]]) -> None:
+        """Hybrid failover onto a checkpoint the survivor loaded: clients get the primary's output up to it."""
+        assert self.comparer is not None
+        try:
+            self._compare_actions(self.comparer.failover_rollback(output_seq, events))
+        except ValueError as e:
+            # Output that state covers is neither here nor in it: a stream with a hole must reach no client.
+            # Their connections end (the guest is told), the service goes on for the clients that come next.
+            self._record("output-lost", reason=str(e), level="error")
+            self.comparer.failover_discard()
+            self._close_all_clients("the failover lost output of this connection")
+
     def _promoted(self, n: NodeView, msg: Promoted) -> None:
         self._on_promoted(n, msg)
 
@@ -1162,7 +1174,7 @@ class Witness:
             if ev.epoch > self.synced_epoch:
                 # It loaded a checkpoint that arrived complete as the primary died: clients must see exactly
                 # the primary's output up to that checkpoint, nothing of either VM beyond it.
-                self._compare_actions(self.comparer.failover_rollback(ev.output_seq, ev.events))
+                self._rollback(ev.output_seq, ev.events)
             else:
                 # It goes on from its own running state, which produced everything clients saw: release the
                 # output it has that the comparer still holds.
@@ -1316,7 +1328,7 @@ class Witness:
                 # the primary's output up to E (the primary never ran past E: it resumes after the commit).
                 self.sec_queue.popleft()
                 if self.comparer is not None:
-                    self._compare_actions(self.comparer.failover_rollback(ev.output_seq, promoted.events))
+                    self._rollback(ev.output_seq, promoted.events)
                 self.mirror = None
                 continue
             self.sec_queue.popleft()

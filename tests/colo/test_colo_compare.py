@@ -596,6 +596,16 @@ def test_failover_rollback_refuses_what_it_cannot_do_and_changes_nothing() -> No
         g.cmp.failover_rollback(0, [])
 
 
+def test_failover_discard_drops_what_is_held_and_passes_the_survivor_through() -> None:
+    f = Feeder()
+    f.p(DATA, 1, b"held")  # never matched: no client saw it
+    f.cmp.failover_discard()
+    assert f.cmp.failed_over and f.cmp.pending_bytes(1) == (0, 0)
+    assert f.cmp.secondary_output(DATA, 1, b"after", 0.0) == [Release(1, b"after")]
+    with pytest.raises(ValueError, match="after a failover"):
+        f.cmp.failover_discard()
+
+
 # -- examples: misuse ------------------------------------------------------------------------------
 
 

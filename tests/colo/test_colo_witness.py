@@ -1188,6 +1188,25 @@ def test_hybrid_failover_continues_from_the_secondarys_running_state() -> None:
     assert [a.data for a in of(h.output(s, 2, c, b"next"), ToClient)] == [b"next"]
 
 
+def test_hybrid_failover_onto_a_state_whose_output_went_missing_ends_the_clients_not_the_service() -> None:
+    """The survivor loaded a checkpoint covering primary output 2 that the gateway never got and the state does not
+    carry: no client may get a stream with that hole, but the service must not hang in its promotion either."""
+    h = Harness(mode="hybrid")
+    p, s, c = _hybrid_pair(h)
+    h.data(c, b"req")
+    h.output(p, 1, c, b"one")
+    h.close_link(p)
+    acts = h.promoted(s, epoch=1, input_seq=h.w.input_seq, output_seq=3, events=[(3, KIND_DATA, c, b"three")],
+                      conns=[c])
+    lost = events_named(acts, "output-lost")
+    assert lost and "output 2 was never received" in lost[0]["reason"]
+    assert [a.conn for a in of(acts, CloseClient)] == [c] and not of(acts, ToClient)
+    assert events_named(acts, "promoted") and h.w.active == "s"
+    assert [e.seq for e in sent(acts, s, Input)][-1:] == [h.w.input_seq]  # the guest hears the client is gone
+    c2 = h.connect()
+    assert [a.data for a in of(h.output(s, 4, c2, b"next"), ToClient)] == [b"next"]
+
+
 def test_hybrid_a_repeated_primary_output_is_ignored() -> None:
     h = Harness(mode="hybrid")
     p, s, c = _hybrid_pair(h)
