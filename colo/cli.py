@@ -379,14 +379,15 @@ def _setup_logging(args: argparse.Namespace) -> None:
 def _on_term(handler: Any) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
+    try:  # `kill -USR1 PID`: every thread's Python stack on stderr, and the role runs on (one that seems stuck)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # no SIGUSR1 here, or stderr is not a file (run in-process)
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args)
-    if hasattr(signal, "SIGUSR1"):
-        # `kill -USR1 PID`: every thread's Python stack on stderr, the process runs on (a role that seems stuck)
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
     if getattr(args, "lifeline", None) is not None:
         from colo import lifeline
         lifeline.watch(args.lifeline, args.command)
