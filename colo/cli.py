@@ -281,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     dn.add_argument("name", nargs="?", type=rundir.name_argument, metavar="NAME",
                     help="the cluster (default: the only one running)")
+    dn.add_argument("--name", dest="name_option", type=rundir.name_argument, metavar="NAME",
+                    help="the same, as `colo status --name` takes it")
     dn.add_argument("--timeout", type=positive_float, default=20.0, metavar="S",
                     help="then SIGTERM, then SIGKILL, what still runs (default 20)")
     dn.add_argument("--key-file", metavar="FILE", help="shared key file (default: the cluster's)")
@@ -403,6 +405,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_up(args)
         if args.command == "down":
             from colo.up import cmd_down
+            if args.name_option is not None:
+                if args.name is not None and args.name != args.name_option:
+                    print(f"colo down: error: two clusters named: {args.name} and --name {args.name_option}",
+                          file=sys.stderr)
+                    return EXIT_ERROR
+                args.name = args.name_option
             return cmd_down(args, lambda c: _key(args, c))
         if args.command == "status":
             return cmd_status(args)

@@ -66,3 +66,14 @@ def test_verbose_and_quiet_exclude_each_other(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["gateway", "-v", "-q"])
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_down_takes_the_name_as_its_siblings_do(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`colo status --name X`, `colo failover --name X`: so `colo down --name X` too (as well as `colo down X`)."""
+    from colo.cli import main
+    monkeypatch.setenv("COLO_RUN_DIR", str(tmp_path))
+    assert main(["down", "--name", "web"]) == 2
+    assert "no cluster named 'web' is running" in capsys.readouterr().err
+    assert main(["down", "web", "--name", "db"]) == 2
+    assert "two clusters named: web and --name db" in capsys.readouterr().err
