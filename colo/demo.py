@@ -12,6 +12,7 @@ TCP connections, which the gateway owns, outlive the primary.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import secrets
 import shutil
@@ -169,7 +170,7 @@ def find_event(info: dict[str, Any], name: str, node: str) -> dict[str, Any] | N
 
 
 def longest_gap_ms(times: list[float]) -> float:
-    return max((b - a for a, b in zip(times, times[1:])), default=0.0) * 1e3
+    return max((b - a for a, b in itertools.pairwise(times)), default=0.0) * 1e3
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -283,7 +283,7 @@ class Gateway:
     def _run(self, ev: WitnessEvent) -> None:
         try:
             actions = self.witness.handle(ev)
-        except Exception:  # noqa: BLE001 - the witness must outlive a bug in one event: log it loudly
+        except Exception:  # the witness must outlive a bug in one event: log it loudly
             log.exception("gateway: the witness failed on %r", ev)
             return
         for a in actions:

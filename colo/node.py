@@ -29,8 +29,8 @@ from typing import Any
 
 import msgpack
 
-from colo.errors import ColoError
 from colo import events
+from colo.errors import ColoError
 from colo.events import STREAM
 from colo.gate import Gate
 from colo.link import DEFAULT_HEARTBEAT_TIMEOUT, Closed, Conn
