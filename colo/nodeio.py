@@ -209,8 +209,8 @@ class NodeIO:
         if repl is not None:
             repl.read_paused = self.backlog > BACKLOG_LIMIT
         for c in list(self._conns):
-            if c.closed:  # by another thread (a failed send): the link ends here, as if it had been read
-                self._drop(c, c.closed_reason or "closed")
+            if c.closed:
+                self._closed_elsewhere(c)
                 continue
             events = c.interest()
             try:
@@ -275,7 +275,12 @@ class NodeIO:
                     continue
                 self._post(c, ev)
         if c.closed:
-            self._drop(c, c.closed_reason)
+            self._closed_elsewhere(c)
+
+    def _closed_elsewhere(self, c: Conn) -> None:
+        """Closed by another thread (a failed send), not by what we read: the link ends here, as if it had been
+        read. Told only for the current replication link: one the VM thread let go of is old news to it."""
+        self._drop(c, c.closed_reason or "closed", tell=c is self.repl)
 
     @staticmethod
     def _sunk(sink: Callable[[Message], bool], msg: Message) -> bool:

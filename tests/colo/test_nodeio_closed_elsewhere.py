@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from colo.gateway import Gateway, GatewayConfig
-from colo.link import Conn, Opened
+from colo.link import Closed, Conn, Opened
 from colo.messages import Heartbeat
 from colo.nodeio import Attached, Detached, NodeIO
 
@@ -69,6 +69,54 @@ def test_a_link_closed_by_another_thread_ends_and_the_node_reconnects() -> None:
             if c is not None:
                 c.release()
         server.close()
+
+
+def _open_pair() -> tuple[Conn, Conn]:
+    a, b = socket.socketpair()
+    ours = Conn(a, key=KEY, role="primary", peer_role="secondary", name="secondary")
+    theirs = Conn(b, key=KEY, role="secondary", peer_role="primary", name="primary")
+    opened = 0
+    deadline = time.monotonic() + 5
+    while opened < 2 and time.monotonic() < deadline:
+        opened += sum(isinstance(e, Opened) for c in (ours, theirs) for e in c.on_ready(BOTH))
+        time.sleep(0.002)
+    assert opened == 2
+    return ours, theirs
+
+
+def test_the_replication_link_closed_elsewhere_is_reported_once_let_go_of_it_is_not() -> None:
+    io = NodeIO(key=KEY, gateway=("127.0.0.1", 9), role=lambda: "primary", heartbeat_timeout=0.8,
+                hello=lambda: Heartbeat(), status=lambda: Heartbeat())
+    current, peer1 = _open_pair()
+    old, peer2 = _open_pair()
+    def add_both() -> None:  # in the I/O thread, as connect_repl and accept do
+        io._add(current)
+        io._add(old)
+
+    io.call(add_both)
+    io.repl = current
+    io.start()
+    try:
+        time.sleep(0.1)
+        old.close("a failed send, after the VM thread let go of it")  # as Node.close_repl's goodbye failing
+        current.close("connection error: [Errno 32] Broken pipe")
+        deadline = time.monotonic() + 3
+        seen: list[Any] = []
+        while time.monotonic() < deadline and not any(src is current for src, _ in seen):
+            try:
+                seen.append(io.inbox.get(timeout=0.1))
+            except queue.Empty:
+                pass
+        time.sleep(0.2)
+        while not io.inbox.empty():
+            seen.append(io.inbox.get_nowait())
+        closed = [(src, ev) for src, ev in seen if isinstance(ev, Closed)]
+        assert [src for src, _ in closed] == [current] and "Broken pipe" in closed[0][1].reason, seen
+        assert io.repl is None and current.sock.fileno() == old.sock.fileno() == -1  # both released
+    finally:
+        io.stop(flush=0.0)
+        for c in (peer1, peer2):
+            c.release()
 
 
 def test_the_gateway_forgets_a_link_closed_after_its_last_bytes() -> None:
