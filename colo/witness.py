@@ -1351,8 +1351,11 @@ class Witness:
 
     def _secondary_synced(self, n: NodeView, ev: Resynced) -> None:
         """Hybrid: the secondary's VM now equals checkpoint `epoch`. Its earlier output is from a run that no
-        longer exists; it needs every input after input_seq (the first time: it starts receiving inputs)."""
-        if n.id != self.secondary:
+        longer exists; it needs every input after input_seq (the first time: it starts receiving inputs). It
+        counts from the node being promoted as well: sent before it heard of the promotion, it says that node goes
+        on from checkpoint `epoch` and its own run after it, not from a checkpoint still to be loaded (if it was
+        mirroring already: a first one starts no comparison with a node that is taking over)."""
+        if n.id != self.secondary and not (n.id == self.promoting and n.id == self.mirror):
             return
         self.synced_epoch = ev.epoch
         first = self.mirror != n.id

@@ -1188,6 +1188,29 @@ def test_hybrid_failover_continues_from_the_secondarys_running_state() -> None:
     assert [a.data for a in of(h.output(s, 2, c, b"next"), ToClient)] == [b"next"]
 
 
+def test_hybrid_a_resync_that_arrives_after_the_promotion_began_still_counts() -> None:
+    """The primary dies right after its commit of checkpoint 1; the gateway starts the promotion before the
+    secondary's `resynced 1` arrives. The secondary goes on from checkpoint 1 and its own run after it: its output
+    is released as it is, not taken for a rollback onto checkpoint 1 (which once raised "output 2 was never
+    received" and left the service promoting for good: 1 CI run in about 80)."""
+    h = Harness(mode="hybrid")
+    p, s, c = _hybrid_pair(h)
+    h.data(c, b"GET k")
+    h.output(p, 1, c, b"abc")
+    h.output(s, 1, c, b"abX")  # a mismatch: checkpoint 1
+    h.commit(p, 1, h.w.input_seq, 1)
+    h.close_link(p)  # killed after its commit
+    assert h.w.promoting == "s"
+    h.msg(s, Resynced(s.gen, 1, h.w.input_seq, 1))  # sent before it heard of the promotion
+    h.data(c, b"GET j")
+    h.output(s, 2, c, b"def")  # its own run after checkpoint 1
+    acts = h.promoted(s, epoch=1, input_seq=h.w.input_seq, output_seq=2, events=[(1, KIND_DATA, c, b"abc")],
+                      conns=[c])
+    assert not events_named(h.log, "output-lost") and events_named(acts, "promoted")
+    assert b"".join(a.data for a in of(h.log, ToClient)) == b"abcdef"  # the primary's 1, then the survivor's 2
+    assert not of(h.log, CloseClient)
+
+
 def test_hybrid_failover_onto_a_state_whose_output_went_missing_ends_the_clients_not_the_service() -> None:
     """The survivor loaded a checkpoint covering primary output 2 that the gateway never got and the state does not
     carry: no client may get a stream with that hole, but the service must not hang in its promotion either."""
