@@ -30,6 +30,7 @@ RECONNECT_MIN, RECONNECT_MAX = 0.05, 1.0  # seconds between attempts to reach th
 # past this the link is not read until it catches up, so a fast primary waits in TCP instead of piling the copy
 # up here (where the primary's final stop would wait for all of it to be applied).
 BACKLOG_LIMIT = 8 << 20
+STATE_CHUNKS = (InitialChunk, VmstateChunk)  # what counts against it
 
 
 class Silent:
@@ -296,14 +297,14 @@ class NodeIO:
     def _post(self, c: Conn, ev: NodeEvent) -> None:
         # Tagged here, not judged by the VM thread later: by then the link may be gone (a shutdown message read
         # just before the gateway closed must still count as the gateway's).
-        if isinstance(ev, (InitialChunk, VmstateChunk)):
+        if isinstance(ev, STATE_CHUNKS):
             with self._backlog_lock:
                 self.backlog += len(ev.data)
         self.inbox.put(("gateway" if c is self._gw_conn else c, ev))
 
     def taken(self, ev: NodeEvent) -> None:
         """The VM thread took `ev` from the inbox: a state chunk no longer counts against the backlog."""
-        if isinstance(ev, (InitialChunk, VmstateChunk)):
+        if isinstance(ev, STATE_CHUNKS):
             with self._backlog_lock:
                 self.backlog -= len(ev.data)
                 resume = self.repl is not None and self.repl.read_paused and self.backlog <= BACKLOG_LIMIT

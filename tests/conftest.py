@@ -15,7 +15,7 @@ from hypothesis import settings as hypothesis_settings
 from skipsummary import pytest_terminal_summary  # noqa: F401  (a hook: pytest finds it here by name)
 
 # `make test` and CI draw the same examples every run: a property that only a rare random draw breaks must not
-# fail one landing in thirty (it is found, and fixed, by exploring). HYPOTHESIS_PROFILE=explore draws new ones.
+# fail one landing in thirty; finding those is what HYPOTHESIS_PROFILE=explore (new examples each run) is for.
 # Loaded here, before the test modules build their own settings on top of it.
 hypothesis_settings.register_profile("deterministic", derandomize=True, database=None)
 hypothesis_settings.register_profile("explore", derandomize=False, database=None)
