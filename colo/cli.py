@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 30)")
     g.add_argument("--compare-timeout", type=positive_float, default=200.0, metavar="MS",
                    help="hybrid mode: output left unmatched this long triggers a checkpoint (default 200)")
+    g.add_argument("--state-file", metavar="FILE",
+                   help="what must survive a restart of the gateway (the copies it voided: no later gateway may "
+                        "promote them), written durably; give a restarted gateway the same FILE (colo up: "
+                        "gateway-state.json in the run directory; default: none, a restart remembers nothing)")
     _mode_option(g)
     _common(g)
 
@@ -439,7 +443,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     _trace_setup(args, "gateway")
     gw = Gateway(GatewayConfig(_key(args), args.listen, args.service, args.heartbeat_timeout, args.trace,
                                mode=args.mode, compare_timeout=args.compare_timeout / 1000, encrypt=args.encrypt,
-                               slow_timeout=args.client_timeout))
+                               slow_timeout=args.client_timeout, state_file=args.state_file))
     _on_term(lambda *_: gw.stop())
     if not args.ready_file and not args.quiet:  # a harness reads the ready file; a person reads this
         print(f"colo gateway: nodes and control on {gw.listen_address[0]}:{gw.listen_address[1]}, "

@@ -158,6 +158,11 @@ class LocalCluster:
     def command(self, role: str, *args: str, name: str | None = None) -> list[str]:
         return [sys.executable, "-m", "colo", role, *args, *self.common_args(name or role)]
 
+    @property
+    def state_file(self) -> Path:
+        """The gateway's durable state (colo.durable): a gateway started again for this cluster reads it."""
+        return self.dir / "gateway-state.json"
+
     def ready_path(self, name: str) -> Path:
         return self.dir / f"{name}.json"
 
@@ -210,7 +215,8 @@ class LocalCluster:
         with `logs`), `stdout` the guest's serial console (the active node prints it; default: ours). Without
         `secondary` the primary runs unprotected until `add_secondary`."""
         self._out = (stderr, stdout)
-        self._spawn("gateway", "--service", "%s:%d" % self.service, stderr=stderr, stdout=stdout)
+        self._spawn("gateway", "--service", "%s:%d" % self.service, "--state-file", str(self.state_file),
+                    stderr=stderr, stdout=stdout)
         g = self._wait_ready("gateway")
         self.gateway, self.service_address = (str(g["listen"][0]), int(g["listen"][1])), \
             (str(g["service"][0]), int(g["service"][1]))

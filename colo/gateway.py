@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from colo import events, trace
+from colo import durable, events, trace
+from colo.errors import ColoError
 from colo.events import STREAM
 from colo.link import Closed, Conn, Opened
 from colo.messages import Message, NodeHello
@@ -36,6 +37,7 @@ from colo.witness import (
     NodeAttached,
     NodeMessage,
     PauseClient,
+    Persist,
     Record,
     RefuseClient,
     ResumeClient,
@@ -67,13 +69,23 @@ class GatewayConfig:
     out_limit: int = 1 << 20
     slow_timeout: float = 30.0
     encrypt: bool = True  # every connection's frames encrypted as well as authenticated (colo.session)
+    # What the witness must remember across a restart of the gateway (colo.durable); None: nothing survives one
+    state_file: str | None = None
 
 
 class Gateway:
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
-        self.witness = Witness(WitnessConfig(mode=cfg.mode, heartbeat_timeout=cfg.heartbeat_timeout,
-                                             compare_timeout=cfg.compare_timeout, credit=cfg.credit))
+        saved = durable.load(cfg.state_file) if cfg.state_file else None
+        try:
+            self.witness = Witness(WitnessConfig(mode=cfg.mode, heartbeat_timeout=cfg.heartbeat_timeout,
+                                                 compare_timeout=cfg.compare_timeout, credit=cfg.credit,
+                                                 durable=saved))
+        except ValueError as e:
+            raise ColoError(f"the gateway state {cfg.state_file}: {e}") from e
+        if saved:
+            log.info("gateway: read %s (copies voided by an earlier gateway: %s)", cfg.state_file,
+                     ", ".join(sorted(self.witness.voids)) or "none")
         self.witness.trace = STREAM.active  # the event stream gets every output held, released, dropped
         trace.watch_witness(self.witness)
         STREAM.node = self.witness.id
@@ -270,6 +282,18 @@ class Gateway:
         elif isinstance(ev, (Eof, Gone)):
             trace.client("close", ev.conn, reason="the client closed" if isinstance(ev, Eof) else "gone")
 
+    def _persist(self, state: dict[str, Any]) -> None:
+        """Before the actions after it (they may release output that only this state keeps a restart from taking
+        back): written and synced, in this thread, so nothing goes out first."""
+        if self.cfg.state_file is None:
+            return
+        try:
+            durable.save(self.cfg.state_file, state)
+        except OSError as e:
+            # Holding the output for good would stop the service; go on, and say what a restart would miss.
+            log.error("gateway: cannot write %s (%s): a restarted gateway would not know the copies voided now",
+                      self.cfg.state_file, e)
+
     # -- witness events and actions -----------------------------------------------------------------------
     def _do(self, ev: WitnessEvent) -> None:
         self._events.append(ev)
@@ -332,6 +356,8 @@ class Gateway:
             entry = a.entry
             details = ", ".join(f"{k}={v}" for k, v in entry.items() if k not in ("time", "event"))
             log.log(level, "gateway: %s%s", entry["event"], f" ({details})" if details else "")
+        elif isinstance(a, Persist):
+            self._persist(a.state)
         elif isinstance(a, Exit):
             log.info("gateway: %s: exiting", a.reason)  # an operator's shutdown: not a warning
             self.clients.set_listening(False)

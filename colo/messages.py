@@ -270,6 +270,7 @@ _FIELD_RULES: dict[str, Callable[[object], str | None]] = {
     "swap": _bool_rule,
     "generation": _size_rule,
     "taken": _size_rule,
+    "attempt": _size_rule,
     "node": _id_rule(empty_ok=False),
     "gateway": _id_rule(empty_ok=True),
     "peer": _id_rule(empty_ok=True),
@@ -573,6 +574,7 @@ class Protection(Message):
     output_seq: int
     peer: str
     reason: str
+    attempt: int = 0  # the protect it answers (0: none this gateway sent, as for a pair learned by a new gateway)
 
 
 @dataclass(frozen=True, slots=True)
@@ -611,6 +613,7 @@ class Protect(Message):
     NAME: ClassVar[str] = "protect"
     node: str
     address: str
+    attempt: int = 0  # echoed in the primary's protection reports, so a report of an abandoned copy is known stale
 
 
 @dataclass(frozen=True, slots=True)

@@ -189,6 +189,7 @@ class PrimaryRole:
         self.repl: Conn | None = None
         self.secondary_id = ""
         self.pending_protect: Protect | None = None
+        self.protect_attempt = 0  # the gateway's number of the protect being carried out (echoed in protection)
         self.requested_trigger: Trigger | None = None
         self.stats = StatsWriter(node.cfg.stats, mode=node.cfg.mode, interval_ms=self.interval * 1e3)
         self.handover: Handover | None = None  # a switchover asked: checkpoint, then hold still
@@ -450,6 +451,7 @@ class PrimaryRole:
         node = self.node
         self.pending_protect = None
         self.secondary_id = req.node
+        self.protect_attempt = req.attempt
         node.state = NodeState.PROTECTING
         host, _, port = req.address.rpartition(":")
         first_epoch = self.epoch
@@ -488,7 +490,8 @@ class PrimaryRole:
         node.state = NodeState.PROTECTED
         net = vm.net.state
         node.send_gateway(Protection(node.generation, ProtectionState.PROTECTED, self.epoch - 1,
-                                     net.last_input_seq, net.last_output_seq, self.secondary_id, ""))
+                                     net.last_input_seq, net.last_output_seq, self.secondary_id, "",
+                                     self.protect_attempt))
         log.info("primary: protected by %s (%s)", self.secondary_id,
                  ", ".join(f"{k} {v}" for k, v in summary.items()))
 
@@ -526,7 +529,7 @@ class PrimaryRole:
         node.epoch_outputs.clear()
         if tell:
             node.send_gateway(Protection(node.generation, ProtectionState.UNPROTECTED, self.epoch - 1, 0, 0, "",
-                                         why[:1000]))
+                                         why[:1000], self.protect_attempt))
         else:
             node.send_gateway(node.status())  # the gateway's view of us now, not at the next heartbeat
         node.release_outputs()  # unprotected, the gateway releases everything

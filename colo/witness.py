@@ -8,7 +8,7 @@ events and carries out the actions the witness answers with, in order:
 Events: `Tick(now, wall)` (the only source of time), `NodeAttached`, `NodeMessage`, `LinkClosed`,
 `ClientConnected`, `ClientData`, `ClientClosed`, `ClientBacklog`, `ControlRequest`.
 Actions: `Send`, `CloseLink`, `AcceptClient`, `RefuseClient`, `ToClient`, `CloseClient`, `PauseClient`,
-`ResumeClient`, `ListenClients`, `Record`, `Exit`.
+`ResumeClient`, `ListenClients`, `Record`, `Persist` (write durably before what follows), `Exit`.
 
 What it decides:
 - which node is active, and which generation it obeys (a generation is a fencing token: each promotion starts a
@@ -90,6 +90,8 @@ class WitnessConfig:
     max_log_bytes: int = 64 << 20  # logged input beyond which no more input is forwarded until a commit
     learn_grace: float | None = None  # a fresh gateway waits this long to hear from nodes (default 2 timeouts)
     gateway_id: str = ""  # default: a fresh random id
+    # What an earlier gateway persisted (`Persist`): copies it voided, which no restart may promote
+    durable: dict[str, Any] | None = None
 
     @property
     def heartbeat_interval(self) -> float:
@@ -241,6 +243,14 @@ class Record:
 
 
 @dataclass(frozen=True, slots=True)
+class Persist:
+    """Write `state` where the next gateway reads it (`WitnessConfig.durable`), durably, before the actions after
+    this one are carried out: they may release output that only this state keeps a restart from taking back."""
+
+    state: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Exit:
     """The service is stopped: the gateway may exit once it has flushed what it sent."""
 
@@ -248,7 +258,22 @@ class Exit:
 
 
 WitnessAction = (Send | CloseLink | AcceptClient | RefuseClient | ToClient | CloseClient | PauseClient
-                 | ResumeClient | ListenClients | Record | Exit)
+                 | ResumeClient | ListenClients | Record | Persist | Exit)
+DURABLE_FORMAT = "colo-witness/1"
+MAX_VOIDS = 32  # voided copies remembered (the oldest go first: a node is voided again whenever it matters)
+
+def load_voids(durable: dict[str, Any] | None) -> dict[str, int]:
+    """The voided copies in what an earlier gateway persisted; ValueError says what is wrong with it."""
+    if durable is None:
+        return {}
+    if not isinstance(durable, dict) or durable.get("format") != DURABLE_FORMAT:
+        raise ValueError(f"not a witness state of format {DURABLE_FORMAT!r}")
+    voids = durable.get("void")
+    if not isinstance(voids, dict) or not all(isinstance(k, str) and type(v) is int and v >= 0
+                                                  for k, v in voids.items()):
+        raise ValueError("its 'void' must map node ids to generations")
+    return dict(voids)
+
 
 # -- the service's states -------------------------------------------------------------------------------------
 
@@ -411,6 +436,11 @@ class Witness:
         # comparison) for the event stream; `step` is the step mode and slow motion the nodes were told
         self.trace = False
         self.step = Step(False, 0, 0)
+        # Copies no promotion may use, persisted (Persist) so that a restarted gateway knows them too: node id ->
+        # the generation up to which its copies are void. A secondary's copy is voided when the primary goes on
+        # without it: output released from then on is in no copy it holds (docs/replication.md).
+        self.voids: dict[str, int] = load_voids(cfg.durable)
+        self.protect_attempt = 0  # the number of the last protect sent: protection reports name the one they answer
 
     # -- the one entry point ----------------------------------------------------------------------------------
     def handle(self, event: Event) -> list[WitnessAction]:
@@ -633,6 +663,9 @@ class Witness:
     def _finish_learning(self) -> None:
         self._learn_deadline = None
         live = [n for n in self.nodes.values() if n.connected]
+        for n in live:
+            if n.role == "secondary" and self._voided(n):
+                self._reset(n, "an earlier gateway voided its copy: the primary went on without it")
         primaries = [n for n in live if n.role == "primary"]
         if primaries:
             best = max(primaries, key=lambda n: n.generation)
@@ -932,11 +965,18 @@ class Witness:
             self._drain_secondary(sec)
 
     def _protection(self, n: NodeView, msg: Protection) -> None:
+        if msg.attempt and msg.attempt != self.protect_attempt:
+            # A report on a copy abandoned since (sent before the primary read our unprotect, and slow to come):
+            # taking it for the current copy would count on a secondary that may hold nothing.
+            self._record("stale-protection", node=n.id, attempt=msg.attempt, current=self.protect_attempt,
+                         state=msg.state.value, level="warning")
+            return
         if msg.state == ProtectionState.PROTECTED:
             if msg.peer != self.secondary or self.service is not S.PROTECTING:
                 self._record("unexpected", node=n.id, message="protection", peer=msg.peer, level="warning")
                 return
             self._go("protected")
+            self._unvoid(msg.peer)
             self.commit_epoch = msg.epoch
             self.primary_committed = msg.epoch  # the copy is this node's checkpoint `epoch`
             self.commit_output_seq = msg.output_seq
@@ -952,7 +992,7 @@ class Witness:
         copying = self.service is S.PROTECTING
         if self.service in (S.PROTECTING, S.PROTECTED):
             self._go("unprotected")
-        self._unprotected()
+        self._unprotected(sec)
         if sec is not None:
             self.secondary = None
             if sec.connected:
@@ -965,9 +1005,12 @@ class Witness:
                 self._fence(sec, f"the primary dropped it: {msg.reason}")
         self._assign_protection()
 
-    def _unprotected(self) -> None:
-        """The active node goes on alone: release everything held, stop comparing and mirroring."""
+    def _unprotected(self, left: NodeView | None) -> None:
+        """The active node goes on alone: release everything held, stop comparing and mirroring. `left`: the
+        secondary it goes on without, whose copy is voided first (durably: no restart may promote it)."""
         self._stop_comparing()
+        if left is not None:
+            self._void(left)
         self._release_upto(1 << 62)
         self.failover_request_at = None
         if self.secondary is None and self.promoting is None:
@@ -979,6 +1022,9 @@ class Witness:
         self._go("guest-ended")
         self.ended_code = msg.code
         self._stop_comparing()
+        sec = self._node(self.secondary)
+        if sec is not None:
+            self._void(sec)  # it is told to shut down; should it not hear that, no restart may promote it
         self._release_upto(1 << 62)
         self._record("guest-ended", node=n.id, code=msg.code, reason=msg.reason,
                      level="warning" if msg.code else "info")
@@ -1008,8 +1054,9 @@ class Witness:
         sec.role = "secondary"
         sec.peer = act.id
         self._go("copy-started")
-        self._record("protect", node=act.id, secondary=sec.id, address=sec.address)
-        self._send(act, Protect(sec.id, sec.address))
+        self.protect_attempt += 1
+        self._record("protect", node=act.id, secondary=sec.id, address=sec.address, attempt=self.protect_attempt)
+        self._send(act, Protect(sec.id, sec.address, self.protect_attempt))
 
     def _compatible(self, spare: NodeView, act: NodeView) -> bool:
         """Whether `spare` can protect `act`: it reads the same state format, and runs for the same guest and RAM
@@ -1096,7 +1143,7 @@ class Witness:
                              level="warning")
             if n.id == self.mirror:
                 self._stop_comparing()
-            self._unprotected()
+            self._unprotected(n)
             act = self._node(self.active)
             if act is not None and act.link is not None:
                 self._send(act, Unprotect(f"the secondary {n.id} was lost: {why}"))
@@ -1470,7 +1517,8 @@ class Witness:
                         "clients": len(self.conns), "input_seq": self.input_seq,
                         "released_output_seq": self.released_seq, "held_outputs": len(self.held),
                         "logged_inputs": len(self.log), "ended_code": self.ended_code,
-                        "compare_held_bytes": self.comparer.held_total() if self.comparer is not None else 0},
+                        "compare_held_bytes": self.comparer.held_total() if self.comparer is not None else 0,
+                        "voided": dict(self.voids)},
             "nodes": {"primary": view(self._node(self.active)), "secondary": view(sec)},
             "spares": spares,
             "lost": lost[-10:],
@@ -1494,6 +1542,30 @@ class Witness:
             n.lost, n.lost_at = f"fenced: {why}", self.wall
         if self.active == n.id:
             self.active = None
+
+    # -- voided copies ----------------------------------------------------------------------------------------
+    def _void(self, n: NodeView) -> None:
+        """No copy `n` holds now may ever be promoted: persist that before anything is released past it."""
+        gen = max(self.generation, n.generation)
+        if self.voids.get(n.id, -1) >= gen:
+            return
+        self.voids.pop(n.id, None)
+        self.voids[n.id] = gen
+        while len(self.voids) > MAX_VOIDS:
+            del self.voids[next(iter(self.voids))]
+        self._record("copy-voided", node=n.id, generation=gen, level="warning")
+        self._persist()
+
+    def _unvoid(self, node: str) -> None:
+        """`node` completed a new copy of the active node: that one counts."""
+        if self.voids.pop(node, None) is not None:
+            self._persist()
+
+    def _persist(self) -> None:
+        self._emit(Persist({"format": DURABLE_FORMAT, "void": dict(self.voids)}))
+
+    def _voided(self, n: NodeView) -> bool:
+        return n.generation <= self.voids.get(n.id, -1)
 
     def _reset(self, n: NodeView, why: str) -> None:
         """`n` goes back to being a spare: it discards its copy, and is paired again after a pause."""

@@ -71,6 +71,7 @@ from colo.witness import (
     NodeAttached,
     NodeMessage,
     PauseClient,
+    Persist,
     Record,
     RefuseClient,
     ResumeClient,
@@ -81,6 +82,7 @@ from colo.witness import (
     Witness,
     WitnessConfig,
     WitnessError,
+    load_voids,
 )
 
 S = Service
@@ -238,7 +240,7 @@ class Harness:
         """A fresh gateway: a spare attaches, a primary attaches, Protect, the copy completes."""
         s = self.attach_spare(spare)
         p = self.attach_primary(primary)
-        assert sent(self.last, p, Protect) == [Protect(s.id, self.w.nodes[s.id].address)]
+        assert sent(self.last, p, Protect) == [Protect(s.id, self.w.nodes[s.id].address, self.w.protect_attempt)]
         self.protected(p, s)
         assert self.service is S.PROTECTED and self.w.protected
         return p, s
@@ -304,7 +306,7 @@ def test_a_fresh_gateway_listens_only_once_an_active_node_is_chosen() -> None:
     assert ListenClients(True) in h.last
     assert events_named(h.last, "active")[0]["node"] == "p"
     # The spare that waited is the secondary at once: the primary is told to copy its VM to it.
-    assert sent(h.last, p, Protect) == [Protect("s", h.w.nodes["s"].address)]
+    assert sent(h.last, p, Protect) == [Protect("s", h.w.nodes["s"].address, h.w.protect_attempt)]
     assert h.service is S.PROTECTING and not h.w.protected
     h.protected(p, s)
     assert h.service is S.PROTECTED and h.w.protected
@@ -317,7 +319,7 @@ def test_a_primary_alone_runs_unprotected_until_a_spare_attaches() -> None:
     assert h.service is S.ALONE
     assert not sent(h.last, p, Protect)
     s = h.attach_spare()
-    assert sent(h.last, p, Protect) == [Protect(s.id, h.w.nodes[s.id].address)]
+    assert sent(h.last, p, Protect) == [Protect(s.id, h.w.nodes[s.id].address, h.w.protect_attempt)]
     assert h.service is S.PROTECTING
 
 
@@ -486,7 +488,7 @@ def test_after_a_failover_a_new_spare_protects_the_survivor() -> None:
     h.close_link(p)
     h.promoted(s, epoch=1, input_seq=3, output_seq=3, events=[(3, KIND_DATA, c, b"o3")], conns=[c])
     s2 = h.attach_spare("s2")
-    assert sent(h.last, s, Protect) == [Protect("s2", h.w.nodes["s2"].address)]
+    assert sent(h.last, s, Protect) == [Protect("s2", h.w.nodes["s2"].address, h.w.protect_attempt)]
     h.protected(s, s2, epoch=2)
     assert h.service is S.PROTECTED
     assert not released(h.output(s, 4, c, b"x"))
@@ -536,7 +538,7 @@ def test_the_secondary_lost_during_the_copy_leaves_the_primary_alone() -> None:
     acts = h.close_link(s)
     assert h.service is S.ALONE and sent(acts, p, Unprotect)
     h.attach_spare("s2")  # the next spare is used at once
-    assert sent(h.last, p, Protect) == [Protect("s2", h.w.nodes["s2"].address)]
+    assert sent(h.last, p, Protect) == [Protect("s2", h.w.nodes["s2"].address, h.w.protect_attempt)]
 
 
 def test_a_spare_that_attaches_during_the_copy_waits_and_is_used_next() -> None:
@@ -551,7 +553,7 @@ def test_a_spare_that_attaches_during_the_copy_waits_and_is_used_next() -> None:
     assert h.service is S.PROTECTED
     acts = h.close_link(s)  # the secondary lost once protected: the waiting spare is next
     assert h.service is S.PROTECTING
-    assert sent(acts, p, Protect) == [Protect("s2", h.w.nodes["s2"].address)]
+    assert sent(acts, p, Protect) == [Protect("s2", h.w.nodes["s2"].address, h.w.protect_attempt)]
     h.protected(p, s2, epoch=5)
     assert h.service is S.PROTECTED and h.w.protected
 
@@ -568,7 +570,7 @@ def test_a_secondary_cut_off_by_a_partition_comes_back_as_a_fresh_spare() -> Non
     assert not of(h.last, Promote) and not h.w.protected
     assert fenced(h.last, stale) or reset(h.last, stale)  # its old copy counts for nothing
     back = h.attach_spare("s")
-    assert sent(h.last, p, Protect) == [Protect("s", h.w.nodes["s"].address)]
+    assert sent(h.last, p, Protect) == [Protect("s", h.w.nodes["s"].address, h.w.protect_attempt)]
     h.protected(p, back, epoch=7)
     assert h.service is S.PROTECTED
 
@@ -1455,4 +1457,108 @@ def test_a_spare_for_another_guest_or_ram_size_or_state_format_is_not_paired() -
     h.attach_spare("other-guest", info={"wants_guest": "noisy.bin", "wants_guest_sha256": "bb"})
     assert not sent(h.last, p, Protect) and "noisy.bin" in events_named(h.last, "incompatible")[0]["reason"]
     h.attach_spare("fits", info={"wants_guest_sha256": "aa", "wants_ram": 16 << 20, "state_format": "colo-vmstate/2"})
-    assert sent(h.last, p, Protect) == [Protect("fits", h.w.nodes["fits"].address)]
+    assert sent(h.last, p, Protect) == [Protect("fits", h.w.nodes["fits"].address, h.w.protect_attempt)]
+
+
+# -- voided copies: what a restarted gateway must not promote ----------------------------------------------------
+
+
+def _voided_state(how: str) -> tuple[Harness, Node, Node, int, dict[str, Any]]:
+    """A protected pair with output held; the primary then goes on without its secondary (`how`)."""
+    h = Harness()
+    p, s = h.protected_pair()
+    c = h.connect()
+    h.output(p, 1, c, b"one")
+    if how == "link-closed":
+        acts = h.close_link(s)
+    elif how == "silent":
+        acts = h.run_for(TIMEOUT + 2 * STEP, heard=[p])
+    else:
+        acts = h.unprotected(p)
+    kinds = [type(a) for a in acts if isinstance(a, (Persist, ToClient))]
+    assert kinds[:2] == [Persist, ToClient], f"the void must be persisted before output goes: {acts}"
+    state = of(acts, Persist)[0].state
+    assert state["void"] == {"s": 0}
+    assert events_named(acts, "copy-voided")
+    return h, p, s, c, state
+
+
+@pytest.mark.parametrize("how", ["primary-says-unprotected", "link-closed", "silent"])
+def test_a_copy_left_behind_is_voided_durably_before_output_past_it_is_released(how: str) -> None:
+    h, p, _, c, _ = _voided_state(how)
+    assert released(h.log) == [(1, c, b"one")]
+    assert released(h.output(p, 2, c, b"two")) == [(2, c, b"two")]
+    assert not of(h.last, Persist)  # voided once: output after it goes without another write
+
+
+def test_a_restarted_gateway_does_not_promote_a_copy_an_earlier_one_voided() -> None:
+    """The gap the restarting-gateway property found: the primary went on without its secondary, the gateway
+    released output past the secondary's copy, then the primary's host and the gateway were lost before the
+    secondary heard it was reset. The next gateway meets only the secondary: promoting it would take back
+    output clients saw."""
+    _, _, _, _, state = _voided_state("primary-says-unprotected")
+    h = Harness(durable=state)
+    s = h.attach_secondary("s", input_seq=1, gateway="gw")  # the copy of generation 0 the first gateway voided
+    acts = h.run_for(3 * TIMEOUT, heard=[s])
+    assert not sent(acts, s, Promote)
+    assert reset(acts, s)
+    assert h.service is S.DOWN
+
+
+def test_a_restarted_gateway_does_not_learn_a_pair_whose_copy_was_voided() -> None:
+    """The primary never heard it was unprotected (its hello still names the secondary): it serves alone, and
+    the voided secondary is a spare again, to be copied anew."""
+    _, _, _, _, state = _voided_state("link-closed")
+    h = Harness(durable=state)
+    p = h.attach_primary("p", peer="s", input_seq=1, output_seq=1, gateway="gw")
+    s = h.attach_secondary("s", peer="p", input_seq=1, gateway="gw")
+    assert reset(h.log, s)
+    assert h.service is S.ALONE and h.w.active == "p" and not h.w.protected
+    acts = h.run_for(3 * TIMEOUT, heard=[p, s])  # after the reset's pause it is paired again
+    assert sent(acts, p, Protect)
+
+
+def test_a_voided_node_that_completes_a_new_copy_counts_again() -> None:
+    h, p, s, _, _ = _voided_state("primary-says-unprotected")
+    assert h.w.voids == {"s": 0}
+    h.run_for(3 * TIMEOUT, heard=[p, s])
+    assert sent(h.log, p, Protect)[-1].node == "s"
+    acts = h.protected(p, s, epoch=7)
+    assert of(acts, Persist)[0].state["void"] == {} and h.w.voids == {}
+
+
+def test_a_voided_copy_of_a_newer_generation_counts() -> None:
+    """A void covers the copies the node held then: after a failover (a higher generation) it may hold a valid
+    one again, and an orphan of that generation is promoted as usual."""
+    _, _, _, _, state = _voided_state("primary-says-unprotected")
+    h = Harness(durable=state)
+    s = h.attach_secondary("s", **SECONDARY_STATE)  # generation 3 > the voided 0
+    h.run_for(3 * TIMEOUT, heard=[s])
+    assert sent(h.log, s, Promote)
+
+
+@pytest.mark.parametrize("bad", [[], {"format": "other"}, {"format": "colo-witness/1"},
+                                 {"format": "colo-witness/1", "void": {"s": "1"}},
+                                 {"format": "colo-witness/1", "void": {"s": -1}}])
+def test_a_malformed_durable_state_is_refused_with_a_reason(bad: Any) -> None:
+    with pytest.raises(ValueError, match=r"format|void"):
+        load_voids(bad)
+
+
+def test_a_protection_report_on_an_abandoned_copy_is_stale() -> None:
+    """The primary reported the copy complete before it read our unprotect, and the report came late (a stalled
+    primary), after the next protect to the same node: taking it for that copy would count on a secondary that
+    discarded its copy. Each protect is numbered and the report names the one it answers."""
+    h = Harness()
+    s = h.attach_spare()
+    p = h.attach_primary()
+    first = sent(h.log, p, Protect)[-1].attempt
+    h.close_link(s)  # lost during the copy: the witness gives up that copy
+    s = h.attach_spare("s")  # back as a spare: paired again after the pause
+    h.run_for(3 * TIMEOUT, heard=[p, s])
+    second = sent(h.log, p, Protect)[-1].attempt
+    assert second > first and h.service is S.PROTECTING
+    acts = h.msg(p, Protection(p.gen, ProtectionState.PROTECTED, 1, 0, 0, "s", "", first))
+    assert events_named(acts, "stale-protection") and h.service is S.PROTECTING and not h.w.protected
+    h.msg(p, Protection(p.gen, ProtectionState.PROTECTED, 2, 0, 0, "s", "", second))
+    assert h.service is S.PROTECTED and h.w.protected

@@ -63,6 +63,7 @@ from colo.messages import (
     Protect,
     Protection,
     ProtectionState,
+    Reset,
     Shutdown,
     ShutdownCommand,
     StatusRequest,
@@ -85,6 +86,7 @@ from colo.witness import (
     NodeAttached,
     NodeMessage,
     PauseClient,
+    Persist,
     Record,
     ResumeClient,
     Send,
@@ -157,6 +159,7 @@ class Node:
     repl_broken: bool = False  # the replication link between the pair is cut
     ended: bool = False  # its guest powered off: it says so once and produces nothing more
     progress: int = 0  # the last progress sent
+    attempt: int = 0  # the last protect's number, echoed in its protection reports
     outbox: collections.deque[Message] = field(default_factory=collections.deque)
     inbox: collections.deque[Message] = field(default_factory=collections.deque)
 
@@ -169,10 +172,10 @@ class Client:
     closed: bool = False  # the gateway closed it
 
 
-def config(gateway_id: str) -> WitnessConfig:
+def config(gateway_id: str, durable: dict[str, object] | None = None) -> WitnessConfig:
     # A short learn grace, so that a restarted gateway decides within a few ticks.
     return WitnessConfig(gateway_id=gateway_id, heartbeat_timeout=TIMEOUT, credit=CREDIT, pending_limit=PENDING_LIMIT,
-                         max_log_bytes=MAX_LOG, learn_grace=0.3)
+                         max_log_bytes=MAX_LOG, learn_grace=0.3, durable=durable)
 
 
 def weighted(**weights: float) -> st.SearchStrategy[str]:
@@ -213,6 +216,7 @@ class Cluster(RuleBasedStateMachine):
         self.stalling = False
         self.spoke: dict[str, float] = {}
         self.stalled_from = 0.0  # node -> when it last sent the gateway something (sim time)
+        self.persisted: dict[str, object] | None = None  # what the witness saved for the next gateway (Persist)
 
     # -- plumbing ---------------------------------------------------------------------------------------------
     def deliver(self, event: Event) -> None:
@@ -317,6 +321,8 @@ class Cluster(RuleBasedStateMachine):
             elif isinstance(a, CloseLink):
                 self._deactivate(a.link)
                 self.open_links.discard(a.link)
+            elif isinstance(a, Persist):
+                self.persisted = a.state  # on disk, before the actions after it
             elif isinstance(a, AcceptClient):
                 self.clients[a.conn] = Client()
             elif isinstance(a, CloseClient):
@@ -376,10 +382,12 @@ class Cluster(RuleBasedStateMachine):
                 self.pending.append(LinkClosed(n.link, "the node exited"))
         elif isinstance(msg, Protect):
             check(n.role == "primary", f"protect sent to {n.role} {n.id}")
-            n.copy_to = msg.node
+            n.copy_to, n.attempt = msg.node, msg.attempt
         elif isinstance(msg, Unprotect):
             n.secondary = n.copy_to = None
             n.repl_broken = False
+        elif isinstance(msg, Reset):
+            n.role, n.ckpt, n.peer = "spare", None, ""  # it discards its copy and waits as a spare
         elif isinstance(msg, InputFloor):
             check(n.role == "primary" and n.vm is not None, f"input-floor sent to {n.role} {n.id}")
             assert n.vm is not None
@@ -565,14 +573,14 @@ class Cluster(RuleBasedStateMachine):
             return  # the copy waits for it
         if not self._reachable(target):
             n.copy_to = None
-            n.outbox.append(Protection(n.gen, ProtectionState.UNPROTECTED, 0, 0, 0, "", "the copy failed"))
+            n.outbox.append(Protection(n.gen, ProtectionState.UNPROTECTED, 0, 0, 0, "", "the copy failed", n.attempt))
         else:
             n.epoch += 1
             target.ckpt = Checkpoint(n.epoch, n.vm.copy(), n.vm.output_seq)
             target.role, target.peer = "secondary", n.id
             n.secondary, n.copy_to = target.id, None
             n.outbox.append(Protection(n.gen, ProtectionState.PROTECTED, n.epoch, n.vm.input_seq,
-                                       n.vm.output_seq, target.id, ""))
+                                       n.vm.output_seq, target.id, "", n.attempt))
         if flush:
             self._flush(n)
 
@@ -588,7 +596,8 @@ class Cluster(RuleBasedStateMachine):
             return  # the checkpoint waits for the secondary's reply
         if not self._reachable(sec) or n.repl_broken or sec.ckpt is None:
             n.secondary = None
-            n.outbox.append(Protection(n.gen, ProtectionState.UNPROTECTED, 0, 0, 0, "", "the secondary is gone"))
+            n.outbox.append(Protection(n.gen, ProtectionState.UNPROTECTED, 0, 0, 0, "", "the secondary is gone",
+                                       n.attempt))
             self._flush(n)
             return
         n.epoch += 1
@@ -683,17 +692,19 @@ class Cluster(RuleBasedStateMachine):
     RESTARTS = False  # RestartingCluster: the gateway may also be killed and started again
 
     @precondition(lambda self: self.RESTARTS)
-    @rule(rare=st.integers(0, 3), with_primary=st.booleans())
-    def gateway_restarts(self, rare: int, with_primary: bool) -> None:
+    @rule(rare=st.integers(0, 3), with_primary=st.booleans(), heal=st.booleans())
+    def gateway_restarts(self, rare: int, with_primary: bool, heal: bool) -> None:
         """SIGKILL of the gateway, a new one on the same address: every link and client connection ends with the
         old one; the nodes keep their VMs and pairs, and dial the new one with what they hold. `with_primary`:
-        the active node dies with it (one host lost), unseen by the old gateway: its secondary is an orphan."""
+        the active node dies with it (one host lost), unseen by the old gateway: its secondary is an orphan.
+        `heal`: the nodes the old gateway could not reach (stopped, or cut off by a partition) dial the new one
+        too, never having read what the old one sent them last (a reset, a fence: lost with its connections)."""
         if rare:
             return
         act = self.nodes.get(self.w.active or "")
         if with_primary and act is not None:
             act.alive = False
-        self.w = Witness(config(f"gw{next(self._names)}"))
+        self.w = Witness(config(f"gw{next(self._names)}", self.persisted))
         self.open_links.clear()
         self.made_active.clear()
         for cl in self.clients.values():
@@ -709,6 +720,8 @@ class Cluster(RuleBasedStateMachine):
             if n.role == "secondary" and n.peer and not self.nodes[n.peer].alive:
                 n.peer = ""  # its primary is gone: it is an orphan holding the newest copy
         for n in list(self.nodes.values()):
+            if heal and n.alive and n.paused:
+                n.paused = False  # its inbox was cleared above: what it was sent died with the old connections
             if n.alive and not n.paused:
                 self._attach(n)
 

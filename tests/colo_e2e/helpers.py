@@ -126,7 +126,8 @@ class Procs:
     def start_gateway(self, *extra: str, role: str = "gateway", listen: tuple[str, int] = (HOST, 0),
                       service: tuple[str, int] = (HOST, 0)) -> None:
         """A gateway (again on the same addresses, to play one restarted on its host)."""
-        self.spawn(role, "--listen", "%s:%d" % listen, "--service", "%s:%d" % service, *extra, command="gateway")
+        self.spawn(role, "--listen", "%s:%d" % listen, "--service", "%s:%d" % service, "--state-file",
+                   str(self.dir / "gateway-state.json"), *extra, command="gateway")
         g = self.wait_ready(role)
         self.gateway, self.service = tuple(g["listen"]), tuple(g["service"])
 
@@ -519,3 +520,65 @@ class PeerLink:
         except OSError:
             pass
         self.sock.close()
+
+
+class Blackhole:
+    """A TCP relay (between two nodes, or a node and the gateway) that can be cut like a network partition: after
+    `cut()` it forwards nothing more but keeps both connections open, so each side only sees silence; after
+    `heal()` it forwards again (what was sent meanwhile is lost)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.server = socket.create_server((HOST, 0))
+        self.address = self.server.getsockname()[:2]
+        self.cut_event = threading.Event()
+        self.socks: list[socket.socket] = []
+        self._ended: list[socket.socket] = []  # connections whose other side ended during the cut
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                a, _ = self.server.accept()
+            except OSError:
+                return
+            b = socket.create_connection(self.upstream)
+            self.socks += [a, b]
+            for src, dst in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if not self.cut_event.is_set():
+                    dst.sendall(data)
+        except OSError:
+            pass
+        # One side ended: the other learns it (as TCP would), once the cut heals if it is cut now.
+        if self.cut_event.is_set():
+            self._ended.append(dst)
+        else:
+            self._end(dst)
+
+    @staticmethod
+    def _end(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        self.cut_event.set()
+
+    def heal(self) -> None:
+        self.cut_event.clear()
+        while self._ended:
+            self._end(self._ended.pop())
+
+    def close(self) -> None:
+        self.server.close()
+        for s in self.socks:
+            s.close()

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from colo_e2e.helpers import HOST, Procs, Resp, RespError, Workload, events_named, verify_ledger, wait_for
+from colo_e2e.helpers import HOST, Blackhole, Procs, Resp, RespError, Workload, events_named, verify_ledger, wait_for
 from conftest import guest
 
 pytestmark = [pytest.mark.slow,
@@ -194,6 +194,60 @@ def test_a_restarted_gateway_with_only_an_orphaned_secondary_promotes_it(tmp_pat
         finally:
             r.close()
     finally:
+        procs.stop()
+
+
+def test_a_restarted_gateway_does_not_promote_a_secondary_the_primary_went_on_without(tmp_path: Path) -> None:
+    """The secondary's link to the gateway is cut (a partition: nothing it is sent arrives, not even its fence):
+    the gateway loses it, the primary goes on unprotected and writes are acknowledged that are in no copy the
+    secondary holds. Then the primary and the gateway die together and the partition heals; the secondary still
+    holds its old copy (it never heard it was dropped). The new gateway reads what the first one persisted
+    (--state-file) and must not promote it: that would take back the acknowledged writes. The service is down
+    instead (only the lost primary had them), and the node is a spare again."""
+    procs = Procs(tmp_path / "c")
+    cut: Blackhole | None = None
+    try:
+        procs.start_gateway()
+        listen, service = procs.gateway, procs.service
+        cut = Blackhole(listen)
+        procs.gateway = cut.address  # the secondary reaches the gateway through the relay
+        procs.start_secondary(interval_ms=INTERVAL_MS)
+        procs.gateway = listen
+        procs.start_primary(guest("kvstore"), ram=RAM, interval_ms=INTERVAL_MS)
+        wait_protected(procs, 30)
+        r = Resp(service, timeout=10.0)
+        try:
+            assert r.call("SET", "before", "1") == "OK"
+            cut.cut()
+
+            def voided() -> dict[str, Any] | None:
+                s = procs.status()
+                return s if s["gateway"]["voided"] else None
+            voided_at = wait_for(voided, 20, "the gateway to void the cut-off secondary's copy")
+            assert not voided_at["gateway"]["protected"]
+            assert r.call("SET", "after", "2") == "OK"  # acknowledged: in no copy the secondary holds
+        finally:
+            r.close()
+        for role in ("gateway", "primary"):
+            procs.procs[role].send_signal(signal.SIGKILL)
+            procs.procs[role].wait(5)
+        procs.start_gateway(role="gateway-2", listen=listen, service=service)
+        cut.heal()
+
+        def heard() -> dict[str, Any] | None:
+            s = procs.status()
+            return s if s["gateway"]["service_state"] != "learning" and events_named(s, "attached") else None
+        wait_for(heard, 30, "the new gateway to hear the secondary and decide")
+        time.sleep(3 * procs.heartbeat_timeout)  # and it does not change its mind
+        st = procs.status()
+        assert st["gateway"]["service_state"] == "down", st["gateway"]
+        assert not events_named(st, "promote"), st["events"]
+        assert events_named(st, "reset"), st["events"]
+        assert [n["id"] for n in st["spares"]] == list(voided_at["gateway"]["voided"]), st["spares"]
+        assert procs.alive("secondary"), procs.stderr("secondary")[-2000:]
+    finally:
+        if cut is not None:
+            cut.close()
         procs.stop()
 
 

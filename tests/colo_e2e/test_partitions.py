@@ -6,64 +6,19 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from colo_e2e.helpers import HOST, Procs, Workload, events_named, verify_ledger, wait_for
+from colo_e2e.helpers import Blackhole, Procs, Workload, events_named, verify_ledger, wait_for
 from conftest import guest
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-cli") is None, reason="needs redis-cli (Debian redis-tools)")
 
 RAM = "16M"
 INTERVAL_MS = 30
-
-
-class Blackhole:
-    """A TCP relay between the primary and the secondary that can be cut like a network partition: after `cut()`
-    it forwards nothing more but keeps both connections open, so each side only sees silence."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.server = socket.create_server((HOST, 0))
-        self.address = self.server.getsockname()[:2]
-        self.cut_event = threading.Event()
-        self.socks: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                a, _ = self.server.accept()
-            except OSError:
-                return
-            b = socket.create_connection(self.upstream)
-            self.socks += [a, b]
-            for src, dst in ((a, b), (b, a)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if not self.cut_event.is_set():
-                    dst.sendall(data)
-        except OSError:
-            pass
-
-    def cut(self) -> None:
-        self.cut_event.set()
-
-    def close(self) -> None:
-        self.server.close()
-        for s in self.socks:
-            s.close()
 
 
 def start(procs: Procs) -> None:

@@ -128,7 +128,8 @@ def _valid_examples() -> None:
         "epoch": 1, "size": 3, "data": b"abc", "trigger": "timer", "reason": "why", "role": "primary",
         "nonce": bytes(32), "mac": bytes(32), "seq": 1, "kind": 2, "conn": 7, "input_seq": 0,
         "output_seq": 0, "events": [[1, 2, 7, b"x"]], "info": {"a": 1}, "state": "protected", "ok": True,
-        "flags": 0, "generation": 2, "taken": 5, "node": "n1", "gateway": "g1", "peer": "", "address": "h:1",
+        "flags": 0, "generation": 2, "taken": 5, "attempt": 1, "node": "n1", "gateway": "g1", "peer": "",
+        "address": "h:1",
         "conns": [7], "code": 0, "swap": False, "on": True, "delay_ms": 100, "grant": 1, "target": "n1",
     }
     for name, cls in MESSAGE_TYPES.items():
