@@ -20,7 +20,7 @@ from colo import durable, events, trace
 from colo.errors import ColoError
 from colo.events import STREAM
 from colo.link import Closed, Conn, Opened
-from colo.messages import Message, NodeHello
+from colo.messages import Input, Inputs, Message, NodeHello, Output, Outputs
 from colo.protocol import ConnectionClosed
 from colo.witness import (
     AcceptClient,
@@ -53,6 +53,8 @@ from tcpclients import Backlog, ClientEvent, ClientTable, Connected, Data, Eof, 
 log = logging.getLogger("colo.gateway")
 PEER_ROLES = ("primary", "secondary", "spare", "control")
 NODE_ROLES = ("primary", "secondary", "spare")
+INPUTS_BYTES = 256 << 10  # an inputs frame carries about this much client input at most (then another one)
+INPUTS_EVENTS = 4096
 EXIT_FLUSH = 2.0  # seconds the gateway waits for its last messages to leave before it exits
 
 
@@ -111,6 +113,10 @@ class Gateway:
         # Links with frames queued this turn: written once at its end (one system call, and one wake-up of the
         # peer, for all the witness sent it in the turn, instead of one per message).
         self._unflushed: set[int] = set()
+        # Inputs the witness sent a link this turn, not queued yet: they leave as one `inputs` frame (one seal, one
+        # decode, one hand-over to the node's VM thread for all of them), before anything else sent after them.
+        self._inputs: dict[int, list[list[Any]]] = {}
+        self._inputs_bytes: dict[int, int] = {}
         self._stopping = False
         self._exit_at: float | None = None
 
@@ -174,8 +180,16 @@ class Gateway:
         while self._unflushed:
             link = self._unflushed.pop()
             c = self.conns.get(link)
-            if c is not None and not c.flush_now():
+            if c is not None and not (self._queue_inputs(link, c) and c.flush_now()):
                 self._conn_closed(link, c.closed_reason or "send failed")
+
+    def _queue_inputs(self, link: int, c: Conn) -> bool:
+        """Queue the inputs held back for `link` (in order, ahead of what comes next); False if the link failed."""
+        batch = self._inputs.pop(link, None)
+        self._inputs_bytes.pop(link, None)
+        if not batch:
+            return True
+        return c.send(Input(*batch[0]) if len(batch) == 1 else Inputs(batch), flush=False)
 
     def _refresh_interest(self) -> None:
         for link, c in list(self.conns.items()):
@@ -230,7 +244,10 @@ class Gateway:
         if link in self.control:
             self._events.append(ControlRequest(link, msg))
         elif link in self.attached:
-            self._events.append(NodeMessage(link, msg))
+            if isinstance(msg, Outputs):  # the witness takes them one by one, as if each had its own frame
+                self._events.extend(NodeMessage(link, Output(msg.generation, *e)) for e in msg.events)
+            else:
+                self._events.append(NodeMessage(link, msg))
         elif isinstance(msg, NodeHello) and msg.role == c.peer_role:
             self.attached.add(link)
             c.name = f"{msg.role} {msg.node}"
@@ -243,6 +260,8 @@ class Gateway:
             self._conn_closed(link, why)
 
     def _conn_closed(self, link: int, why: str) -> None:
+        self._inputs.pop(link, None)
+        self._inputs_bytes.pop(link, None)
         c = self.conns.pop(link, None)
         if c is None:
             return
@@ -316,8 +335,17 @@ class Gateway:
     def _act(self, a: Any) -> None:
         if isinstance(a, Send):
             c = self.conns.get(a.link)
-            if c is not None:
-                if c.send(a.msg, flush=False):
+            if c is not None and isinstance(a.msg, Input):
+                batch = self._inputs.setdefault(a.link, [])
+                batch.append([a.msg.seq, a.msg.kind, a.msg.conn, a.msg.data])
+                size = self._inputs_bytes[a.link] = self._inputs_bytes.get(a.link, 0) + len(a.msg.data)
+                self._unflushed.add(a.link)
+                if (size >= INPUTS_BYTES or len(batch) >= INPUTS_EVENTS) and not self._queue_inputs(a.link, c):
+                    self._conn_closed(a.link, c.closed_reason or "send failed")
+            elif c is not None:
+                if not self._queue_inputs(a.link, c):
+                    self._conn_closed(a.link, c.closed_reason or "send failed")
+                elif c.send(a.msg, flush=False):
                     self._unflushed.add(a.link)  # written at the end of the turn (_flush_links)
                 else:
                     self._conn_closed(a.link, c.closed_reason or "send failed")
@@ -344,6 +372,7 @@ class Gateway:
         elif isinstance(a, CloseLink):
             c = self.conns.get(a.link)
             if c is not None:
+                self._queue_inputs(a.link, c)  # what it was sent before goes first (a failure closes it anyway)
                 c.close_after_flush(a.reason)
                 if c.closed:
                     self._conn_closed(a.link, a.reason)

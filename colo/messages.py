@@ -515,6 +515,17 @@ class Input(Message):
         return _event_repr(self, self.seq, self.kind, self.conn, self.data)
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class Inputs(Message):
+    """Gateway->node: several input events in order, in one frame (a turn of the gateway loop); each as one input."""
+
+    NAME: ClassVar[str] = "inputs"
+    events: list[list[Any]]  # [[seq, kind, conn, data], ...]
+
+    def __repr__(self) -> str:
+        return f"Inputs(<{len(self.events)} events, seq {self.events[0][0] if self.events else '-'}...>)"
+
+
 @dataclass(frozen=True, slots=True)
 class InputFloor(Message):
     """Gateway->node: inputs up to `input_seq` will never come (a gone gateway's): take the next one."""
@@ -549,6 +560,19 @@ class Output(Message):
 
     def __repr__(self) -> str:
         return _event_repr(self, self.seq, self.kind, self.conn, self.data)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Outputs(Message):
+    """Node->gateway: several output events of its VM in order, in one frame (a slice's worth); each as one output."""
+
+    NAME: ClassVar[str] = "outputs"
+    generation: int
+    events: list[list[Any]]  # [[seq, kind, conn, data], ...]
+
+    def __repr__(self) -> str:
+        return (f"Outputs(generation={self.generation}, <{len(self.events)} events, seq "
+                f"{self.events[0][0] if self.events else '-'}...>)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -815,9 +839,11 @@ GATEWAY_MESSAGES: tuple[type[Message], ...] = (
     NodeStatus,
     Welcome,
     Input,
+    Inputs,
     InputFloor,
     Progress,
     Output,
+    Outputs,
     Commit,
     Protection,
     Resynced,

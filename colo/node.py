@@ -44,10 +44,12 @@ from colo.messages import (
     Heartbeat,
     Input,
     InputFloor,
+    Inputs,
     Message,
     NodeHello,
     NodeStatus,
     Output,
+    Outputs,
     Progress,
     Promote,
     Shutdown,
@@ -68,6 +70,8 @@ from toyvm.version import VERSION
 log = logging.getLogger("colo.node")
 
 SLICE = 0.01
+OUTPUTS_BYTES = 256 << 10  # an outputs frame carries about this much guest output at most (then another one)
+OUTPUTS_EVENTS = 4096
 EXIT_FENCED = 4
 STATE_FORMAT = f"{_FORMAT}/{_STATE_VERSION}"  # a node can protect another only if it reads its checkpoints
 EXIT_FAULT = 125  # the guest faulted (as `toyvm run`)
@@ -328,7 +332,13 @@ class Node:
             if ev.seq > self.received_seq:
                 self.received_seq = ev.seq
             self.backlog[ev.seq] = ev.event
-        elif isinstance(ev, Progress | Output):
+        elif isinstance(ev, Inputs):
+            for e in ev.events:
+                got = NetEvent(*e)
+                if got.seq > self.received_seq:
+                    self.received_seq = got.seq
+                self.backlog[got.seq] = got
+        elif isinstance(ev, Progress | Output | Outputs):
             pass  # not for us
         elif isinstance(ev, Step):
             pass  # the I/O thread applied it (_urgent)
@@ -426,8 +436,7 @@ class Node:
         if self.hold_outputs:
             self.held_outputs += self.take_outputs()
         else:
-            for e in self.take_outputs():
-                self.send_gateway(Output(self.generation, *e), flush=False)
+            self.send_outputs(self.take_outputs())
         taken = self.taken_seq()
         if taken > self._taken_sent and self.send_gateway(Progress(self.generation, taken), flush=False):
             self._taken_sent = taken
@@ -437,9 +446,26 @@ class Node:
         """Stop holding outputs and send the held ones, in order (after the commit that makes them sendable)."""
         self.hold_outputs = False
         held, self.held_outputs = self.held_outputs, []
-        for e in held:
-            self.send_gateway(Output(self.generation, *e), flush=False)
+        self.send_outputs(held)
         self.io.flush_gateway()
+
+    def send_outputs(self, outs: list[NetEvent]) -> None:
+        """Queue outputs for the gateway, in order: one `output`, or `outputs` frames for several (one seal and
+        one decode for all of them: the relay's cost is per frame, the guest's output comes in slices)."""
+        if len(outs) == 1:
+            self.send_gateway(Output(self.generation, *outs[0]), flush=False)
+            return
+        batch: list[list[Any]] = []
+        size = 0
+        for e in outs:
+            batch.append(e.as_list())
+            size += len(e.data)
+            if size >= OUTPUTS_BYTES or len(batch) >= OUTPUTS_EVENTS:
+                self.send_gateway(Outputs(self.generation, batch), flush=False)
+                batch, size = [], 0
+        if batch:
+            self.send_gateway(Outputs(self.generation, batch) if len(batch) > 1
+                              else Output(self.generation, *batch[0]), flush=False)
 
     def print_console(self) -> None:
         assert self.vm is not None

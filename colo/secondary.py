@@ -31,7 +31,6 @@ from colo.messages import (
     InitialChunk,
     InitialSize,
     Message,
-    Output,
     Promote,
     Promoted,
     Reset,
@@ -179,8 +178,7 @@ class SecondaryRole:
             # The checkpoint will replace this VM (the primary faults the same way, or it does not).
             log.warning("secondary: our VM faulted (%s): waiting for the next checkpoint", e)
             r = None
-        for out in node.take_outputs():
-            node.send_gateway(Output(node.generation, *out), flush=False)
+        node.send_outputs(node.take_outputs())
         node.io.flush_gateway()  # one write per slice
         node.print_console()
         idle = r is None or (r.reason in (StopReason.HALT, StopReason.POWER_OFF) and not vm.wakeup_pending
