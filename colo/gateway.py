@@ -189,7 +189,9 @@ class Gateway:
         self._inputs_bytes.pop(link, None)
         if not batch:
             return True
-        return c.send(Input(*batch[0]) if len(batch) == 1 else Inputs(batch), flush=False)
+        # Each was an Input the witness built (and checked); regrouped, they need no second check.
+        return c.send(Input.checked_already(*batch[0]) if len(batch) == 1 else Inputs.checked_already(batch),
+                      flush=False)
 
     def _refresh_interest(self) -> None:
         for link, c in list(self.conns.items()):
@@ -245,7 +247,8 @@ class Gateway:
             self._events.append(ControlRequest(link, msg))
         elif link in self.attached:
             if isinstance(msg, Outputs):  # the witness takes them one by one, as if each had its own frame
-                self._events.extend(NodeMessage(link, Output(msg.generation, *e)) for e in msg.events)
+                gen = msg.generation  # the frame's events were checked as it was decoded
+                self._events.extend(NodeMessage(link, Output.checked_already(gen, *e)) for e in msg.events)
             else:
                 self._events.append(NodeMessage(link, msg))
         elif isinstance(msg, NodeHello) and msg.role == c.peer_role:

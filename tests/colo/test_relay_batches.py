@@ -125,3 +125,11 @@ def test_a_slices_outputs_leave_in_bounded_frames_in_order(node: Any, monkeypatc
     node.sent.clear()
     node.send_outputs(outs[:1])
     assert node.sent == [Output(node.generation, 1, KIND_DATA, 1, b"abcd")]
+
+
+def test_a_message_of_values_checked_already_equals_the_checked_one() -> None:
+    fast = Output.checked_already(2, 7, KIND_DATA, 3, b"+OK\r\n")
+    assert fast == Output(2, 7, KIND_DATA, 3, b"+OK\r\n") and hash(fast) == hash(Output(2, 7, KIND_DATA, 3, b"+OK\r\n"))
+    assert Inputs.checked_already([[1, KIND_OPEN, 3, b""]]) == Inputs([[1, KIND_OPEN, 3, b""]])
+    with pytest.raises(ValueError):
+        Output.checked_already(2, 7)  # every field, or it is not the message
