@@ -162,6 +162,16 @@ class Service:
     def records(self) -> list[dict[str, Any]]:
         return read_records(self.stats) if self.stats.exists() else []
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by each process of the service (toyvm, or the cluster's roles)."""
+        procs = {"toyvm": self.proc} if self.proc is not None else dict(self.cluster.procs) if self.cluster else {}
+        out = {}
+        for role, p in procs.items():
+            used = process_cpu_seconds(p.pid) if p is not None and p.poll() is None else None
+            if used is not None:
+                out[role] = used
+        return out
+
 
 def tail(path: Path, lines: int = 20) -> str:
     try:
@@ -218,6 +228,16 @@ def machine_cpu_seconds() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds a live process has used, all its threads (utime + stime in /proc; None if unreadable)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def own_cpu_seconds() -> float:
     """This process and its reaped children (the services and redis-benchmark, once waited for)."""
     a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -261,7 +281,12 @@ class Runner:
                     if "error" not in probe:
                         warm = {**warm, "ops_s": probe["ops_s"], "probe": probe}
                 n = self.size(guest, cfg, test, warm)
+                cpu0 = svc.cpu()
                 run = redis_benchmark(svc.port, test, n, c, timeout=max(120.0, 10 * self.args.seconds))
+                cpu1 = svc.cpu()
+                if run.get("n"):  # where the CPU time of a request goes, by process (the client's not counted)
+                    run["cpu_us_per_request"] = {r: round((cpu1[r] - cpu0[r]) / run["n"] * 1e6, 1)
+                                                 for r in cpu1 if r in cpu0}
                 run["warmup"] = warm
                 by = checkpoints_in(svc.records(), run["start"], run["end"])
                 run["checkpoints"] = by
@@ -335,6 +360,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                                           for k in triggers}}
                 cps = s[test]["checkpoints_per_s"]
                 s[test]["requests_per_checkpoint"] = s[test]["ops_s"] / cps if cps else None
+                roles = sorted({r for t in ok for r in t.get("cpu_us_per_request", {})})
+                s[test]["cpu_us_per_request"] = {
+                    r: med(t["cpu_us_per_request"][r] for t in ok if r in t.get("cpu_us_per_request", {}))
+                    for r in roles}
             s["problems"] = sorted({p for r in mine for p in r["problems"]})
             out[f"{guest}/{cfg.name}"] = s
     return out
@@ -392,6 +421,21 @@ def markdown(info: dict[str, Any], args: argparse.Namespace, summary: dict[str, 
               "(timer = periodic interval or hybrid backstop; mismatch / timeout = asked for by the gateway's "
               "output comparison). Hybrid: compare timeout 200 ms (the gateway's default), backstop "
               f"{BACKSTOP_MS / 1000:g} s."]
+    cpu_rows = []
+    for guest in GUESTS:
+        for cfg in CONFIGS:
+            if cfg.mode not in ("alone", "hybrid"):
+                continue
+            s = summary[f"{guest}/{cfg.name}"]
+            cells = []
+            for test in TESTS:
+                per = s[test].get("cpu_us_per_request") if s[test]["rounds"] else None
+                cells.append(", ".join(f"{r} {v:.0f}" for r, v in per.items()) + f" (all {sum(per.values()):.0f})"
+                             if per else "-")
+            cpu_rows.append(f"| {guest} | {cfg.name} | " + " | ".join(cells) + " |")
+    if cpu_rows:
+        lines += ["", "CPU time per request, by process (us; every thread; redis-benchmark not counted):", "",
+                  "| guest | configuration | SET | GET |", "|---|---|---|---|", *cpu_rows]
     notes = problem_notes(runs)
     busy = [r["cpus_busy_other"] for r in runs if r["cpus_busy_other"] > BUSY_WARNING]
     if busy:
