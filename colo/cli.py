@@ -350,6 +350,9 @@ def _teaching_commands(sub: Any) -> None:
     v.add_argument("--interval", type=float, default=1000.0, metavar="MS",
                    help="periodic checkpoint interval (default 1000: slow enough to watch)")
     v.add_argument("--backstop", type=float, default=5000.0, metavar="MS", help="hybrid backstop (default 5000)")
+    v.add_argument("--checkpoint-mode", choices=("strict", "pipelined"), default="pipelined",
+                   help="pipelined (default): the guest resumes once the state is copied and runs while it is sent; "
+                        "strict: it stays stopped until the secondary has loaded it (watch the two side by side)")
     v.add_argument("--ram", default="16M", help="guest RAM (default 16M: a page grid that fits a screen)")
     v.add_argument("--cmdline", default="", help="command line passed to the guest")
     v.add_argument("--listen", type=_address, default=("127.0.0.1", 8300), metavar="HOST:PORT",

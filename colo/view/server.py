@@ -207,7 +207,8 @@ class ViewServer(ThreadingHTTPServer):
 def run_view(args: argparse.Namespace) -> int:
     view = ViewSession(args.guest, mode=args.mode, interval_ms=args.interval, backstop_ms=args.backstop,
                        ram=args.ram, cmdline=args.cmdline, encrypt=args.encrypt,
-                       heartbeat_timeout=args.heartbeat_timeout, hooks=args.hooks, trace_hex=args.trace_hex)
+                       heartbeat_timeout=args.heartbeat_timeout, hooks=args.hooks, trace_hex=args.trace_hex,
+                       checkpoint_mode=args.checkpoint_mode)
     server = ViewServer((args.listen[0], args.listen[1]), view)
     stopping: list[int] = []
 
@@ -219,7 +220,8 @@ def run_view(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     thread = threading.Thread(target=server.serve_forever, name="view-http", daemon=True)
     thread.start()
-    print(f"colo view: starting the pair ({args.mode} mode); the page is at {server.url}", file=sys.stderr,
+    print(f"colo view: starting the pair ({args.mode} mode, {args.checkpoint_mode} checkpoints); the page is at "
+          f"{server.url}", file=sys.stderr,
           flush=True)
     try:
         view.start()

@@ -64,8 +64,9 @@ class ViewSession:
     def __init__(self, guest: str, *, mode: str = "periodic", interval_ms: float = 1000.0,
                  backstop_ms: float = 5000.0, ram: str = "16M", cmdline: str = "", encrypt: bool = True,
                  heartbeat_timeout: float = 0.8, hooks: str | None = None, trace_hex: int = 64,
-                 directory: Path | None = None, respawn: bool = True) -> None:
+                 directory: Path | None = None, respawn: bool = True, checkpoint_mode: str = "pipelined") -> None:
         self.guest, self.ram, self.cmdline, self.hooks = guest, ram, cmdline, hooks
+        self.checkpoint_mode = checkpoint_mode  # strict shows the guest stopped until vmstate-loaded
         self.interval_ms, self.backstop_ms, self.encrypt = interval_ms, backstop_ms, encrypt
         self.heartbeat_timeout, self.trace_hex, self.respawn = heartbeat_timeout, trace_hex, respawn
         self.mode = mode
@@ -106,7 +107,8 @@ class ViewSession:
             self.cond.notify_all()
         c = LocalCluster(self.guest, ram=self.ram, cmdline=self.cmdline, interval_ms=self.interval_ms,
                          backstop_ms=self.backstop_ms, mode=self.mode, encrypt=self.encrypt,
-                         heartbeat_timeout=self.heartbeat_timeout, hooks=self.hooks, directory=self.dir)
+                         heartbeat_timeout=self.heartbeat_timeout, hooks=self.hooks, directory=self.dir,
+                         checkpoint_mode=self.checkpoint_mode)
         c.trace_file = str(self.trace_path)
         c.trace_hex = self.trace_hex
         self._log = open(self.dir / "roles.log", "ab")
