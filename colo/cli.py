@@ -566,6 +566,9 @@ def format_status(info: dict[str, Any]) -> str:
                  f"output released up to {g.get('released_output_seq')}, {g.get('held_outputs', 0)} held, "
                  f"{g.get('logged_inputs', 0)} inputs logged")
     lines += _copy_lines(info["nodes"].get("primary", {}))
+    if g.get("voided"):  # copies no gateway may promote (the primary went on without them): docs/replication.md
+        lines.append("voided copies (never promoted): " + ", ".join(
+            f"{node} (generation {gen})" for node, gen in sorted(g["voided"].items())))
     for ev in info.get("events", [])[-6:]:
         details = ", ".join(f"{k}={v}" for k, v in ev.items() if k not in ("time", "event"))
         lines.append(f"  {time.strftime('%H:%M:%S', time.localtime(ev['time']))} {ev['event']} {details}")

@@ -1,4 +1,4 @@
-"""`colo status` says how far a copy to a new secondary is, and what the last one cost."""
+"""`colo status` says how far a copy to a new secondary is, what the last one cost, and which copies are void."""
 from __future__ import annotations
 
 from typing import Any
@@ -31,3 +31,10 @@ def test_the_last_copy() -> None:
 
 def test_no_copy_no_line() -> None:
     assert "copy" not in format_status(status({}))
+
+
+def test_the_status_names_voided_copies() -> None:
+    info = status({})
+    assert "voided" not in format_status(info)
+    info["gateway"]["voided"] = {"a1b2c3": 2}
+    assert "voided copies (never promoted): a1b2c3 (generation 2)" in format_status(info)
