@@ -262,6 +262,7 @@ WitnessAction = (Send | CloseLink | AcceptClient | RefuseClient | ToClient | Clo
 DURABLE_FORMAT = "colo-witness/1"
 MAX_VOIDS = 32  # voided copies remembered (the oldest go first: a node is voided again whenever it matters)
 
+
 def load_voids(durable: dict[str, Any] | None) -> dict[str, int]:
     """The voided copies in what an earlier gateway persisted; ValueError says what is wrong with it."""
     if durable is None:
@@ -440,7 +441,10 @@ class Witness:
         # the generation up to which its copies are void. A secondary's copy is voided when the primary goes on
         # without it: output released from then on is in no copy it holds (docs/replication.md).
         self.voids: dict[str, int] = load_voids(cfg.durable)
-        self.protect_attempt = 0  # the number of the last protect sent: protection reports name the one they answer
+        # The number of the last protect sent: protection reports name the one they answer. Numbers start at a
+        # random point, so that a report on an earlier gateway's protect is not taken for one of ours.
+        self.protect_attempt = secrets.randbits(31)
+        self.protects_sent = 0
 
     # -- the one entry point ----------------------------------------------------------------------------------
     def handle(self, event: Event) -> list[WitnessAction]:
@@ -965,9 +969,10 @@ class Witness:
             self._drain_secondary(sec)
 
     def _protection(self, n: NodeView, msg: Protection) -> None:
-        if msg.attempt and msg.attempt != self.protect_attempt:
+        if msg.attempt and self.protects_sent and msg.attempt != self.protect_attempt:
             # A report on a copy abandoned since (sent before the primary read our unprotect, and slow to come):
-            # taking it for the current copy would count on a secondary that may hold nothing.
+            # taking it for the current copy would count on a secondary that may hold nothing. (Before our first
+            # protect, a report is on a pair this gateway learned: it counts, whatever number it carries.)
             self._record("stale-protection", node=n.id, attempt=msg.attempt, current=self.protect_attempt,
                          state=msg.state.value, level="warning")
             return
@@ -1055,6 +1060,7 @@ class Witness:
         sec.peer = act.id
         self._go("copy-started")
         self.protect_attempt += 1
+        self.protects_sent += 1
         self._record("protect", node=act.id, secondary=sec.id, address=sec.address, attempt=self.protect_attempt)
         self._send(act, Protect(sec.id, sec.address, self.protect_attempt))
 

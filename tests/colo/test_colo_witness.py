@@ -1562,3 +1562,15 @@ def test_a_protection_report_on_an_abandoned_copy_is_stale() -> None:
     assert events_named(acts, "stale-protection") and h.service is S.PROTECTING and not h.w.protected
     h.msg(p, Protection(p.gen, ProtectionState.PROTECTED, 2, 0, 0, "s", "", second))
     assert h.service is S.PROTECTED and h.w.protected
+
+
+def test_a_learned_pairs_protection_report_counts_whatever_number_it_carries() -> None:
+    """A new gateway learned the pair (it sent no protect): the primary's report that it lost its secondary names
+    the old gateway's protect, and still counts."""
+    h = Harness()
+    p = h.attach_primary("p", peer="s", **PRIMARY_STATE)
+    h.attach_secondary("s", peer="p", **SECONDARY_STATE)
+    assert h.service is S.PROTECTED
+    acts = h.msg(p, Protection(p.gen, ProtectionState.UNPROTECTED, 5, 0, 0, "", "the secondary went away", 12345))
+    assert not events_named(acts, "stale-protection")
+    assert h.service is S.ALONE and not h.w.protected
