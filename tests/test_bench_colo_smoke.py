@@ -39,6 +39,7 @@ def test_colo_vs_periodic_quick(tmp_path: Path) -> None:
         for cfg in CONFIGS:
             assert f"\n| {guest} | {cfg} | **" in out, f"no row for {guest} {cfg}"
     assert "kvstore: ready" not in out and "noisy: ready" not in out  # guest consoles go to the logs
+    assert "Hybrid throughput against the guest alone, medians of this run: kvstore SET " in out, out
     assert "CPU time per request, by process" in out and "\n| kvstore | hybrid | gateway " in out, out
     if "--plot" in cmd:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -50,7 +51,9 @@ def test_colo_vs_periodic_quick(tmp_path: Path) -> None:
                 assert s[test]["rounds"] == 1 and s[test]["ops_s"] > 0 and s[test]["p99_ms"] > 0
                 roles = set(s[test]["cpu_us_per_request"])
                 assert roles == ({"toyvm"} if cfg == "alone" else {"gateway", "primary", "secondary"}), roles
-                assert all(v > 0 for v in s[test]["cpu_us_per_request"].values())
+                assert all(v >= 0 for v in s[test]["cpu_us_per_request"].values())
+                if cfg in ("alone", "hybrid"):  # thousands of requests even in a quick run: some CPU, surely
+                    assert all(v > 0 for v in s[test]["cpu_us_per_request"].values()), s[test]
                 if cfg == "alone":
                     assert s[test]["checkpoints_per_s"] == 0
                 elif cfg.startswith("periodic"):
