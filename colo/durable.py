@@ -1,13 +1,14 @@
 """The little the gateway must remember across its own restart: a file written atomically and durably.
 
 The witness decides what (colo.witness.Persist: the copies it voided); this module only writes it so that a
-crash at any instant leaves either the old file or the new one (write a temporary file, fsync it, rename it over
-the old, fsync the directory), and reads it back with errors that name the file.
+crash at any instant leaves either the old file or the new one (`replace_file`, which `colo keygen --force` uses
+too), and reads it back with errors that name the file.
 """
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +36,26 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 def save(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     """Replace the file at `path` with `state`, durably (OSError if the disk refuses)."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    data = (json.dumps(state, sort_keys=True) + "\n").encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    replace_file(path, (json.dumps(state, sort_keys=True) + "\n").encode())
+
+
+def replace_file(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
+    """Replace the file at `path` with `data`, whole or not at all, and durably: a temporary file beside it
+    (exactly `mode`, whatever the umask), synced, renamed over the old one, then the directory synced. On any
+    error the temporary file is removed and the old file stays as it was."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, p)
-    dirfd = os.open(p.parent, os.O_RDONLY)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dirfd = os.open(target.parent, os.O_RDONLY)
     try:
         os.fsync(dirfd)
     finally:

@@ -20,7 +20,7 @@ from colo import durable, events, trace
 from colo.errors import ColoError
 from colo.events import STREAM
 from colo.link import Closed, Conn, Opened
-from colo.messages import Input, Inputs, Message, NodeHello, Output, Outputs
+from colo.messages import BATCH_BYTES, BATCH_EVENTS, Input, Inputs, Message, NodeHello, Output, Outputs
 from colo.protocol import ConnectionClosed
 from colo.witness import (
     AcceptClient,
@@ -53,8 +53,6 @@ from tcpclients import Backlog, ClientEvent, ClientTable, Connected, Data, Eof, 
 log = logging.getLogger("colo.gateway")
 PEER_ROLES = ("primary", "secondary", "spare", "control")
 NODE_ROLES = ("primary", "secondary", "spare")
-INPUTS_BYTES = 256 << 10  # an inputs frame carries about this much client input at most (then another one)
-INPUTS_EVENTS = 4096
 EXIT_FLUSH = 2.0  # seconds the gateway waits for its last messages to leave before it exits
 
 
@@ -115,7 +113,7 @@ class Gateway:
         self._unflushed: set[int] = set()
         # Inputs the witness sent a link this turn, not queued yet: they leave as one `inputs` frame (one seal, one
         # decode, one hand-over to the node's VM thread for all of them), before anything else sent after them.
-        self._inputs: dict[int, list[list[Any]]] = {}
+        self._inputs: dict[int, list[Input]] = {}
         self._inputs_bytes: dict[int, int] = {}
         self._stopping = False
         self._exit_at: float | None = None
@@ -189,9 +187,10 @@ class Gateway:
         self._inputs_bytes.pop(link, None)
         if not batch:
             return True
-        # Each was an Input the witness built (and checked); regrouped, they need no second check.
-        return c.send(Input.checked_already(*batch[0]) if len(batch) == 1 else Inputs.checked_already(batch),
-                      flush=False)
+        if len(batch) == 1:
+            return c.send(batch[0], flush=False)
+        # Each is an Input the witness built (and checked): regrouped, they need no second check.
+        return c.send(Inputs.checked_already([[m.seq, m.kind, m.conn, m.data] for m in batch]), flush=False)
 
     def _refresh_interest(self) -> None:
         for link, c in list(self.conns.items()):
@@ -340,10 +339,10 @@ class Gateway:
             c = self.conns.get(a.link)
             if c is not None and isinstance(a.msg, Input):
                 batch = self._inputs.setdefault(a.link, [])
-                batch.append([a.msg.seq, a.msg.kind, a.msg.conn, a.msg.data])
+                batch.append(a.msg)
                 size = self._inputs_bytes[a.link] = self._inputs_bytes.get(a.link, 0) + len(a.msg.data)
                 self._unflushed.add(a.link)
-                if (size >= INPUTS_BYTES or len(batch) >= INPUTS_EVENTS) and not self._queue_inputs(a.link, c):
+                if (size >= BATCH_BYTES or len(batch) >= BATCH_EVENTS) and not self._queue_inputs(a.link, c):
                     self._conn_closed(a.link, c.closed_reason or "send failed")
             elif c is not None:
                 if not self._queue_inputs(a.link, c):

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from colo.auth import generate_key
+from colo.durable import replace_file
 from colo.errors import ColoError
 
 KEY_MODE = 0o600
@@ -29,13 +29,7 @@ def write_new_key(path: str | Path, *, force: bool = False) -> Path:
         return target
     if target.is_dir():
         raise ColoError(f"{target} is a directory")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")  # mkstemp creates it 0600
-    try:
-        _write(fd, key)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_file(target, key, KEY_MODE)
     return target
 
 

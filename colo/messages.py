@@ -528,6 +528,11 @@ class Input(Message):
         return _event_repr(self, self.seq, self.kind, self.conn, self.data)
 
 
+# How much one `inputs` or `outputs` frame carries at most (about: the event that crosses the bound is in it)
+BATCH_BYTES = 256 << 10
+BATCH_EVENTS = 4096
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class Inputs(Message):
     """Gateway->node: several input events in order, in one frame (a turn of the gateway loop); each as one input."""
@@ -611,7 +616,7 @@ class Protection(Message):
     output_seq: int
     peer: str
     reason: str
-    attempt: int = 0  # the protect it answers (0: none this gateway sent, as for a pair learned by a new gateway)
+    attempt: int = 0  # the protect it answers (0: the primary had none to answer)
 
 
 @dataclass(frozen=True, slots=True)

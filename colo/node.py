@@ -36,6 +36,8 @@ from colo.gate import Gate
 from colo.link import DEFAULT_HEARTBEAT_TIMEOUT, Closed, Conn
 from colo.memory import keep_buffers_on_heap
 from colo.messages import (
+    BATCH_BYTES,
+    BATCH_EVENTS,
     CheckpointNow,
     CheckpointReply,
     CheckpointRequest,
@@ -58,7 +60,7 @@ from colo.messages import (
     VmstateReceived,
     Welcome,
 )
-from colo.netevents import KIND_CLOSE, KIND_OPEN, NetEvent
+from colo.netevents import KIND_CLOSE, KIND_OPEN, NetEvent, to_events
 from colo.nodeio import Attached, Detached, Heard, NodeEvent, NodeIO, Silent, Source
 from colo.protocol import ConnectionClosed
 from colo.vmstate import FORMAT as _FORMAT
@@ -70,8 +72,6 @@ from toyvm.version import VERSION
 log = logging.getLogger("colo.node")
 
 SLICE = 0.01
-OUTPUTS_BYTES = 256 << 10  # an outputs frame carries about this much guest output at most (then another one)
-OUTPUTS_EVENTS = 4096
 EXIT_FENCED = 4
 STATE_FORMAT = f"{_FORMAT}/{_STATE_VERSION}"  # a node can protect another only if it reads its checkpoints
 EXIT_FAULT = 125  # the guest faulted (as `toyvm run`)
@@ -328,13 +328,8 @@ class Node:
         return out
 
     def on_gateway_event(self, ev: NodeEvent) -> None:
-        if isinstance(ev, Input):
-            if ev.seq > self.received_seq:
-                self.received_seq = ev.seq
-            self.backlog[ev.seq] = ev.event
-        elif isinstance(ev, Inputs):
-            for e in ev.events:
-                got = NetEvent(*e)
+        if isinstance(ev, Input | Inputs):
+            for got in [ev.event] if isinstance(ev, Input) else to_events(ev.events):
                 if got.seq > self.received_seq:
                     self.received_seq = got.seq
                 self.backlog[got.seq] = got
@@ -452,15 +447,12 @@ class Node:
     def send_outputs(self, outs: list[NetEvent]) -> None:
         """Queue outputs for the gateway, in order: one `output`, or `outputs` frames for several (one seal and
         one decode for all of them: the relay's cost is per frame, the guest's output comes in slices)."""
-        if len(outs) == 1:
-            self.send_gateway(Output(self.generation, *outs[0]), flush=False)
-            return
         batch: list[list[Any]] = []
         size = 0
         for e in outs:
             batch.append(e.as_list())
             size += len(e.data)
-            if size >= OUTPUTS_BYTES or len(batch) >= OUTPUTS_EVENTS:
+            if size >= BATCH_BYTES or len(batch) >= BATCH_EVENTS:
                 self.send_gateway(Outputs(self.generation, batch), flush=False)
                 batch, size = [], 0
         if batch:

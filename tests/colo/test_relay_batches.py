@@ -9,8 +9,19 @@ import pytest
 
 from colo import node as node_module
 from colo.auth import generate_key
-from colo.gateway import INPUTS_BYTES, Gateway, GatewayConfig
-from colo.messages import KIND_CLOSE, KIND_DATA, KIND_OPEN, Fence, Input, Inputs, Message, Output, Outputs
+from colo.gateway import Gateway, GatewayConfig
+from colo.messages import (
+    BATCH_BYTES,
+    KIND_CLOSE,
+    KIND_DATA,
+    KIND_OPEN,
+    Fence,
+    Input,
+    Inputs,
+    Message,
+    Output,
+    Outputs,
+)
 from colo.netevents import NetEvent
 from colo.node import Mode, Node, NodeConfig
 from colo.witness import NodeMessage, Send
@@ -74,7 +85,7 @@ def test_a_large_turn_is_cut_into_frames_of_bounded_size(gw: Any) -> None:
     rec = Recorder()
     gw.conns[5] = rec
     chunk = b"y" * (16 << 10)
-    n = 3 * INPUTS_BYTES // len(chunk) + 1
+    n = 3 * BATCH_BYTES // len(chunk) + 1
     for seq in range(1, n + 1):
         gw._act(Send(5, Input(seq, KIND_DATA, 3, chunk)))
     gw._flush_links()
@@ -82,7 +93,7 @@ def test_a_large_turn_is_cut_into_frames_of_bounded_size(gw: Any) -> None:
     assert len(frames) >= 3
     seqs = [e[0] for m in frames for e in (m.events if isinstance(m, Inputs) else [[m.seq]])]
     assert seqs == list(range(1, n + 1))
-    assert all(sum(len(e[3]) for e in m.events) <= INPUTS_BYTES for m in frames if isinstance(m, Inputs))
+    assert all(sum(len(e[3]) for e in m.events) <= BATCH_BYTES for m in frames if isinstance(m, Inputs))
 
 
 def test_the_witness_takes_a_frame_of_outputs_one_by_one(gw: Any) -> None:
@@ -115,7 +126,7 @@ def test_a_node_takes_a_frame_of_inputs_as_the_inputs_one_by_one(node: Any) -> N
 
 
 def test_a_slices_outputs_leave_in_bounded_frames_in_order(node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(node_module, "OUTPUTS_BYTES", 10)
+    monkeypatch.setattr(node_module, "BATCH_BYTES", 10)
     outs = [NetEvent(seq, KIND_DATA, 1, b"abcd") for seq in range(1, 8)]
     node.send_outputs(outs)
     frames = node.sent
