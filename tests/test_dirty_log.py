@@ -11,10 +11,12 @@ import struct
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from toyvm import Machine, StopReason
+from toyvm.cpu import reg, set_reg
 from toyvm.devices.net import DATA
 
 RAM = 4 << 20
@@ -150,3 +152,17 @@ def test_host_writes_mark_pages() -> None:
     vm.ram.write(PAGE * 10 - 3, b"abcdef")
     assert vm.collect_dirty().tolist() == [9, 10]
     assert vm.collect_dirty().tolist() == []
+
+
+@pytest.mark.parametrize("hooks", ["python", "native"])
+def test_host_writes_drop_translated_code(hooks: str) -> None:
+    """Code the guest ran, rewritten by the host (as the net device writes a buffer): the next run sees the new
+    code, not the block translated before (unicorn keeps it otherwise: lab q2f_smc)."""
+    vm = Machine(RAM, hooks=hooks)
+    entry = vm.boot(mov_imm(0, 1) + b"\xf4").entry  # mov rax, 1; hlt
+    for value in (1, 2, 3):
+        if value > 1:
+            vm.ram.write(entry, mov_imm(0, value))
+            set_reg(vm.uc, "rip", entry)
+        vm.run_slice(1.0)
+        assert reg(vm.uc, "rax") == value
