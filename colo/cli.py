@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from colo import rundir
+from colo import rundir, sched
 from colo.auth import load_key
 from colo.cluster import ask_gateway
 from colo.errors import ColoError
@@ -109,6 +109,10 @@ def _common(p: argparse.ArgumentParser,
     _trace_options(p)
     _loudness(p)
     _encrypt_option(p)
+    p.add_argument("--sched", choices=sched.POLICIES, default=sched.DEFAULT,
+                   help="the Linux scheduling policy of the role's threads: batch (default) keeps its priority but "
+                        "does not preempt the process that woke it, so gateway and nodes hand work over in bigger "
+                        "batches; normal is the kernel's default")
     p.add_argument("--ready-file", help=argparse.SUPPRESS)  # `colo up` learns the chosen ports from it
     p.add_argument("--lifeline", type=int, help=argparse.SUPPRESS)  # stop when this fd reaches EOF (colo.lifeline)
 
@@ -397,6 +401,10 @@ def _on_term(handler: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args)
+    if getattr(args, "sched", None) is not None:  # before any thread starts: they inherit it
+        problem = sched.apply(args.sched)
+        if problem:
+            logging.getLogger("colo").warning("%s: %s; it runs with the policy it has", args.command, problem)
     if getattr(args, "lifeline", None) is not None:
         from colo import lifeline
         lifeline.watch(args.lifeline, args.command)

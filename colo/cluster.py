@@ -33,6 +33,7 @@ from colo.link import (
     Client,
 )
 from colo.messages import CommandResult, ShutdownCommand, StatusReply, StatusRequest
+from colo.sched import DEFAULT as DEFAULT_SCHED
 
 ROLES = ("gateway", "secondary", "primary")
 SPARE_WAIT = 10.0  # seconds to wait for the first spare to reach the gateway before starting the primary
@@ -81,7 +82,7 @@ class LocalCluster:
                  verbose: bool = False, mode: str = "periodic", backstop_ms: float = 2000.0,
                  key_file: Path | None = None, encrypt: bool = True, quiet: bool = False,
                  console: str = "active", logs: bool = False, lifeline: bool = True, copy: str = "live",
-                 checkpoint_mode: str = "pipelined", delta: bool = False) -> None:
+                 checkpoint_mode: str = "pipelined", delta: bool = False, sched: str = DEFAULT_SCHED) -> None:
         """`logs`: each process's stderr goes to DIR/NAME.log (else where `start` is told); `console`: the
         nodes' --console (active: only the active node prints the guest's console)."""
         self.dir = directory or Path(tempfile.mkdtemp(prefix="colo-"))
@@ -102,6 +103,7 @@ class LocalCluster:
         self.copy = copy
         self.checkpoint_mode = checkpoint_mode
         self.delta = delta
+        self.sched = sched
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.started: dict[str, float] = {}  # monotonic start time of each process
         self.gateway: tuple[str, int] = ("", 0)
@@ -119,7 +121,7 @@ class LocalCluster:
     # -- command lines ----------------------------------------------------------------------------------------
     def common_args(self, name: str) -> list[str]:
         args = ["--key-file", str(self.key_file), "--heartbeat-timeout", str(self.heartbeat_timeout),
-                "--ready-file", str(self.ready_path(name)), "--mode", self.mode]
+                "--ready-file", str(self.ready_path(name)), "--mode", self.mode, "--sched", self.sched]
         if self.trace:
             args.append("--trace")
         args += self.trace_args(name)
