@@ -32,11 +32,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("colo")
 
-STEP_SECONDS = 0.003  # the longest the guest waits for one step of a round (a record may overrun it a little)
-GUEST_SLICE = 0.003  # the guest's turn between two steps: about half the CPU each, while a copy goes on
-RECORD_PAGES = 256  # pages per record of a round (1 MiB before compression)
+# A step and the guest's turn are short and equal: the longest step is a copy's longest stall of the guest. At
+# 3 ms / 256-page records / 16 MiB scan windows the longest step was 5-10 ms (a window's scan alone took 2-3 ms);
+# at these values 2-4 ms, with the same time until protected (64 MiB and 1 GiB, benchmarks/reprotect.py).
+STEP_SECONDS = 0.001  # the longest the guest waits for one step of a round (a record may overrun it a little)
+GUEST_SLICE = 0.001  # the guest's turn between two steps: about half the CPU each, while a copy goes on
+RECORD_PAGES = 128  # pages per record of a round (512 KiB before compression)
 STOP_RECORD_PAGES = 2048  # pages per record while the guest is stopped (8 MiB: compressed on two threads)
-SCAN_PAGES = 4096  # RAM the first round scans for non-zero pages at a time (16 MiB)
+SCAN_PAGES = 1024  # RAM the first round scans for non-zero pages at a time (4 MiB)
 COPY_QUEUE = 4 << 20  # bytes the link may hold unsent before a step waits for the secondary
 FINAL_STOP_SECONDS = 0.02  # a remainder that goes out in this long ends the rounds (about one checkpoint)
 STOP_PAGES_AT_LEAST = 256
