@@ -449,15 +449,13 @@ class Node:
         one decode for all of them: the relay's cost is per frame, the guest's output comes in slices)."""
         batch: list[list[Any]] = []
         size = 0
-        for e in outs:
+        for i, e in enumerate(outs):
             batch.append(e.as_list())
             size += len(e.data)
-            if size >= BATCH_BYTES or len(batch) >= BATCH_EVENTS:
-                self.send_gateway(Outputs(self.generation, batch), flush=False)
+            if size >= BATCH_BYTES or len(batch) >= BATCH_EVENTS or i == len(outs) - 1:
+                self.send_gateway(Outputs(self.generation, batch) if len(batch) > 1
+                                  else Output(self.generation, *batch[0]), flush=False)
                 batch, size = [], 0
-        if batch:
-            self.send_gateway(Outputs(self.generation, batch) if len(batch) > 1
-                              else Output(self.generation, *batch[0]), flush=False)
 
     def print_console(self) -> None:
         assert self.vm is not None

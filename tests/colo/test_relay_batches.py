@@ -136,6 +136,9 @@ def test_a_slices_outputs_leave_in_bounded_frames_in_order(node: Any, monkeypatc
     node.sent.clear()
     node.send_outputs(outs[:1])
     assert node.sent == [Output(node.generation, 1, KIND_DATA, 1, b"abcd")]
+    node.sent.clear()
+    node.send_outputs([NetEvent(1, KIND_DATA, 1, b"x" * 20), *outs[1:3]])  # one over the bound alone: an output
+    assert [type(m) for m in node.sent] == [Output, Outputs]
 
 
 def test_a_message_of_values_checked_already_equals_the_checked_one() -> None:
