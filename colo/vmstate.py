@@ -139,12 +139,22 @@ class Staged:
     """A checkpoint as the primary holds it between the stop and the last piece sent."""
 
     epoch: int
-    head: bytes
+    # The head's fields, every value taken at the stop (the machine state packed, the lists copied; the events in
+    # them are never changed), packed into `head` when it is first sent: the epoch's outputs (ten thousand and
+    # more in a hybrid epoch under load) are then packed by the sender while the guest runs, not in the pause.
+    head_fields: dict[str, Any]
     index: npt.NDArray[np.uint32]  # every page, sorted
     pages: npt.NDArray[np.uint8] | None  # (n, 4096) copies in the staging buffer, or None: read guest RAM
     ram: npt.NDArray[np.uint8]  # the VM's pages (read only when `pages` is None: the VM stays stopped)
     stats: EncodeStats
     base: npt.NDArray[np.uint8] | None = None  # delta: each page's content at the previous checkpoint
+    _head: bytes | None = field(default=None, repr=False)
+
+    @property
+    def head(self) -> bytes:
+        if self._head is None:
+            self._head = msgpack.packb(self.head_fields, use_bin_type=True)
+        return self._head
 
 
 class Stager:
@@ -177,10 +187,9 @@ class Stager:
             np.take(vm.ram.pages, idx, axis=0, out=staged_pages, mode="clip")  # "raise" buffers out= (slower)
         machine_state = msgpack.packb(vm.save_state(include_ram=False), use_bin_type=True)
         batches = (n + BATCH_PAGES - 1) // BATCH_PAGES
-        head = msgpack.packb({"format": FORMAT, "version": VERSION, "epoch": epoch, "full": full,
-                              "generation": generation, "node": node, "conns": conns or [], "vm": machine_state,
-                              "outputs": outputs or [], "inputs": inputs or [], "batches": batches, "pages": n},
-                             use_bin_type=True)
+        head = {"format": FORMAT, "version": VERSION, "epoch": epoch, "full": full, "generation": generation,
+                "node": node, "conns": list(conns or ()), "vm": machine_state,
+                "outputs": list(outputs or ()), "inputs": list(inputs or ()), "batches": batches, "pages": n}
         st.raw_bytes = n * PAGE_SIZE + len(machine_state)
         base = None
         if delta and full:  # what the secondary will hold: the base of the next checkpoint's deltas
