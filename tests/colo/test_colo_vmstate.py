@@ -3,7 +3,9 @@ applies, page for page, in both staging modes, with deltas, across batch boundar
 from __future__ import annotations
 
 import contextlib
+import gc
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from colo import vmstate
 from colo.node import state_digest
 from conftest import guest
 from toyvm import Machine
+from toyvm.errors import StateError
 
 RAM = 8 << 20
 
@@ -92,3 +95,38 @@ def test_pieces_are_bounded_and_numbered() -> None:
     assert len(pieces) == 1 + (RAM // 4096 + vmstate.BATCH_PAGES - 1) // vmstate.BATCH_PAGES
     assert max(map(len, pieces)) < vmstate.BATCH_PAGES * 4096 + 64 * 1024
     assert st.wire_bytes == sum(map(len, pieces)) and st.zero_pages == 0
+
+
+def test_no_collection_while_a_head_is_unpacked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver unpacks a head with the collector off (a hybrid head's thousands of events would set off
+    collections of every generation), and leaves it as it found it, on or off, also when the unpack fails."""
+    seen: list[bool] = []
+    real = msgpack.unpackb
+
+    def unpackb(*args: object, **kwargs: object) -> object:
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(msgpack, "unpackb", unpackb)
+    vm = Machine(RAM)
+    pieces, _ = vmstate.encode(vm, np.array([0], dtype=np.int64), epoch=1, full=True,
+                               outputs=[[s, 2, 1, b"+OK\r\n"] for s in range(1, 2001)])
+    was = gc.isenabled()
+    try:
+        for on in (True, False):
+            (gc.enable if on else gc.disable)()
+            rx = vmstate.Receiver()
+            rx.begin(epoch=1, full=True, vm=Machine(RAM))
+            for p in pieces:
+                rx.feed(p)
+            assert len(rx.finish().outputs) == 2000
+            assert gc.isenabled() is on
+        gc.enable()
+        rx = vmstate.Receiver()
+        rx.begin(epoch=1, full=True, vm=Machine(RAM))
+        with pytest.raises(StateError):
+            rx.feed(pieces[0][:-3] + b"bad")  # a corrupt head: refused, the collector on again
+        assert gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
+    assert seen and seen[0] is False  # the head (the first unpack of each) was unpacked with the collector off
