@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast lint demo demo-kvstore bench bench-checkpoint bench-colo bench-reprotect bench-delta guests guests-check clean
+.PHONY: setup test test-fast lint demo demo-kvstore bench bench-checkpoint bench-colo bench-reprotect bench-delta bench-relay guests guests-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench-reprotect: $(STAMP)
 bench-delta: $(STAMP)
 	@scripts/need-redis-tools
 	$(PY) benchmarks/delta_cost.py
+
+# The gateway's own Python per hybrid request: the witness and the relay's frames, in one process (about 5 s).
+bench-relay: $(STAMP)
+	$(PY) benchmarks/relay_cost.py
 
 # Why COLO: client throughput, latency and checkpoints/s of kvstore and noisy alone, under periodic checkpoints
 # (20/50/100 ms) and in hybrid mode; 3 interleaved rounds, about 8 min; writes benchmarks/colo_vs_periodic.png.
