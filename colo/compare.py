@@ -424,6 +424,8 @@ class OutputComparer:
         if c.diverged:
             return self._check_overflow(conn, c, now)  # still holding both: bound them
         p, s = c.primary, c.secondary
+        if not (p.held and s.held) and not (p.closed or s.closed):
+            return self._check_overflow(conn, c, now)  # one side is ahead: nothing to match yet (the usual case)
         actions: list[Action] = []
         n = min(len(p.held), len(s.held))
         same = _common_prefix(p.held, s.held, n)

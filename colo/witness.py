@@ -453,16 +453,16 @@ class Witness:
             self._tick(event.now, event.wall)
         elif self.now is None:
             raise WitnessError("the first event must be a Tick: the witness has no time yet")
+        elif isinstance(event, NodeMessage):  # the relay's events first: they are nearly all of them
+            self._node_message(event.link, event.msg)
+        elif isinstance(event, ClientData):
+            self._client_data(event.conn, event.data)
         elif isinstance(event, NodeAttached):
             self._attached(event.link, event.hello)
-        elif isinstance(event, NodeMessage):
-            self._node_message(event.link, event.msg)
         elif isinstance(event, LinkClosed):
             self._link_closed(event.link, event.why)
         elif isinstance(event, ClientConnected):
             self._client_connected(event.token)
-        elif isinstance(event, ClientData):
-            self._client_data(event.conn, event.data)
         elif isinstance(event, ClientClosed):
             self._client_closed(event.conn, event.gone)
         elif isinstance(event, ClientBacklog):
@@ -898,7 +898,8 @@ class Witness:
             if ev.seq <= self.comparer.last_primary_seq:
                 return  # a repeat (a promoted node repeating itself): the comparer has it
             self._compare_actions(self.comparer.primary_output(ev.seq, ev.kind, ev.conn, ev.data, self._t()))
-            self._trace_compare(ev.conn)
+            if self.trace:
+                self._trace_compare(ev.conn)
             return
         if ev.seq <= self.released_seq or ev.seq in self.held:
             return  # already released (a promoted node repeating itself) or already held
@@ -1351,8 +1352,9 @@ class Witness:
             if isinstance(a, Release):
                 if a.conn in self.conns:
                     self._emit(ToClient(a.conn, a.data))
-                    self._trace("output", action="released", conn=a.conn, bytes=len(a.data), data=a.data[:256],
-                                compared=True)
+                    if self.trace:  # not even the arguments while nobody watches: every reply passes here
+                        self._trace("output", action="released", conn=a.conn, bytes=len(a.data), data=a.data[:256],
+                                    compared=True)
             elif isinstance(a, ReleaseClose):
                 if a.conn in self.conns:
                     self._guest_closed(a.conn)
@@ -1398,7 +1400,8 @@ class Witness:
                 # straight through (its output numbers are its own, not the primary's).
                 e = ev.event
                 self._compare_actions(self.comparer.secondary_output(e.kind, e.conn, e.data, self._t()))
-                self._trace_compare(e.conn)
+                if self.trace:
+                    self._trace_compare(e.conn)
             elif n.id == self.active:
                 self._output(n, ev)
 

@@ -32,6 +32,7 @@ from colo.messages import (
     Protect,
     Protection,
     ProtectionState,
+    Resynced,
     Step,
     StepCommand,
     Trigger,
@@ -39,7 +40,20 @@ from colo.messages import (
 )
 from colo.netevents import KIND_DATA
 from colo.wire import SEALED_OVERHEAD, encode_payload
-from colo.witness import ControlRequest, NodeAttached, NodeMessage, Record, Send, Tick, Witness, WitnessConfig
+from colo.witness import (
+    AcceptClient,
+    ClientConnected,
+    ClientData,
+    ControlRequest,
+    NodeAttached,
+    NodeMessage,
+    Record,
+    Send,
+    Tick,
+    ToClient,
+    Witness,
+    WitnessConfig,
+)
 
 KEY = b"events-test-key-0123456789abcdef"
 BOTH = selectors.EVENT_READ | selectors.EVENT_WRITE
@@ -400,6 +414,32 @@ def test_trace_records_only_when_asked() -> None:
     w, log = _pair_witness(trace_on=False)
     acts = w.handle(NodeMessage(2, Output(1, 1, KIND_DATA, 5, b"+OK\r\n")))
     assert not _records(log + acts, "trace")
+
+
+@pytest.mark.parametrize("trace_on", [True, False], ids=["traced", "not-traced"])
+def test_hybrid_comparisons_are_traced_only_when_asked(trace_on: bool) -> None:
+    """Hybrid: where the two streams stand after each VM's output, and the compared release (the teaching view's
+    comparison box); nothing of it, not even its arguments, while nobody watches (every reply passes there)."""
+    w = Witness(WitnessConfig(mode="hybrid", gateway_id="gw"))
+    w.trace = trace_on
+    w.handle(Tick(0.0, 1000.0))
+    w.handle(NodeAttached(1, _hello("spare", "s", "10.0.0.2:7000")))
+    w.handle(NodeAttached(2, _hello("primary", "p")))
+    w.handle(NodeMessage(2, Protection(1, ProtectionState.PROTECTED, 0, 0, 0, "s", "")))
+    w.handle(NodeMessage(1, Resynced(1, 0, w.input_seq, 0)))
+    assert w.mirror == "s"
+    (conn,) = [a.conn for a in w.handle(ClientConnected(1)) if isinstance(a, AcceptClient)]
+    w.handle(ClientData(conn, b"SET k v"))
+    first = w.handle(NodeMessage(2, Output(1, 1, KIND_DATA, conn, b"+OK\r\n")))
+    second = w.handle(NodeMessage(1, Output(1, 1, KIND_DATA, conn, b"+OK\r\n")))
+    assert [a.data for a in second if isinstance(a, ToClient)] == [b"+OK\r\n"]
+    traced = [_records(acts, "trace") for acts in (first, second)]
+    if not trace_on:
+        assert traced == [[], []]
+        return
+    assert [r["event"] for r in traced[0]] == ["compare"]  # the primary's reply, held for the secondary's
+    assert [(r["event"], r.get("action"), r.get("compared")) for r in traced[1]] == [
+        ("output", "released", True), ("compare", None, None)]
 
 
 def test_checkpoint_command_asks_the_primary_for_a_manual_checkpoint() -> None:
