@@ -54,6 +54,7 @@ log = logging.getLogger("colo.gateway")
 PEER_ROLES = ("primary", "secondary", "spare", "control")
 NODE_ROLES = ("primary", "secondary", "spare")
 EXIT_FLUSH = 2.0  # seconds the gateway waits for its last messages to leave before it exits
+CLIENT_POLL = 0.1  # seconds between looks for clients past their timeouts (seconds long): not every turn
 
 
 @dataclass
@@ -117,6 +118,7 @@ class Gateway:
         self._inputs_bytes: dict[int, int] = {}
         self._stopping = False
         self._exit_at: float | None = None
+        self._next_client_poll = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -170,7 +172,9 @@ class Gateway:
         for link, c in list(self.conns.items()):
             if c.handshake_expired(now):
                 self._conn_closed(link, f"authentication timed out after {now - c.started:.0f} s")
-        self.clients.poll(now)
+        if now >= self._next_client_poll:
+            self._next_client_poll = now + CLIENT_POLL
+            self.clients.poll(now)
         self._drain()
         self._flush_links()
 

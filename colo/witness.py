@@ -854,7 +854,7 @@ class Witness:
         # it without one. An input sent but not yet received would otherwise be lost to a copy made meanwhile.
         self.log.append(ev)
         self.log_bytes += len(data)
-        msg = Input(*ev)
+        msg = Input.checked_already(*ev)  # our own number, kind and connection, and a client's bytes: valid
         act = self._node(self.active)
         if act is not None:
             self._send(act, msg)
@@ -897,6 +897,10 @@ class Witness:
             assert self.comparer is not None
             if ev.seq <= self.comparer.last_primary_seq:
                 return  # a repeat (a promoted node repeating itself): the comparer has it
+            if ev.seq != self.comparer.last_primary_seq + 1:  # a node's bug: nothing can be compared with it
+                self._record("output-gap", node=n.id, seq=ev.seq, expected=self.comparer.last_primary_seq + 1,
+                             level="error")
+                return
             self._compare_actions(self.comparer.primary_output(ev.seq, ev.kind, ev.conn, ev.data, self._t()))
             if self.trace:
                 self._trace_compare(ev.conn)

@@ -125,6 +125,18 @@ class ClientTable:
         c = self.clients.get(conn)
         if c is None or c.closing:
             return  # the client is gone, or closing: nothing more reaches it
+        if not c.out:  # nothing waiting: most replies leave whole in one send, and nothing else changes
+            try:
+                n = c.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as e:
+                self._drop(conn, f"connection error: {e}")
+                return
+            if n == len(data):
+                c.stuck_since = None
+                return
+            data = data[n:]
         c.out += data
         self._flush(conn, c)
 

@@ -318,6 +318,13 @@ def test_examples_round_trip(msg: Message) -> None:
     assert from_fields(msg.NAME, to_fields(msg)) == msg
 
 
+@pytest.mark.parametrize("msg", EXAMPLES.values(), ids=lambda m: m.NAME)
+def test_a_message_built_unchecked_from_its_values_is_the_same_message(msg: Message) -> None:
+    values = [getattr(msg, name) for name in field_names(type(msg))]
+    fast = type(msg).checked_already(*values)
+    assert type(fast) is type(msg) and fast == msg and repr(fast) == repr(msg)
+
+
 def test_protection_state_travels_as_text() -> None:
     msg = Protection(1, ProtectionState.PROTECTED, 0, 0, 0, "ab", "")
     assert to_fields(msg)["state"] == "protected"

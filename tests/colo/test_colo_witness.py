@@ -1232,6 +1232,15 @@ def test_hybrid_failover_onto_a_state_whose_output_went_missing_ends_the_clients
     assert [a.data for a in of(h.output(s, 4, c2, b"next"), ToClient)] == [b"next"]
 
 
+def test_hybrid_a_primary_output_that_skips_a_number_is_an_error_not_a_crash() -> None:
+    h = Harness(mode="hybrid")
+    p, s, c = _hybrid_pair(h)
+    acts = h.output(p, 2, c, b"x")  # 1 never came: a node's bug
+    assert [(e["seq"], e["expected"]) for e in events_named(acts, "output-gap")] == [(2, 1)]
+    assert not of(h.output(s, 1, c, b"x"), ToClient)  # nothing of the primary's to compare with
+    assert [a.data for a in of(h.output(p, 1, c, b"x"), ToClient)] == [b"x"]  # the stream goes on from 1
+
+
 def test_hybrid_a_repeated_primary_output_is_ignored() -> None:
     h = Harness(mode="hybrid")
     p, s, c = _hybrid_pair(h)

@@ -145,5 +145,5 @@ def test_a_message_of_values_checked_already_equals_the_checked_one() -> None:
     fast = Output.checked_already(2, 7, KIND_DATA, 3, b"+OK\r\n")
     assert fast == Output(2, 7, KIND_DATA, 3, b"+OK\r\n") and hash(fast) == hash(Output(2, 7, KIND_DATA, 3, b"+OK\r\n"))
     assert Inputs.checked_already([[1, KIND_OPEN, 3, b""]]) == Inputs([[1, KIND_OPEN, 3, b""]])
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError, match="'kind', 'conn', and 'data'"):
         Output.checked_already(2, 7)  # every field, or it is not the message
