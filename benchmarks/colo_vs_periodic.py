@@ -195,14 +195,19 @@ def redis_benchmark(port: int, test: str, n: int, clients: int, timeout: float) 
     cmd = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", str(clients), "-n", str(n), "-t", test,
            "--csv"]
     t0, m0 = time.time(), time.monotonic()
+    child0, busy0 = children_cpu_seconds(), machine_cpu_seconds()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         out, err, rc = done.stdout, done.stderr, done.returncode
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         err, rc = f"redis-benchmark timed out after {timeout:.0f} s", None
-    res: dict[str, Any] = {"test": test, "n": n, "start": t0, "end": t0 + (time.monotonic() - m0),
-                           "wall_s": time.monotonic() - m0, "returncode": rc}
+    wall = time.monotonic() - m0
+    res: dict[str, Any] = {"test": test, "n": n, "start": t0, "end": t0 + wall, "wall_s": wall, "returncode": rc,
+                           # redis-benchmark's own CPU (it is reaped by now), and how busy the whole machine was:
+                           # together with the service's CPU they say whether a run was bound by the CPUs.
+                           "client_cpu_s": children_cpu_seconds() - child0,
+                           "machine_busy_cpus": (machine_cpu_seconds() - busy0) / wall if wall > 0 else 0.0}
     rows = [r for r in csv.DictReader(io.StringIO(out)) if r.get("test", "").lower() == test]
     if rc != 0 or not rows:
         res["error"] = (err.strip().splitlines() or [f"exit status {rc}, no CSV row"])[-1][:300]
@@ -245,6 +250,12 @@ def process_cpu_seconds(pid: int) -> float | None:
         return None
     fields = stat[stat.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's reaped children."""
+    b = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return b.ru_utime + b.ru_stime
 
 
 def own_cpu_seconds() -> float:
@@ -293,9 +304,10 @@ class Runner:
                 cpu0 = svc.cpu()
                 run = redis_benchmark(svc.port, test, n, c, timeout=max(120.0, 10 * self.args.seconds))
                 cpu1 = svc.cpu()
-                if run.get("n"):  # where the CPU time of a request goes, by process (the client's not counted)
+                if run.get("n"):  # where the CPU time of a request goes, by process of the service
                     run["cpu_us_per_request"] = {r: round((cpu1[r] - cpu0[r]) / run["n"] * 1e6, 1)
                                                  for r in cpu1 if r in cpu0}
+                    run["client_cpu_us_per_request"] = round(run["client_cpu_s"] / run["n"] * 1e6, 1)
                 run["warmup"] = warm
                 by = checkpoints_in(svc.records(), run["start"], run["end"])
                 run["checkpoints"] = by
@@ -373,8 +385,37 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 s[test]["cpu_us_per_request"] = {
                     r: med(t["cpu_us_per_request"][r] for t in ok if r in t.get("cpu_us_per_request", {}))
                     for r in roles}
+                client = [t["client_cpu_us_per_request"] for t in ok if "client_cpu_us_per_request" in t]
+                s[test]["client_cpu_us_per_request"] = med(client) if client else None
+                s[test]["machine_busy_cpus"] = med(t["machine_busy_cpus"] for t in ok)
             s["problems"] = sorted({p for r in mine for p in r["problems"]})
             out[f"{guest}/{cfg.name}"] = s
+    return out
+
+
+def cpu_bounds(summary: dict[str, Any], nproc: int) -> list[str]:
+    """Per hybrid row of kvstore: the throughput the machine's CPUs cap it at, from the CPU each request cost."""
+    out = []
+    for cfg in CONFIGS:
+        if cfg.mode != "hybrid":
+            continue
+        alone, hybrid = summary["kvstore/alone"], summary[f"kvstore/{cfg.name}"]
+        for test in TESTS:
+            a, h = alone[test], hybrid[test]
+            client = h.get("client_cpu_us_per_request")
+            if not (a["rounds"] and h["rounds"] and a["ops_s"] and h.get("cpu_us_per_request")
+                    and client is not None):
+                continue
+            service = sum(h["cpu_us_per_request"].values())
+            per = service + client
+            ceiling = nproc / (per * 1e-6)
+            target = 0.5 * a["ops_s"]
+            out.append(f"kvstore {cfg.name} {test.upper()}: {per:.0f} us a request ({service:.0f} service + "
+                       f"{client:.0f} redis-benchmark), {h['machine_busy_cpus']:.2f} of {nproc} CPUs busy at "
+                       f"{fmt_rate(h['ops_s'])} ops/s; ceiling {fmt_rate(ceiling)} ops/s = "
+                       f"{ceiling / a['ops_s']:.2f}x alone; 0.5x ({fmt_rate(target)} ops/s) needs at most "
+                       f"{nproc / target * 1e6:.0f} us a request here, or {target * per * 1e-6:.1f} CPUs kept busy "
+                       "at today's cost")
     return out
 
 
@@ -453,12 +494,19 @@ def markdown(info: dict[str, Any], args: argparse.Namespace, summary: dict[str, 
             cells = []
             for test in TESTS:
                 per = s[test].get("cpu_us_per_request") if s[test]["rounds"] else None
+                client = s[test].get("client_cpu_us_per_request") if s[test]["rounds"] else None
                 cells.append(", ".join(f"{r} {v:.0f}" for r, v in per.items()) + f" (all {sum(per.values()):.0f})"
-                             if per else "-")
+                             + (f"; redis-benchmark {client:.0f}" if client is not None else "") if per else "-")
             cpu_rows.append(f"| {guest} | {cfg.name} | " + " | ".join(cells) + " |")
     if cpu_rows:
-        lines += ["", "CPU time per request, by process (us; every thread; redis-benchmark not counted):", "",
-                  "| guest | configuration | SET | GET |", "|---|---|---|---|", *cpu_rows]
+        lines += ["", "CPU time per request, by process (us; every thread; the service's processes, then the "
+                  "client's):", "", "| guest | configuration | SET | GET |", "|---|---|---|---|", *cpu_rows]
+    bounds = cpu_bounds(summary, info["nproc"])
+    if bounds:
+        lines += ["", f"What the CPUs allow: {info['nproc']} CPUs, all busy, serve at most {info['nproc']} / (CPU "
+                  "per request, service and client) requests a second, whatever the relay's latency; the ratio is "
+                  "that ceiling over the guest alone's measured rate, and the last part says what 0.5x of it "
+                  "would take:", ""] + [f"- {b}" for b in bounds]
     notes = problem_notes(runs)
     busy = [r["cpus_busy_other"] for r in runs if r["cpus_busy_other"] > BUSY_WARNING]
     if busy:

@@ -42,6 +42,7 @@ def test_colo_vs_periodic_quick(tmp_path: Path) -> None:
     assert "Hybrid throughput against the guest alone, medians of this run: kvstore hybrid SET " in out, out
     assert "; kvstore hybrid sched=normal SET " in out, out
     assert "CPU time per request, by process" in out and "\n| kvstore | hybrid | gateway " in out, out
+    assert "\n- kvstore hybrid SET: " in out and " CPUs kept busy at today's cost" in out, out
     if "--plot" in cmd:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads(report.read_text())
@@ -55,6 +56,7 @@ def test_colo_vs_periodic_quick(tmp_path: Path) -> None:
                 assert all(v >= 0 for v in s[test]["cpu_us_per_request"].values())
                 if cfg in ("alone", "hybrid"):  # thousands of requests even in a quick run: some CPU, surely
                     assert all(v > 0 for v in s[test]["cpu_us_per_request"].values()), s[test]
+                    assert s[test]["client_cpu_us_per_request"] > 0 and s[test]["machine_busy_cpus"] > 0, s[test]
                 if cfg == "alone":
                     assert s[test]["checkpoints_per_s"] == 0
                 elif cfg.startswith("periodic"):
