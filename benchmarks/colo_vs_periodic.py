@@ -24,6 +24,9 @@ Measured per operation:
                sending a request to receiving its whole reply, on every one of the C connections)
   checkpoints  records of the primary's --stats file (colo.stats, one JSON line per checkpoint, with its
                trigger) whose time lies inside the redis-benchmark run, divided by the run's wall time
+  CPU          each process's CPU time over the run (every thread, /proc) and redis-benchmark's (its rusage),
+               per request; the machine's busy CPUs (/proc/stat); for hybrid kvstore, the ceiling that puts on
+               the rate: CPUs / (CPU per request), whatever the latency
 
 Rounds are interleaved: every round runs every (guest, configuration) in an order rotated from round to round;
 the tables show medians over rounds (min-max of ops/s in the JSON). Every process's stderr goes to a log; errors
