@@ -411,6 +411,8 @@ def cpu_bounds(summary: dict[str, Any], nproc: int) -> list[str]:
                 continue
             service = sum(h["cpu_us_per_request"].values())
             per = service + client
+            if per <= 0:
+                continue
             ceiling = nproc / (per * 1e-6)
             target = 0.5 * a["ops_s"]
             out.append(f"kvstore {cfg.name} {test.upper()}: {per:.0f} us a request ({service:.0f} service + "
