@@ -26,7 +26,7 @@ Measured per operation:
                trigger) whose time lies inside the redis-benchmark run, divided by the run's wall time
   CPU          each process's CPU time over the run (every thread, /proc) and redis-benchmark's (its rusage),
                per request; the machine's busy CPUs (/proc/stat); for hybrid kvstore, the ceiling that puts on
-               the rate: CPUs / (CPU per request), whatever the latency
+               the rate: CPUs / (CPU per request), at that cost per request
 
 Rounds are interleaved: every round runs every (guest, configuration) in an order rotated from round to round;
 the tables show medians over rounds (min-max of ops/s in the JSON). Every process's stderr goes to a log; errors
@@ -509,9 +509,9 @@ def markdown(info: dict[str, Any], args: argparse.Namespace, summary: dict[str, 
     bounds = cpu_bounds(summary, info["nproc"])
     if bounds:
         lines += ["", f"What the CPUs allow: {info['nproc']} CPUs, all busy, serve at most {info['nproc']} / (CPU "
-                  "per request, service and client) requests a second, whatever the relay's latency; the ratio is "
-                  "that ceiling over the guest alone's measured rate, and the last part says what 0.5x of it "
-                  "would take:", ""] + [f"- {b}" for b in bounds]
+                  "per request, service and client) requests a second, whatever the relay's latency, while a request "
+                  "costs what it cost here; the ratio is that ceiling over the guest alone's measured rate, and the last "
+                  "part says what 0.5x of it would take:", ""] + [f"- {b}" for b in bounds]
     notes = problem_notes(runs)
     busy = [r["cpus_busy_other"] for r in runs if r["cpus_busy_other"] > BUSY_WARNING]
     if busy:
