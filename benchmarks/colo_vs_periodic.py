@@ -510,8 +510,8 @@ def markdown(info: dict[str, Any], args: argparse.Namespace, summary: dict[str, 
     if bounds:
         lines += ["", f"What the CPUs allow: {info['nproc']} CPUs, all busy, serve at most {info['nproc']} / (CPU "
                   "per request, service and client) requests a second, whatever the relay's latency, while a request "
-                  "costs what it cost here; the ratio is that ceiling over the guest alone's measured rate, and the last "
-                  "part says what 0.5x of it would take:", ""] + [f"- {b}" for b in bounds]
+                  "costs what it cost here; the ratio is that ceiling over the guest alone's measured rate, and the "
+                  "last part says what 0.5x of it would take:", ""] + [f"- {b}" for b in bounds]
     notes = problem_notes(runs)
     busy = [r["cpus_busy_other"] for r in runs if r["cpus_busy_other"] > BUSY_WARNING]
     if busy:
