@@ -126,12 +126,8 @@ class ClientTable:
         if c is None or c.closing:
             return  # the client is gone, or closing: nothing more reaches it
         if not c.out:  # nothing waiting: most replies leave whole in one send, and nothing else changes
-            try:
-                n = c.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError as e:
-                self._drop(conn, f"connection error: {e}")
+            n = self._send(conn, c, data)
+            if n is None:
                 return
             if n == len(data):
                 c.stuck_since = None
@@ -230,14 +226,20 @@ class ClientTable:
             self._interest(conn)
             self.on_event(Eof(conn))
 
+    def _send(self, conn: int, c: _Client, data: bytes | bytearray) -> int | None:
+        """What the socket took of `data` (0 when it is full); None: the connection failed and is dropped."""
+        try:
+            return c.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as e:
+            self._drop(conn, f"connection error: {e}")
+            return None
+
     def _flush(self, conn: int, c: _Client) -> None:
         if c.out:
-            try:
-                n = c.sock.send(c.out)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError as e:
-                self._drop(conn, f"connection error: {e}")
+            n = self._send(conn, c, c.out)
+            if n is None:
                 return
             if n:
                 del c.out[:n]
