@@ -67,8 +67,14 @@ def ram_size(text: str) -> str:
 
 
 def count(text: str) -> int:
-    """0 or more."""
-    return 0 if text.strip() == "0" else positive_int(text)
+    """An argparse `type=`: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -134,7 +140,7 @@ def _trace_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace-file", metavar="FILE",
                    help="append the event stream to FILE as JSON lines (every role may share one file: a merged "
                         "stream); read it with `colo trace show|export`")
-    p.add_argument("--trace-hex", type=int, default=0, metavar="N",
+    p.add_argument("--trace-hex", type=count, default=0, metavar="N",
                    help="with --trace-file: record the first N bytes of every frame in hex (default 0)")
 
 
@@ -338,7 +344,8 @@ def _teaching_commands(sub: Any) -> None:
                                      "mermaid: one epoch (--epoch N, default the last complete one) or the first "
                                      "failover (--failover) as a sequence diagram.")
     ex.add_argument("files", nargs="+", metavar="FILE", help="trace files (one merged stream or one per role)")
-    ex.add_argument("--format", choices=("perfetto", "mermaid"), required=True)
+    ex.add_argument("--format", choices=("perfetto", "mermaid"), required=True,
+                    help="perfetto: Chrome trace-event JSON; mermaid: a sequence diagram (Markdown)")
     which = ex.add_mutually_exclusive_group()
     which.add_argument("--epoch", type=int, metavar="N", help="mermaid: the run and checkpoint of epoch N")
     which.add_argument("--failover", action="store_true", help="mermaid: the failover window")
@@ -350,24 +357,26 @@ def _teaching_commands(sub: Any) -> None:
                                    "checkpoints, failover; with controls (kill, checkpoint, step, slow motion).")
     v.add_argument("guest", type=guest_argument, metavar="GUEST",
                    help="guest image or a bundled guest's name (kvstore answers the page's Redis box)")
-    v.add_argument("--mode", choices=("periodic", "hybrid"), default="periodic")
-    v.add_argument("--interval", type=float, default=1000.0, metavar="MS",
+    _mode_option(v)
+    v.add_argument("--interval", type=positive_float, default=1000.0, metavar="MS",
                    help="periodic checkpoint interval (default 1000: slow enough to watch)")
-    v.add_argument("--backstop", type=float, default=5000.0, metavar="MS", help="hybrid backstop (default 5000)")
+    v.add_argument("--backstop", type=positive_float, default=5000.0, metavar="MS",
+                   help="hybrid backstop (default 5000)")
     v.add_argument("--checkpoint-mode", choices=("strict", "pipelined"), default="pipelined",
                    help="pipelined (default): the guest resumes once the state is copied and runs while it is sent; "
                         "strict: it stays stopped until the secondary has loaded it (watch the two side by side)")
-    v.add_argument("--ram", default="16M", help="guest RAM (default 16M: a page grid that fits a screen)")
-    v.add_argument("--cmdline", default="", help="command line passed to the guest")
+    v.add_argument("--ram", type=ram_size, default="16M", metavar="SIZE",
+                   help="guest RAM, from 2M to 4G (default 16M: a page grid that fits a screen)")
+    v.add_argument("--cmdline", default="", metavar="TEXT", help="command line passed to the guest")
     v.add_argument("--listen", type=_address, default=("127.0.0.1", 8300), metavar="HOST:PORT",
                    help="where the page is served (default 127.0.0.1:8300; port 0: any free one)")
     v.add_argument("--no-browser", action="store_true", help="do not try to open a browser")
-    v.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT, metavar="S")
-    v.add_argument("--hooks", choices=("auto", "python", "native"), default=None)
-    loud = v.add_mutually_exclusive_group()
-    loud.add_argument("-v", "--verbose", action="store_true", help="log more to stderr")
-    loud.add_argument("-q", "--quiet", action="store_true", help="log only errors to stderr")
-    v.add_argument("--trace-hex", type=int, default=64, metavar="N",
+    v.add_argument("--heartbeat-timeout", type=positive_float, default=DEFAULT_HEARTBEAT_TIMEOUT, metavar="S",
+                   help=f"a peer silent this long is lost (default {DEFAULT_HEARTBEAT_TIMEOUT} s)")
+    v.add_argument("--hooks", choices=("auto", "python", "native"), default=None,
+                   help="toyvm hook engine (default: native when a C compiler exists)")
+    _loudness(v)
+    v.add_argument("--trace-hex", type=count, default=64, metavar="N",
                    help="record the first N bytes of every frame in hex (default 64; with --no-encrypt they read)")
     _encrypt_option(v)
     v.add_argument("--ready-file", help=argparse.SUPPRESS)

@@ -205,6 +205,8 @@ class ViewServer(ThreadingHTTPServer):
 
 
 def run_view(args: argparse.Namespace) -> int:
+    from colo.up import check_guest  # what `colo up` checks first: a guest that cannot boot fails here, clearly
+    check_guest(args.guest, args.ram, args.cmdline, args.hooks)
     view = ViewSession(args.guest, mode=args.mode, interval_ms=args.interval, backstop_ms=args.backstop,
                        ram=args.ram, cmdline=args.cmdline, encrypt=args.encrypt,
                        heartbeat_timeout=args.heartbeat_timeout, hooks=args.hooks, trace_hex=args.trace_hex,

@@ -118,8 +118,22 @@ class ViewSession:
                          threading.Thread(target=self._watch, name="view-status", daemon=True)]
         for t in self._threads:
             t.start()
-        c.start(stderr=self._log, stdout=self._log)
-        c.wait_protected(timeout)
+        try:
+            c.start(stderr=self._log, stdout=self._log)
+            c.wait_protected(timeout)
+        except ColoError as e:  # the roles share one log: its last lines say why one of them stopped
+            raise ColoError(f"{e}{self._log_tail()}") from None
+
+    def _log_tail(self, lines: int = 8) -> str:
+        if self._log is None:
+            return ""
+        self._log.flush()
+        try:
+            text = (self.dir / "roles.log").read_text(errors="replace").rstrip()
+        except OSError:
+            return ""
+        tail = text.splitlines()[-lines:]
+        return (" (" + str(self.dir / "roles.log") + "):\n" + "\n".join(f"  {ln}" for ln in tail)) if tail else ""
 
     def stop(self) -> None:
         self._stop.set()

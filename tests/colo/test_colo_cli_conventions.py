@@ -1,6 +1,7 @@
 """colo's command-line conventions: --version, the exit-code table, timestamped logs, -v/-q."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -77,3 +78,49 @@ def test_down_takes_the_name_as_its_siblings_do(tmp_path: Path, capsys: pytest.C
     assert "no cluster named 'web' is running" in capsys.readouterr().err
     assert main(["down", "web", "--name", "db"]) == 2
     assert "two clusters named: web and --name db" in capsys.readouterr().err
+
+
+def _options(parser: argparse.ArgumentParser, path: str) -> Iterator[tuple[str, argparse.Action]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, f"{path} {name}")
+        elif action.option_strings:
+            yield path, action
+
+
+def test_every_option_says_what_it_does() -> None:
+    """`--help` of every command explains every option it shows (hidden ones are for the harness only)."""
+    from toyvm.cli import build_parser as toyvm_parser
+    silent = [f"{path} {a.option_strings[-1]}" for parser, name in ((build_parser(), "colo"), (toyvm_parser(), "toyvm"))
+              for path, a in _options(parser, name) if not a.help]
+    assert silent == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ram", "banana"], "argument --ram: bad size 'banana'"),
+    (["--ram", "1K"], "argument --ram: RAM size 1024 is not a multiple of the 4096-byte page"),
+    (["--interval", "0"], "argument --interval: must be a positive number, got 0"),
+    (["--backstop", "-5"], "argument --backstop: must be a positive number, got -5"),
+    (["--heartbeat-timeout", "0"], "argument --heartbeat-timeout: must be a positive number, got 0"),
+    (["--trace-hex", "-3"], "argument --trace-hex: must be 0 or more, got -3"),
+    (["--trace-hex", "x"], "argument --trace-hex: expected an integer, got 'x'"),
+])
+def test_view_refuses_a_bad_option_before_it_starts_anything(args: list[str], message: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["view", "kvstore", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_view_says_why_a_guest_cannot_boot_before_it_starts_anything(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """As `colo up` does: toyvm's own message, not "the primary exited with status 2" from a role."""
+    from colo.cli import main
+    bad = tmp_path / "bad.elf"
+    bad.write_bytes((ROOT / "guests" / "hello.elf").read_bytes()[:100])
+    assert main(["view", str(bad), "--no-browser", "--listen", "127.0.0.1:0"]) == 2
+    err = capsys.readouterr().err
+    assert "colo view: error: " in err and "truncated ELF" in err and "starting the pair" not in err, err
+    assert main(["view", "hello", "--no-browser", "--listen", "127.0.0.1:0", "--cmdline", "x" * 5000]) == 2
+    assert "command line is 5000 bytes; the limit is 4000" in capsys.readouterr().err
