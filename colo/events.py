@@ -282,8 +282,9 @@ class ClockOffsets:
 
 
 # -- reading a stream -----------------------------------------------------------------------------------------
-def read_lines(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
-    """Events from JSON lines; a cut or garbled line (a process killed mid-line, in theory) is skipped."""
+def read_lines(lines: Iterable[str], skipped: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """Events from JSON lines; a cut or garbled line (a process killed mid-line, in theory) is skipped, and
+    counted in `skipped[0]` when given."""
     for line in lines:
         line = line.strip()
         if not line:
@@ -291,9 +292,18 @@ def read_lines(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
         try:
             ev = json.loads(line)
         except ValueError:
-            continue
+            ev = None
         if isinstance(ev, dict) and "t" in ev and "kind" in ev:
             yield ev
+        elif skipped is not None:
+            skipped[0] += 1
+
+
+def read_file(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """The events of one trace file as recorded (not merged), and how many of its lines were not events."""
+    skipped = [0]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return list(read_lines(f, skipped)), skipped[0]
 
 
 def read(paths: str | Path | Iterable[str | Path]) -> list[dict[str, Any]]:
@@ -302,8 +312,7 @@ def read(paths: str | Path | Iterable[str | Path]) -> list[dict[str, Any]]:
         paths = [paths]
     events: list[dict[str, Any]] = []
     for p in paths:
-        with open(p, encoding="utf-8", errors="replace") as f:
-            events.extend(read_lines(f))
+        events.extend(read_file(p)[0])
     return merge(events)
 
 

@@ -48,7 +48,7 @@ from colo.witness import (
     WitnessConfig,
 )
 from colo.witness import Event as WitnessEvent
-from tcpclients import Backlog, ClientEvent, ClientTable, Connected, Data, Eof, Gone
+from tcpclients import Backlog, ClientEvent, ClientTable, Connected, Data, Eof, Gone, listen_on
 
 log = logging.getLogger("colo.gateway")
 PEER_ROLES = ("primary", "secondary", "spare", "control")
@@ -92,7 +92,7 @@ class Gateway:
         STREAM.node = self.witness.id
         events.started()
         self.sel = selectors.DefaultSelector()
-        self.listener = socket.create_server(cfg.listen, backlog=64)
+        self.listener = listen_on(cfg.listen, 64)
         self.listener.setblocking(False)
         self.listen_address: tuple[str, int] = self.listener.getsockname()[:2]
         self.sel.register(self.listener, selectors.EVENT_READ, ("listen", None))

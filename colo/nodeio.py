@@ -23,6 +23,7 @@ from typing import Any
 from colo.errors import ColoError
 from colo.link import Closed, Conn, Event, Opened, ProtocolFactory, connect_nonblocking
 from colo.messages import InitialChunk, Message, VmstateChunk
+from tcpclients import listen_on
 
 log = logging.getLogger("colo.node")
 RECONNECT_MIN, RECONNECT_MAX = 0.05, 1.0  # seconds between attempts to reach the gateway
@@ -153,7 +154,7 @@ class NodeIO:
 
     def listen(self, address: tuple[str, int], factory: ProtocolFactory) -> tuple[str, int]:
         """Accept primaries on `address` (a secondary); returns the address bound."""
-        sock = socket.create_server(address, backlog=8)
+        sock = listen_on(address, 8)
         sock.setblocking(False)
         self._repl_factory = factory
         self._listener = sock

@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from colo import events, traceexport
 
@@ -13,7 +14,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "view":
         from colo.view.server import run_view
         return run_view(args)
-    evs = events.read(args.files)
+    evs = _read(args.files)
     if args.trace_command == "show":
         flt = events.EventFilter(args.filter)
         for ev in evs:
@@ -34,3 +35,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 0
+
+
+def _read(files: list[str]) -> list[dict[str, Any]]:
+    """The files' events, merged; a file with lines that are not events says so (a wrong file is not silence)."""
+    found: list[dict[str, Any]] = []
+    for path in files:
+        evs, skipped = events.read_file(path)
+        if skipped:
+            print(f"colo trace: {path}: {skipped} line{'s' if skipped != 1 else ''} skipped (not events)",
+                  file=sys.stderr)
+        found.extend(evs)
+    if not found:
+        raise ValueError(f"no events in {', '.join(files)}: record some with --trace-file FILE (any role, or colo up)")
+    return events.merge(found)

@@ -14,6 +14,7 @@ its socket for the replies, until the owner closes it or `close_grace` passes.
 from __future__ import annotations
 
 import logging
+import os
 import selectors
 import socket
 import time
@@ -86,6 +87,31 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+class ListenError(OSError):
+    """An address that cannot be listened on; its text is the whole message (no "[Errno 98]" in front)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def listen_on(address: tuple[str, int], backlog: int) -> socket.socket:
+    """A listening socket on `address`, or a ListenError that names it: "cannot listen on 127.0.0.1:6379:
+    Address already in use"."""
+    try:
+        return socket.create_server(address, backlog=backlog)
+    except OSError as e:
+        raise ListenError(e.errno, f"cannot listen on {format_address(address)}: {_reason(e)}") from None
+
+
+def format_address(address: tuple[str, int]) -> str:
+    host = f"[{address[0]}]" if ":" in address[0] else address[0]
+    return f"{host}:{address[1]}"
+
+
+def _reason(e: OSError) -> str:
+    return os.strerror(e.errno) if e.errno else str(e)
+
+
 class ClientTable:
     def __init__(self, sel: selectors.BaseSelector, address: tuple[str, int], on_event: Callable[[ClientEvent], None],
                  *, out_limit: int = OUT_LIMIT, slow_timeout: float = SLOW_TIMEOUT, close_grace: float = CLOSE_GRACE,
@@ -93,7 +119,7 @@ class ClientTable:
         self.sel = sel
         self.on_event = on_event
         self.out_limit, self.slow_timeout, self.close_grace = out_limit, slow_timeout, close_grace
-        self.listener = socket.create_server(address, backlog=backlog)
+        self.listener = listen_on(address, backlog)
         self.listener.setblocking(False)
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
         self.clients: dict[int, _Client] = {}

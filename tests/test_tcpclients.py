@@ -2,6 +2,7 @@
 one that does not leaves the rest queued, bounded and reported (`Backlog`), then sent once the client reads."""
 from __future__ import annotations
 
+import errno
 import selectors
 import socket
 import time
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tcpclients import Backlog, ClientTable, Connected
+from tcpclients import Backlog, ClientTable, Connected, ListenError, listen_on
 
 
 class Table:
@@ -95,3 +96,16 @@ def test_output_a_client_does_not_read_is_queued_bounded_and_sent_once_it_reads(
     assert got == sent + b"tail"
     assert t.events[-1] == Backlog(1, False) and t.table.unsent(1) == 0
     assert t.interest() == selectors.EVENT_READ
+
+
+def test_an_address_that_cannot_be_listened_on_is_named_in_the_error() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(ListenError) as e:
+            listen_on(("127.0.0.1", port), 8)
+        sel = selectors.DefaultSelector()
+        with pytest.raises(OSError) as e2:  # the client table (toyvm's --net-listen, the gateway) says the same
+            ClientTable(sel, ("127.0.0.1", port), lambda ev: None)
+        sel.close()
+    assert str(e.value) == str(e2.value) == f"cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert e.value.errno == errno.EADDRINUSE

@@ -15,8 +15,10 @@ POST /api/mode              {"mode": "periodic"|"hybrid"}: a new pair in that mo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -32,6 +34,7 @@ from colo import traceexport
 from colo.errors import ColoError
 from colo.events import merge
 from colo.view.session import ViewSession
+from tcpclients import ListenError, format_address
 
 log = logging.getLogger("colo.view")
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/view.js": ("view.js", "text/javascript"),
@@ -211,7 +214,14 @@ def run_view(args: argparse.Namespace) -> int:
                        ram=args.ram, cmdline=args.cmdline, encrypt=args.encrypt,
                        heartbeat_timeout=args.heartbeat_timeout, hooks=args.hooks, trace_hex=args.trace_hex,
                        checkpoint_mode=args.checkpoint_mode)
-    server = ViewServer((args.listen[0], args.listen[1]), view)
+    try:
+        server = ViewServer((args.listen[0], args.listen[1]), view)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            view.base.rmdir()  # the session's folder, still empty: nothing ran
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise ListenError(e.errno, f"cannot serve the page on {format_address(args.listen)}: {why} (another "
+                                   "colo view? --listen HOST:0 takes any free port)") from None
     stopping: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

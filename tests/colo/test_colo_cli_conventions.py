@@ -124,3 +124,19 @@ def test_view_says_why_a_guest_cannot_boot_before_it_starts_anything(tmp_path: P
     assert "colo view: error: " in err and "truncated ELF" in err and "starting the pair" not in err, err
     assert main(["view", "hello", "--no-browser", "--listen", "127.0.0.1:0", "--cmdline", "x" * 5000]) == 2
     assert "command line is 5000 bytes; the limit is 4000" in capsys.readouterr().err
+
+
+def test_view_names_a_page_address_it_cannot_listen_on(capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import socket
+
+    from colo.cli import main
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the session's folder: removed again, as nothing ran
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["view", "hello", "--no-browser", "--listen", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert f"colo view: error: cannot serve the page on 127.0.0.1:{port}: Address already in use" in err, err
+    assert list(tmp_path.iterdir()) == []

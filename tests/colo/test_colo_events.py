@@ -488,3 +488,21 @@ def test_gateway_records_become_witness_events(sink: list[dict[str, Any]]) -> No
     assert (ev["kind"], ev["event"], ev["who"], ev["its_role"], ev["level"]) == (
         "witness", "promote", "s", "secondary", "warning")
     assert ev["node"] == "n1"  # the stamp is the gateway's own
+
+
+def test_colo_trace_says_what_it_skipped_and_refuses_a_file_without_events(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from colo.cli import main
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"t": 1.0, "kind": "state", "role": "gateway", "node": "g", "state": "up"}\nnot json\n'
+                     '{"no": "event"}\n\n')
+    assert main(["trace", "show", str(mixed)]) == 0
+    out = capsys.readouterr()
+    assert "state" in out.out and f"{mixed}: 2 lines skipped (not events)" in out.err, out
+    assert events.read_file(mixed)[1] == 2
+    garbage = tmp_path / "notes.txt"
+    garbage.write_text("these are not events\n")
+    for args in (["show", str(garbage)], ["export", str(garbage), "--format", "perfetto"]):
+        assert main(["trace", *args]) == 2
+        err = capsys.readouterr().err
+        assert f"colo trace: error: no events in {garbage}: record some with --trace-file" in err, err

@@ -94,7 +94,7 @@ def test_a_role_that_cannot_start_ends_colo_up_with_its_error(tmp_path: Path) ->
         r = colo(tmp_path / "run", "up", str(guest("kvstore")), "--ram", "16M", "--service", f"127.0.0.1:{port}")
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = r.stderr.splitlines()
-    assert any(ln.startswith("colo gateway: error: ") and "in use" in ln for ln in lines), r.stderr
+    assert f"colo gateway: error: cannot listen on 127.0.0.1:{port}: Address already in use" in lines, r.stderr
     assert lines[-1] == "colo up: error: the gateway exited with status 2 while starting", r.stderr
     assert "replicated" not in r.stdout
     assert processes_mentioning(str(tmp_path)) == []
