@@ -223,6 +223,45 @@ def test_manual_checkpoint_and_slow_motion(page: Page) -> None:
     page.dispatch_event("#rng-slow", "change")
 
 
+def test_the_page_fits_a_laptop_screen_and_its_labels_stay_apart(browser: Browser, view: dict[str, Any],
+                                                                  shots: Path) -> None:
+    """At 1366 px nothing scrolls sideways (the side boxes go below the diagram), and a checkpoint's phase labels
+    neither run into the times at the right edge nor into each other, and are drawn over the messages' labels."""
+    pg = browser.new_page(viewport={"width": 1366, "height": 800})
+    try:
+        pg.goto(view["url"])
+        pg.wait_for_selector("#seq g.phase text", timeout=30_000)
+        assert pg.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+        boxes = pg.evaluate("""() => {
+            const box = (e) => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+            const seq = document.getElementById('seq');
+            return { phases: [...seq.querySelectorAll('g.phase text')].map(box),
+                     times: [...seq.querySelectorAll('.arrow text.when')].map(box),
+                     notes: [...seq.querySelectorAll('text.note')].map(box), svg: box(seq),
+                     last: seq.lastElementChild.matches('g.phase') };
+        }""")
+        shot(pg, shots, "view-1366")
+        # A step-mode pause has long numbers: its summary wraps within the diagram instead of running past it.
+        items = ["request 354.61", "collect 0.69", "resume 0.07", "send 559.27", "received 156.95", "loaded 198.23"]
+        lines = pg.evaluate("(items) => wrapWords('checkpoint 6 on the primary, 1270.09 ms in all:', items, ' ms')",
+                            items)
+    finally:
+        pg.close()
+
+    def meet(a: list[float], b: list[float]) -> bool:
+        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+    phases, times = boxes["phases"], boxes["times"]
+    assert phases and times
+    assert not [(p, t) for p in phases for t in times if meet(p, t)]
+    assert not [(a, b) for i, a in enumerate(phases) for b in phases[i + 1:] if meet(a, b)]
+    assert boxes["last"], "the phase labels are drawn last (on top of the messages)"
+    assert all(n[2] <= boxes["svg"][2] for n in boxes["notes"]), "the phase summary runs past the diagram"
+    assert len(lines) == 2 and all(len(line) <= 900 // 7 for line in lines), lines
+    assert " · ".join(line.strip() for line in lines).replace(": · ", ": ") == \
+        "checkpoint 6 on the primary, 1270.09 ms in all: " + " · ".join(items) + " ms"
+
+
 def test_kill_the_primary_from_the_page(page: Page, shots: Path) -> None:
     page.fill("#redis-cmd", "SET colour blue")
     page.click("#btn-redis")

@@ -4,8 +4,10 @@
 "use strict";
 
 const LIFELINES = ["client", "gateway", "primary", "secondary"];
-const LANE_X = { client: 60, gateway: 250, primary: 520, secondary: 790 };
-const WIDTH = 920, CHAR = 6.6;  // the diagram's width; one monospace character at 11 px
+// Lifelines: the secondary's phase labels go to its right, before the times at the right edge; the primary's to its
+// left (the primary-secondary gap is the checkpoint messages' own).
+const LANE_X = { client: 62, gateway: 235, primary: 480, secondary: 725 };
+const WIDTH = 920, CHAR = 6.6, PHASE_CHAR = 5.5;  // the diagram's width; a monospace character at 11 px, 9 px
 const ROW = 22, TOP = 58, MAX_ARROWS = 22;
 const COLORS = { dirty: "#f59e0b", inflight: "#2563eb", sent: "#93c5fd", staged: "#a855f7", applied: "#16a34a",
                  own: "#dc2626", copied: "#0d9488" };
@@ -155,24 +157,36 @@ function drawDiagram() {
     return TOP + ROW * (arrows.length + 0.5);
   };
   // the pause: each side's phases of the checkpoint, on its lifeline
+  const labels = [];
   scene.phases.forEach((p, i) => {
     const px = LANE_X[p.side === "secondary" ? "secondary" : "primary"];
     const y1 = yOf(p.start), y2 = Math.max(yOf(p.end), y1 + 3);
     const g = svg("g", { class: "phase", "data-phase": p.name, "data-side": p.side || "primary" });
     g.append(svg("rect", { x: px - 6, y: y1, width: 12, height: y2 - y1, style: i % 2 ? "fill:#fcd34d" : "" }));
-    if (y2 - y1 >= 11) {
-      g.append(svg("text", { x: px + 9, y: (y1 + y2) / 2 + 3 }, `${p.name} ${((p.end - p.start) * 1e3).toFixed(2)} ms`));
+    if (y2 - y1 >= 11) {  // on a white ground: a message's label may run under it
+      const text = `${p.name} ${((p.end - p.start) * 1e3).toFixed(2)} ms`, w = text.length * PHASE_CHAR + 4;
+      const left = p.side !== "secondary", ym = (y1 + y2) / 2;
+      const label = svg("g", { class: "phase" });  // drawn after the messages, so on top of their labels
+      label.append(svg("rect", { class: "ground", x: left ? px - 9 - w : px + 7, y: ym - 6, width: w, height: 11 }));
+      label.append(svg("text", { x: left ? px - 11 : px + 9, y: ym + 3, "text-anchor": left ? "end" : "start" }, text));
+      labels.push(label);
     }
     g.append(svg("title", {}, `epoch ${p.epoch}: ${p.name} ${((p.end - p.start) * 1e3).toFixed(3)} ms`));
     root.append(g);
   });
+  // The phases again in words, a side at a time, wrapped to the diagram's width (step mode's pauses are long).
+  const ms = (p) => `${p.name} ${((p.end - p.start) * 1e3).toFixed(2)}`;
   const prim = scene.phases.filter((p) => p.side !== "secondary");
+  const sec = scene.phases.filter((p) => p.side === "secondary");
+  const notes = [];
   if (prim.length) {
     const total = prim[prim.length - 1].end - prim[0].start;
-    root.append(svg("text", { class: "note", x: 10, y: height - 10, id: "phase-summary" },
-      `checkpoint ${prim[0].epoch} on the primary: ` + prim.map((p) =>
-        `${p.name} ${((p.end - p.start) * 1e3).toFixed(2)}`).join(" · ") + ` ms (${(total * 1e3).toFixed(2)} ms in all)`));
+    notes.push(...wrapWords(`checkpoint ${prim[0].epoch} on the primary, ${(total * 1e3).toFixed(2)} ms in all:`,
+                            prim.map(ms), " ms"));
   }
+  if (sec.length) notes.push(...wrapWords("on the secondary:", sec.map(ms), " ms"));
+  notes.forEach((line, i) => root.append(svg("text", { class: "note", x: 10, y: height - 10 + 16 * i }, line)));
+  root.setAttribute("height", height + 14 + 16 * Math.max(0, notes.length - 1));
   // The highlighted message: the one the last Step let go (step mode), the newest (live), the one being replayed.
   let hi = arrows[arrows.length - 1];
   if (!page.live) hi = scene.highlight;
@@ -188,6 +202,24 @@ function drawDiagram() {
     drawArrow(root, { from, to, msg: w.msg, label: `waiting: ${w.msg} ${fieldsText(w.fields)}`, cls: "" },
               TOP + ROW * (arrows.length + j + 1), "pending", "press Step");
   });
+  root.append(...labels);
+}
+
+// "head item · item · item end" in lines of the diagram's width (11 px italic monospace: 7 px a character, to spare).
+function wrapWords(head, items, end) {
+  const room = Math.floor((WIDTH - 20) / 7), lines = [];
+  let line = head;
+  items.forEach((item, i) => {
+    const piece = (i ? " · " : " ") + item + (i === items.length - 1 ? end : "");
+    if (line.length + piece.length > room && line.length) {
+      lines.push(line);
+      line = "  " + piece.replace(/^( · | )/, "");
+    } else {
+      line += piece;
+    }
+  });
+  lines.push(line);
+  return lines;
 }
 
 function drawArrow(root, a, y, extra, when) {
