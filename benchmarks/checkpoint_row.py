@@ -38,7 +38,7 @@ def tail(path: Path, lines: int = 20) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tree", required=True)
     ap.add_argument("--ram", required=True)
     ap.add_argument("--pages", type=int, required=True)

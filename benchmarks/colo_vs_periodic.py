@@ -66,6 +66,7 @@ import unicorn  # noqa: E402
 
 from colo.cluster import LocalCluster  # noqa: E402
 from colo.stats import read_records  # noqa: E402
+from toyvm.cli import positive_float, positive_int  # noqa: E402
 
 GUESTS = {"kvstore": ROOT / "guests" / "kvstore.bin", "noisy": ROOT / "guests" / "noisy.bin"}
 TESTS = ("set", "get")
@@ -660,13 +661,13 @@ def main(argv: list[str] | None = None) -> int:
                                              "Prints Markdown.")
     ap.add_argument("--quick", action="store_true", help="smoke run: ~0.5 s of load per operation, 1 round, "
                                                          "no plot unless --plot is given")
-    ap.add_argument("--rounds", type=int, default=None, metavar="R", help="interleaved rounds (default 3; 1 "
+    ap.add_argument("--rounds", type=positive_int, default=None, metavar="R", help="interleaved rounds (default 3; 1 "
                                                                            "with --quick)")
-    ap.add_argument("--seconds", type=float, default=None, metavar="S",
+    ap.add_argument("--seconds", type=positive_float, default=None, metavar="S",
                     help="load per operation (SET, GET) per configuration, in seconds (default 6; 0.5 with "
                          "--quick)")
-    ap.add_argument("--clients", type=int, default=10, metavar="C", help="redis-benchmark -c (default 10)")
-    ap.add_argument("--warmup", type=int, default=None, metavar="K",
+    ap.add_argument("--clients", type=positive_int, default=10, metavar="C", help="redis-benchmark -c (default 10)")
+    ap.add_argument("--warmup", type=positive_int, default=None, metavar="K",
                     help="warm-up requests per client before each measured run (default 5; 2 with --quick)")
     ap.add_argument("--json", metavar="FILE", help="also write every run's raw results to FILE")
     ap.add_argument("--plot", metavar="FILE", help=f"write the PNG here (default {DEFAULT_PLOT.relative_to(ROOT)};"
@@ -681,9 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.seconds = args.seconds or (0.5 if args.quick else 6.0)
-    args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
-    if args.rounds < 1 or args.seconds <= 0 or args.clients < 1 or args.warmup < 1:
-        ap.error("--rounds, --seconds, --clients and --warmup must be positive")
+    args.warmup = args.warmup or (2 if args.quick else 5)
 
     def log(msg: str) -> None:
         if not args.quiet:

@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.checkpoint_cost import LoadMeter, machine_info, source_info  # noqa: E402
 from colo.cluster import LocalCluster  # noqa: E402
 from colo.stats import read_records  # noqa: E402
+from toyvm.cli import positive_float, positive_int  # noqa: E402
 
 INTERVAL_MS = 100.0
 WORKLOADS = {
@@ -90,8 +91,8 @@ def _timed_load(port: int, seconds: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="--delta against plain pages, side by side (prints Markdown)")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (default 2)")
-    ap.add_argument("--seconds", type=float, default=6.0, help="load per run (default 6)")
+    ap.add_argument("--rounds", type=positive_int, default=2, help="alternating rounds (default 2)")
+    ap.add_argument("--seconds", type=positive_float, default=6.0, help="load per run (default 6)")
     ap.add_argument("--json", type=Path, help="also write every run here")
     ap.add_argument("--only", default="", metavar="TEXT", help="only workloads whose name contains TEXT")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines")

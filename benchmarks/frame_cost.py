@@ -37,6 +37,7 @@ from colo.memory import keep_buffers_on_heap
 from colo.messages import VmstateChunk
 from colo.session import SessionCodec
 from colo.wire import FrameDecoder, encode_frame
+from toyvm.cli import positive_int
 
 MIB = 1 << 20
 CHECKPOINT_MIB = 16  # N = 4096 pages, fill=random: 16 MiB on the wire (BENCHMARKS.md)
@@ -87,10 +88,10 @@ def primitive(f: Callable[[], object], n: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--frames", type=int, default=64, help="1 MiB frames per round and row")
+    ap.add_argument("--rounds", type=positive_int, default=7, help="interleaved rounds; medians are printed (7)")
+    ap.add_argument("--frames", type=positive_int, default=64, help="1 MiB frames per round and row (64)")
     ap.add_argument("--default-malloc", action="store_true", help="do not raise glibc's mmap threshold")
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     heap = False if args.default_malloc else keep_buffers_on_heap()
 

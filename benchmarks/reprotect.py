@@ -52,6 +52,7 @@ from benchmarks.checkpoint_cost import BUSY_WARNING, LoadMeter, machine_info, so
 from colo.cluster import LocalCluster  # noqa: E402
 from colo.errors import ColoError  # noqa: E402
 from colo.stats import read_records  # noqa: E402
+from toyvm.cli import positive_int  # noqa: E402
 from toyvm.ram import parse_size  # noqa: E402
 
 MEMTOUCH = ROOT / "guests" / "memtouch.bin"
@@ -225,7 +226,7 @@ def targets(rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="two configurations in 64 MiB (a smoke run)")
-    ap.add_argument("--checkpoints", type=int, default=10, help="checkpoints after the copy (default 10)")
+    ap.add_argument("--checkpoints", type=positive_int, default=10, help="checkpoints after the copy (default 10)")
     ap.add_argument("--json", type=Path, help="write the rows as JSON here")
     ap.add_argument("--only", default="", help="only configurations whose name contains this, e.g. '1G'")
     ap.add_argument("--keep", action="store_true", help="keep the clusters' directories (logs, stats)")

@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
 
 from colo.cluster import LocalCluster  # noqa: E402
 from colo.stats import read_records  # noqa: E402
+from toyvm.cli import positive_int  # noqa: E402
 
 CONFIGS = ("off", "file", "file+print")
 
@@ -85,10 +86,11 @@ def micro() -> dict[str, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--checkpoints", type=int, default=60)
-    ap.add_argument("--pages", type=int, default=64)
-    ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds (default 3)")
+    ap.add_argument("--checkpoints", type=positive_int, default=60,
+                    help="checkpoints recorded per configuration and round, after a warm-up (default 60)")
+    ap.add_argument("--pages", type=positive_int, default=64, help="pages memtouch dirties per epoch (default 64)")
+    ap.add_argument("--json", metavar="FILE", help="also write the results here")
     args = ap.parse_args()
     got: dict[str, list[float]] = {c: [] for c in CONFIGS}
     events: dict[str, list[float]] = {c: [] for c in CONFIGS}
