@@ -232,14 +232,16 @@ def test_the_page_fits_a_laptop_screen_and_its_labels_stay_apart(browser: Browse
         pg.goto(view["url"])
         pg.wait_for_selector("#seq g.phase text", timeout=30_000)
         assert pg.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
-        boxes = pg.evaluate("""() => {
+        # One look at a diagram that has phase labels (it is redrawn on every event, and a new checkpoint's
+        # request clears the last one's phases): wait_for_function retries until a drawing has them.
+        boxes = pg.wait_for_function("""() => {
             const box = (e) => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
             const seq = document.getElementById('seq');
-            return { phases: [...seq.querySelectorAll('g.phase text')].map(box),
-                     times: [...seq.querySelectorAll('.arrow text.when')].map(box),
-                     notes: [...seq.querySelectorAll('text.note')].map(box), svg: box(seq),
-                     last: seq.lastElementChild.matches('g.phase') };
-        }""")
+            const phases = [...seq.querySelectorAll('g.phase text')].map(box);
+            return phases.length ? { phases, times: [...seq.querySelectorAll('.arrow text.when')].map(box),
+                                     notes: [...seq.querySelectorAll('text.note')].map(box), svg: box(seq),
+                                     last: seq.lastElementChild.matches('g.phase') } : null;
+        }""", timeout=30_000).json_value()
         shot(pg, shots, "view-1366")
         # A step-mode pause has long numbers: its summary wraps within the diagram instead of running past it.
         items = ["request 354.61", "collect 0.69", "resume 0.07", "send 559.27", "received 156.95", "loaded 198.23"]
