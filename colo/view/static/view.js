@@ -140,7 +140,10 @@ function drawDiagram() {
       ? [scene.proto[role] || "", scene.node[role] || ""] : role === "gateway" ? [page.status.gateway
         ? page.status.gateway.service_state : "", ""] : ["", ""];
     g.append(svg("text", { class: "state", x, y: 32, "text-anchor": "middle", id: `proto-${role}` }, st[0]));
-    g.append(svg("text", { class: "state", x, y: 43, "text-anchor": "middle" }, (st[1] || "").slice(0, 24)));
+    const line = st[1] || "";  // what fits the 124 px box at 10 px; the whole of it on hover
+    g.append(svg("text", { class: "state", x, y: 43, "text-anchor": "middle" },
+                 line.length > 19 ? line.slice(0, 18) + "\u2026" : line));
+    if (line.length > 19) g.append(svg("title", {}, line));
     root.append(g);
   }
   const t0 = arrows.length ? arrows[0].t : scene.now;
