@@ -228,6 +228,8 @@ def plot(runs: list[Run], out: str | Path, title: str = "") -> None:
             bottom = [b + h for b, h in zip(bottom, height, strict=True)]
         dirty_ax.bar(x, [int(r.get("dirty_pages", 0)) for r in recs], width=width, color="tab:gray")
         dirty_ax.set_xlabel("seconds since the run's first checkpoint")
+        if not gaps:  # one checkpoint (or all at one time): a second either side, not one bar across the panel
+            dirty_ax.set_xlim(-1.0, 1.0)
     axes[0][0].set_ylabel("pause, commit (ms)")
     axes[1][0].set_ylabel("phases (ms)")
     axes[2][0].set_ylabel("dirty pages")

@@ -6,6 +6,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -132,6 +133,20 @@ def test_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     many.write_text("".join(json.dumps(_record(1, T0 + i, 1.0, run_id=f"r{i}")) + "\n" for i in range(6)))
     assert main(["stats", str(many), "--plot", str(tmp_path / "m.png")]) == 2
     assert "choose one with --run" in capsys.readouterr().err
+
+
+def test_a_run_of_one_checkpoint_is_plotted_on_a_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not one bar across the whole panel: a second either side of it."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figures: list[Any] = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(_record(1, T0, 1.0, run_id="r1")) + "\n")
+    assert main(["stats", str(path), "--plot", str(tmp_path / "one.png")]) == 0
+    (fig,) = figures
+    assert [ax.get_xlim() for ax in fig.axes] == [(-1.0, 1.0)] * 3  # the three panels share the run's time axis
 
 
 def test_plot_without_matplotlib_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
