@@ -126,11 +126,15 @@ def next_waiting(page: Page) -> str:
     return str(page.get_attribute("#next-message", "data-msg"))
 
 
-def step(page: Page) -> str:
-    """Press Step; the message that waited is sent, and it is the one highlighted. Returns its label."""
+def step(page: Page, key: str | None = None) -> str:
+    """Press Step (the button, or `key` on the page); the message that waited is sent, and it is the one
+    highlighted. Returns its label."""
     msg = next_waiting(page)
     before = page.get_attribute("#seq .arrow.current", "data-t") if page.locator("#seq .arrow.current").count() else ""
-    page.click("#btn-step")
+    if key:
+        page.keyboard.press(key)
+    else:
+        page.click("#btn-step")
     page.wait_for_function(
         "([msg, before]) => { const c = document.querySelector('#seq .arrow.current');"
         " return c && c.dataset.msg === msg && c.dataset.t !== before; }", arg=[msg, before], timeout=STEP_TIMEOUT)
@@ -146,8 +150,16 @@ def test_step_through_one_checkpoint(page: Page, shots: Path) -> None:
     epoch = int(re.search(r"epoch=(\d+)", label)[1])  # type: ignore[index]
     assert page.text_content("#proto-primary") == "REQUESTED"  # each side's protocol state, from its events
     seen = ["checkpoint-request"]
+    # The keys step too, but not while the Redis box has the focus (an "s" typed there is a letter).
+    waiting = next_waiting(page)
+    page.focus("#redis-cmd")
+    page.keyboard.press("s")
+    page.wait_for_timeout(300)
+    assert page.get_attribute("#next-message", "data-msg") == waiting
+    page.fill("#redis-cmd", "SET k v")
+    page.locator("#redis-cmd").blur()
     while not {"commit", "vmstate-loaded"} <= set(seen):
-        label = step(page)
+        label = step(page, key=("s", "ArrowRight", None)[len(seen) % 3])
         seen.append(label.split()[0])
         assert f"epoch={epoch}" in label, label  # every message of the handshake names its epoch
         if seen[-1] == "vmstate-chunk":
@@ -265,6 +277,18 @@ def test_the_page_fits_a_laptop_screen_and_its_labels_stay_apart(browser: Browse
 
 
 def test_kill_the_primary_from_the_page(page: Page, shots: Path) -> None:
+    # Before any kill there is no failover to show, even when the gateway said "down" while it waited for its
+    # first primary (it starts first): a "down" before the service was ever served opens none.
+    assert "no failover yet" in page.inner_text("#failover")
+    opened = page.evaluate("""() => {
+        const served = page.served, before = page.failover.length;
+        page.served = false;
+        handle({ kind: "witness", event: "down", t: 1e9, reason: "no node holds the service", level: "warning" });
+        const after = page.failover.length;
+        page.served = served;
+        return after - before;
+    }""")
+    assert opened == 0 and "no failover yet" in page.inner_text("#failover")
     page.fill("#redis-cmd", "SET colour blue")
     page.click("#btn-redis")
     page.wait_for_function("document.querySelector('#redis-log li:last-child .reply').textContent === '+OK'")

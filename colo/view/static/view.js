@@ -18,7 +18,7 @@ const SVGNS = "http://www.w3.org/2000/svg";
 
 const page = {
   run: 0, events: [], sends: new Map(), status: {}, state: {},
-  checkpoints: [], outputs: new Map(), compare: new Map(), failover: [], failoverAt: 0,
+  checkpoints: [], outputs: new Map(), compare: new Map(), failover: [], failoverAt: 0, served: false,
   waiting: new Map(), live: true, replay: null, clientOut: new Map(),
 };
 
@@ -472,7 +472,10 @@ function handle(ev) {
   else if (ev.kind === "witness") {
     if (ev.event === "output") onOutput(ev);
     else if (ev.event === "compare") onCompare(ev);
-    else if (FAILOVER_EVENTS[ev.event]) onFailoverStep(ev, witnessText(ev), ev.level, FAILURES.has(ev.event));
+    else if (FAILOVER_EVENTS[ev.event]) {  // a gateway that starts before its primary is "down" first: not a failover
+      onFailoverStep(ev, witnessText(ev), ev.level, FAILURES.has(ev.event) && page.served);
+    }
+    if (ev.event === "active") page.served = true;
     if (ev.event === "lost" || ev.event === "fenced") dropWaiting(ev.who);
   } else if (ev.kind === "failover") {
     const rest = Object.entries(ev).filter(([k]) => !["t", "role", "node", "pid", "kind", "step", "i"].includes(k))
@@ -604,6 +607,14 @@ function wire() {
   $("btn-checkpoint").onclick = () => post("/api/checkpoint");
   $("chk-step").onchange = (e) => { post("/api/step", { on: e.target.checked }); drawStep(); };
   $("btn-step").onclick = () => { $("btn-step").disabled = true; post("/api/step/once"); };
+  document.addEventListener("keydown", (e) => {  // S or the right arrow: Step, as the button (not while typing)
+    if (e.target.closest && e.target.closest("input, select, textarea")) return;
+    if (e.ctrlKey || e.metaKey || e.altKey) return;
+    if ((e.key === "s" || e.key === "S" || e.key === "ArrowRight") && !$("btn-step").disabled) {
+      e.preventDefault();
+      $("btn-step").click();
+    }
+  });
   $("rng-slow").onchange = (e) => {
     const v = Number(e.target.value);
     $("slow-value").textContent = v ? `${v} ms` : "off";
