@@ -196,9 +196,12 @@ class Handshake:
             raise RuntimeError("handshake complete: feed further bytes to the protocol object")
         if not data:
             pending = self._decoder.buffered
+            # A peer that rejects our proof says nothing (an impostor learns nothing): it closes. After our
+            # proof, the likeliest reason by far is a different key on the two ends.
             self._fail(
                 "connection closed during authentication"
                 + (f" (inside a frame, {pending} bytes buffered)" if pending else "")
+                + (": the peer closed after our proof (does it have our key?)" if self._own_proof else "")
             )
         try:
             self._decoder.feed(data)

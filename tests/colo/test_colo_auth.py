@@ -132,6 +132,23 @@ def test_nonces_are_fresh() -> None:
     assert a1.start() != a2.start()
 
 
+def test_a_close_after_our_proof_suggests_the_key() -> None:
+    """A peer with another key rejects our proof by closing (it tells an impostor nothing): the error says what is
+    likeliest; a close before our proof does not guess."""
+    a, b = pair(KEY, OTHER_KEY)
+    a.start()
+    challenge_b = b.start()
+    a.receive_data(challenge_b)  # our proof is out
+    with pytest.raises(AuthError, match=r"closed during authentication: the peer closed after our proof "
+                                        r"\(does it have our key\?\)"):
+        a.receive_data(b"")
+    early = Handshake(KEY, "primary", "secondary")
+    early.start()
+    with pytest.raises(AuthError) as e:
+        early.receive_data(b"")
+    assert "our proof" not in str(e.value)
+
+
 def test_truncated_challenge_waits_then_fails_at_end_of_stream() -> None:
     a = Handshake(KEY, "primary", "secondary")
     a.start()
