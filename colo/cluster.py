@@ -54,6 +54,22 @@ def ask_gateway(address: tuple[str, int], key: bytes, request: Any, reply: type,
         return c.ask(request, reply, timeout)
 
 
+def file_tail(path: Path, lines: int = TAIL_LINES) -> str:
+    """The last `lines` lines of a log file ('' when it cannot be read)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def quoted_tail(tail: str, where: str = "") -> str:
+    """A log tail to end an error with: ' (WHERE):' or ':', then its lines indented ('' for no lines)."""
+    if not tail:
+        return ""
+    return (f" ({where}):" if where else ":") + "\n" + "\n".join(f"  {ln}" for ln in tail.splitlines())
+
+
 def exit_text(code: int | None) -> str:
     """"exited with status 2" or "was killed by SIGKILL", for a Popen returncode."""
     if code is None:
@@ -266,15 +282,10 @@ class LocalCluster:
 
     def log_tail(self, name: str, lines: int = TAIL_LINES) -> str:
         """The last lines of the process's log file ('' without `logs`)."""
-        try:
-            text = self.log_path(name).read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.rstrip().splitlines()[-lines:])
+        return file_tail(self.log_path(name), lines)
 
     def _tail_text(self, name: str) -> str:
-        tail = self.log_tail(name)
-        return (":\n" + "\n".join(f"  {ln}" for ln in tail.splitlines())) if tail else ""
+        return quoted_tail(self.log_tail(name))
 
     def exit_message(self, name: str, when: str = "", tail: bool = True) -> str:
         """"the primary exited with status 2 while starting:" and the last lines of its log."""

@@ -90,6 +90,12 @@ def parse_address(text: str) -> tuple[str, int]:
 class ListenError(OSError):
     """An address that cannot be listened on; its text is the whole message (no "[Errno 98]" in front)."""
 
+    @classmethod
+    def of(cls, address: tuple[str, int], e: OSError, doing: str = "listen on", hint: str = "") -> ListenError:
+        """"cannot DOING HOST:PORT: Address already in use (HINT)", keeping the errno of `e`."""
+        why = os.strerror(e.errno) if e.errno else str(e)
+        return cls(e.errno, f"cannot {doing} {format_address(address)}: {why}" + (f" ({hint})" if hint else ""))
+
     def __str__(self) -> str:
         return str(self.strerror)
 
@@ -100,16 +106,12 @@ def listen_on(address: tuple[str, int], backlog: int) -> socket.socket:
     try:
         return socket.create_server(address, backlog=backlog)
     except OSError as e:
-        raise ListenError(e.errno, f"cannot listen on {format_address(address)}: {_reason(e)}") from None
+        raise ListenError.of(address, e) from None
 
 
 def format_address(address: tuple[str, int]) -> str:
     host = f"[{address[0]}]" if ":" in address[0] else address[0]
     return f"{host}:{address[1]}"
-
-
-def _reason(e: OSError) -> str:
-    return os.strerror(e.errno) if e.errno else str(e)
 
 
 class ClientTable:

@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -34,7 +33,7 @@ from colo import traceexport
 from colo.errors import ColoError
 from colo.events import merge
 from colo.view.session import ViewSession
-from tcpclients import ListenError, format_address
+from tcpclients import ListenError
 
 log = logging.getLogger("colo.view")
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/view.js": ("view.js", "text/javascript"),
@@ -219,9 +218,8 @@ def run_view(args: argparse.Namespace) -> int:
     except OSError as e:
         with contextlib.suppress(OSError):
             view.base.rmdir()  # the session's folder, still empty: nothing ran
-        why = os.strerror(e.errno) if e.errno else str(e)
-        raise ListenError(e.errno, f"cannot serve the page on {format_address(args.listen)}: {why} (another "
-                                   "colo view? --listen HOST:0 takes any free port)") from None
+        raise ListenError.of(args.listen, e, "serve the page on",
+                             "another colo view? --listen HOST:0 takes any free port") from None
     stopping: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

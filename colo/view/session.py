@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from colo.cluster import LocalCluster, ask_gateway
+from colo.cluster import LocalCluster, ask_gateway, file_tail, quoted_tail
 from colo.errors import ColoError
 from colo.events import QUIET_MESSAGES, read_lines
 from colo.messages import CheckpointCommand, CommandResult, StepCommand
@@ -122,18 +122,8 @@ class ViewSession:
             c.start(stderr=self._log, stdout=self._log)
             c.wait_protected(timeout)
         except ColoError as e:  # the roles share one log: its last lines say why one of them stopped
-            raise ColoError(f"{e}{self._log_tail()}") from None
-
-    def _log_tail(self, lines: int = 8) -> str:
-        if self._log is None:
-            return ""
-        self._log.flush()
-        try:
-            text = (self.dir / "roles.log").read_text(errors="replace").rstrip()
-        except OSError:
-            return ""
-        tail = text.splitlines()[-lines:]
-        return (" (" + str(self.dir / "roles.log") + "):\n" + "\n".join(f"  {ln}" for ln in tail)) if tail else ""
+            log_file = self.dir / "roles.log"
+            raise ColoError(f"{e}{quoted_tail(file_tail(log_file, 8), str(log_file))}") from None
 
     def stop(self) -> None:
         self._stop.set()

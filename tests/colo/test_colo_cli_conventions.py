@@ -6,8 +6,10 @@ import contextlib
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,11 +130,8 @@ def test_view_says_why_a_guest_cannot_boot_before_it_starts_anything(tmp_path: P
 
 def test_view_names_a_page_address_it_cannot_listen_on(capsys: pytest.CaptureFixture[str],
                                                        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import socket
-
     from colo.cli import main
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the session's folder: removed again, as nothing ran
-    import tempfile
     monkeypatch.setattr(tempfile, "tempdir", None)
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
