@@ -72,10 +72,21 @@ def events_named(status: dict[str, Any], name: str) -> list[dict[str, Any]]:
     return [e for e in status.get("events", []) if e.get("event") == name]
 
 
+def wait_active(status: Callable[[], dict[str, Any]], timeout: float = 30.0) -> dict[str, Any]:
+    """Until the gateway has chosen the node that serves ("active"). Clients must not connect before: a fresh
+    gateway that has heard no primary within its learning grace (two heartbeat timeouts; a primary slow to start
+    on a busy machine) says the service is down and refuses them at once, which is right for it and not what a
+    test of a failover under load means to try."""
+    return wait_for(lambda: st if events_named(st := status(), "active") else None, timeout,
+                    "the gateway to choose the active node")
+
+
 # -- processes -------------------------------------------------------------------------------------------------
 class Procs:
     """The colo roles as local processes, each with its own stdout and stderr file, as `LocalCluster` starts them
-    (`python -m colo ROLE ...`), but any subset of them, so a test can play a role itself."""
+    (`python -m colo ROLE ...`), but any subset of them, so a test can play a role itself. Like LocalCluster's, every
+    role holds a lifeline to the test run (colo.lifeline): a pytest that is killed or times out leaves no role
+    behind to disturb the next run's tests."""
 
     def __init__(self, directory: Path, *, heartbeat_timeout: float = 0.8, env: dict[str, dict[str, str]] | None = None,
                  key: bytes | None = None, mode: str = "periodic", common: tuple[str, ...] = ()) -> None:
@@ -95,6 +106,7 @@ class Procs:
         self.gateway: tuple[str, int] = ("", 0)
         self.service: tuple[str, int] = ("", 0)
         self.secondary: tuple[str, int] = ("", 0)
+        self._lifeline: tuple[int, int] | None = os.pipe()  # both ends close-on-exec; the roles get the read end
 
     def spawn(self, role: str, *args: str, command: str | None = None) -> subprocess.Popen[bytes]:
         """Start `python -m colo COMMAND ...` (COMMAND defaults to the role's name) with its own output files;
@@ -106,8 +118,11 @@ class Procs:
         cmd = [sys.executable, "-m", "colo", command or role, *args, "--key-file", str(self.key_file),
                "--heartbeat-timeout", str(self.heartbeat_timeout), "--ready-file", str(self.dir / f"{role}.json"),
                "--mode", self.mode, *self.common]
+        if self._lifeline is None:  # stopped before and used again
+            self._lifeline = os.pipe()
+        cmd += ["--lifeline", str(self._lifeline[0])]
         proc = subprocess.Popen(cmd, env=child_env(self.env.get(role)), cwd=ROOT, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=err, start_new_session=True)
+                                stdout=out, stderr=err, start_new_session=True, pass_fds=(self._lifeline[0],))
         self.procs[role] = proc
         return proc
 
@@ -182,6 +197,10 @@ class Procs:
         for f in self._files:
             f.close()
         self._files.clear()
+        if self._lifeline is not None:
+            for fd in self._lifeline:
+                os.close(fd)
+            self._lifeline = None
         return codes
 
 

@@ -80,7 +80,8 @@ def test_colo_up_status_and_failover_through_the_cli(up: Up) -> None:
         st = wait_for(promoted, 15, "the secondary to become active")
         since = time.monotonic()
         wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20,
-                 f"every client to get replies from the secondary (errors: {w.errors()})")
+                 "every client to get replies from the secondary",
+                 context=lambda: f"errors {w.errors()}")
         # A second failover has nothing to fail over from: refused, with the reason, and nothing changes.
         again = up.cli("failover")
         assert again.returncode == 1 and "no ready secondary" in again.stderr, (again.stdout, again.stderr)

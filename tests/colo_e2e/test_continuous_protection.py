@@ -74,7 +74,8 @@ def test_ten_failovers_in_a_row_lose_nothing(tmp_path: Path, mode: str) -> None:
             st = wait_for(lambda: protected(n + 1), 40, f"protection again after failover {n}")
             assert events_named(st, "promoted"), st["events"]
         since = time.monotonic()
-        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, f"replies after the last failover ({w.errors()})")
+        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, "replies after the last failover",
+                 context=lambda: f"errors {w.errors()}")
         w.stop()
         counts = verify_ledger(w, procs.service, allow_cli_failures=True)
         assert counts["incrs"] > 0

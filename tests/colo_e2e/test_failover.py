@@ -23,7 +23,15 @@ import pytest
 from colo.cluster import LocalCluster
 from colo.faults import PRIMARY_PHASES, SECONDARY_PHASES
 from colo.node import NodeState
-from colo_e2e.helpers import Workload, by_epoch, events_named, read_state_log, verify_ledger, wait_for
+from colo_e2e.helpers import (
+    Workload,
+    by_epoch,
+    events_named,
+    read_state_log,
+    verify_ledger,
+    wait_active,
+    wait_for,
+)
 from conftest import guest
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-cli") is None, reason="needs redis-cli (Debian redis-tools)")
@@ -61,6 +69,7 @@ class Run:
 
     def start(self, **workload: Any) -> Workload:
         self.cluster.start(stderr=self._stderr)
+        wait_active(self.status)
         self.workload = Workload(self.cluster.service_address, **workload).start()
         return self.workload
 
@@ -114,8 +123,8 @@ def run(tmp_path: Path) -> Any:
 def wait_survivor_serves(w: Workload, since: float, timeout: float = 20.0) -> None:
     """Every client (persistent ones on their old connection) gets replies after the failover."""
     wait_for(lambda: all(n >= AFTER_FAILOVER_ACKS for n in w.acks_by(since).values()), timeout,
-             f"every client to get {AFTER_FAILOVER_ACKS} replies after the failover (got {w.acks_by(since)}; "
-             f"errors {w.errors()})")
+             f"every client to get {AFTER_FAILOVER_ACKS} replies after the failover",
+             context=lambda: f"got {w.acks_by(since)}; errors {w.errors()}")  # as they are at the deadline
 
 
 def check_primary_failover(r: Run, w: Workload, phase: str) -> None:
@@ -235,6 +244,7 @@ def test_failover_before_the_first_checkpoint_with_clients_arriving(run: Any) ->
     ones that came while protection was being set up), so every connection gets its answer."""
     r: Run = run({"primary": {"COLO_FAULT": "before-request@1"}})
     r.cluster.start(stderr=r._stderr)
+    wait_active(r.status)
     socks: list[socket.socket] = []
     stop = threading.Event()
 

@@ -61,7 +61,8 @@ def test_a_paused_gateway_loses_nothing(tmp_path: Path, seconds: float, mode: st
         time.sleep(seconds)
         gateway.send_signal(signal.SIGCONT)
         since = time.monotonic()
-        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, f"replies after the pause ({w.errors()})")
+        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, "replies after the pause",
+                 context=lambda: f"errors {w.errors()}")
         w.stop()
         verify_ledger(w, procs.service, allow_cli_failures=True)
         st = wait_protected(procs, 10)

@@ -94,7 +94,8 @@ def test_tampering_on_the_replication_link_is_refused(tmp_path: Path, action: st
         procs.procs["primary"].send_signal(signal.SIGKILL)
         wait_for(lambda: events_named(procs.status(), "promoted"), 15, "the failover")
         since = time.monotonic()
-        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, f"replies after the failover ({w.errors()})")
+        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, "replies after the failover",
+                 context=lambda: f"errors {w.errors()}")
         w.stop()
         verify_ledger(w, procs.service, allow_cli_failures=True)
     finally:
@@ -129,7 +130,8 @@ def test_tampering_between_the_primary_and_the_gateway_is_refused(tmp_path: Path
         wait_for(lambda: "bad input from primary" in procs.stderr("gateway"), 10, "the gateway to refuse the frame")
         wait_for(lambda: events_named(procs.status(), "promoted"), 15, "the secondary to take over")
         since = time.monotonic()
-        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, f"replies after the failover ({w.errors()})")
+        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, "replies after the failover",
+                 context=lambda: f"errors {w.errors()}")
         w.stop()
         verify_ledger(w, procs.service, allow_cli_failures=True)  # checks also that no reply came twice
     finally:

@@ -54,14 +54,16 @@ def test_a_frozen_primary_is_replaced_and_stops_when_it_wakes(tmp_path: Path) ->
         try:
             wait_for(lambda: events_named(procs.status(), "promoted"), 15, "the secondary to be promoted")
             since = time.monotonic()
-            wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, f"replies from the secondary ({w.errors()})")
+            wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, "replies from the secondary",
+                     context=lambda: f"errors {w.errors()}")
         finally:
             primary.send_signal(signal.SIGCONT)
         # The old primary wakes up fenced (a newer generation exists): it must stop, never serve again.
         code = wait_exit(procs, "primary")
         assert code == 4, f"the woken primary exited with {code}:\n{procs.stderr('primary')[-2000:]}"
         since = time.monotonic()
-        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, f"replies after the old primary woke ({w.errors()})")
+        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, "replies after the old primary woke",
+                 context=lambda: f"errors {w.errors()}")
         w.stop()
         verify_ledger(w, procs.service)
         st = procs.status()
@@ -115,7 +117,8 @@ def test_a_cut_replication_link_leaves_one_active_node(tmp_path: Path) -> None:
         assert procs.alive("secondary"), f"the reset secondary exited:\n{procs.stderr('secondary')[-2000:]}"
         wait_for(lambda: "discarding the copy" in procs.stderr("secondary"), 5, "the secondary to discard its copy")
         since = time.monotonic()
-        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, f"replies after the partition ({w.errors()})")
+        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, "replies after the partition",
+                 context=lambda: f"errors {w.errors()}")
         w.stop()
         verify_ledger(w, procs.service)
         assert procs.alive("primary") and procs.alive("gateway")

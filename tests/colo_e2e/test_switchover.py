@@ -45,7 +45,8 @@ def test_a_switchover_loses_nothing(tmp_path: Path, swap: bool) -> None:
         assert r.returncode == 0, (r.stdout, r.stderr)
         assert "done" in r.stdout and "clients stalled" in r.stdout, r.stdout
         since = time.monotonic()
-        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, f"replies after the switchover ({w.errors()})")
+        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, "replies after the switchover",
+                 context=lambda: f"errors {w.errors()}")
         st = procs.status()
         assert st["nodes"]["primary"]["id"] == new and st["gateway"]["generation"] == 2, st["nodes"]
         promoted = events_named(st, "promoted")

@@ -48,6 +48,8 @@ class HybridCluster(LocalCluster):
                   "--ready-file", str(self.dir / f"{name}.json"), "--mode", self.mode]
         if self.trace:
             common.append("--trace")
+        if self._lifeline is not None:  # as LocalCluster's roles: gone when the test run is
+            common += ["--lifeline", str(self._lifeline[0])]
         env = dict(os.environ)
         env.pop("COLO_FAULT", None)
         env.pop("COLO_STATE_LOG", None)
@@ -56,8 +58,8 @@ class HybridCluster(LocalCluster):
         program = [str(FREEZE)] if role in self.freeze else ["-m", "colo"]
         proc = subprocess.Popen([sys.executable, *program, role, *args, *common, *self.extra.get(role, [])],
                                 env=env, stderr=stderr, stdout=subprocess.DEVNULL if stdout is None else stdout,
-                                stdin=subprocess.DEVNULL,
-                                cwd=ROOT, start_new_session=True)
+                                stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
+                                pass_fds=(self._lifeline[0],) if self._lifeline is not None else ())
         self.procs[name] = proc
         return proc
 
