@@ -305,6 +305,14 @@ class Workload:
     def errors(self) -> list[str]:
         return [f"{c.name}: {e}" for c in self.clients for e in c.errors]
 
+    def wait_replies(self, at_least: int, what: str, *, since: float = 0.0, timeout: float = 20.0,
+                     context: Callable[[], str] | None = None) -> None:
+        """Until every client has had `at_least` INCRs answered since `since`; a failure quotes the counts and the
+        clients' errors as they are at the deadline (and `context()`, the gateway's status say)."""
+        def quote() -> str:
+            return f"got {self.acks_by(since)}; errors {self.errors()}" + (f"; {context()}" if context else "")
+        wait_for(lambda: all(n >= at_least for n in self.acks_by(since).values()), timeout, what, context=quote)
+
     def _run_persistent(self, c: ClientRecord) -> None:
         try:
             c.conn = Resp(self.address, timeout=20.0)

@@ -255,7 +255,7 @@ def test_outside_attacks_on_both_ports_leave_the_cluster_working(cluster: Procs)
         wait_for(lambda: cluster.status()["nodes"]["primary"]["checkpoints"] >= before + 5, 10,
                  "checkpoints to go on")
         since = time.monotonic()
-        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 15, "the clients to keep getting replies")
+        w.wait_replies(3, "the clients to keep getting replies", since=since, timeout=15)
     finally:
         for s in keep:
             s.close()

@@ -69,7 +69,7 @@ def test_colo_up_status_and_failover_through_the_cli(up: Up) -> None:
     service = tuple(info["service"])
     w = Workload(service, persistent=2, cli=1).start()
     try:
-        wait_for(lambda: min(w.acks_by().values()) >= 3, 20, "the clients to get replies before the failover")
+        w.wait_replies(3, "the clients to get replies before the failover")
         r = up.cli("failover")
         assert r.returncode == 0, f"colo failover failed ({r.returncode}): {r.stdout} {r.stderr}"
         assert "failover started" in r.stdout, r.stdout
@@ -79,9 +79,7 @@ def test_colo_up_status_and_failover_through_the_cli(up: Up) -> None:
             return s if events_named(s, "promoted") and s["nodes"]["primary"].get("id") == secondary_id else None
         st = wait_for(promoted, 15, "the secondary to become active")
         since = time.monotonic()
-        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20,
-                 "every client to get replies from the secondary",
-                 context=lambda: f"errors {w.errors()}")
+        w.wait_replies(3, "every client to get replies from the secondary", since=since)
         # A second failover has nothing to fail over from: refused, with the reason, and nothing changes.
         again = up.cli("failover")
         assert again.returncode == 1 and "no ready secondary" in again.stderr, (again.stdout, again.stderr)

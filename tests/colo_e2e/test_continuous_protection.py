@@ -68,14 +68,13 @@ def test_ten_failovers_in_a_row_lose_nothing(tmp_path: Path, mode: str) -> None:
             procs.env[spare] = env_for(f"s{n}")
             procs.start_secondary(spare, interval_ms=INTERVAL_MS)
             names[procs.wait_ready(spare)["node"]] = spare
-            wait_for(lambda: min(w.acks_by().values()) >= 3 * n, 30, f"replies before failover {n} ({w.errors()})")
+            w.wait_replies(3 * n, f"replies before failover {n}", timeout=30)
             victim = names[st["nodes"]["primary"]["id"]]
             procs.procs[victim].send_signal(signal.SIGKILL)
             st = wait_for(lambda: protected(n + 1), 40, f"protection again after failover {n}")
             assert events_named(st, "promoted"), st["events"]
         since = time.monotonic()
-        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, "replies after the last failover",
-                 context=lambda: f"errors {w.errors()}")
+        w.wait_replies(3, "replies after the last failover", since=since)
         w.stop()
         counts = verify_ledger(w, procs.service, allow_cli_failures=True)
         assert counts["incrs"] > 0

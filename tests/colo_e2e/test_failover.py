@@ -122,9 +122,8 @@ def run(tmp_path: Path) -> Any:
 
 def wait_survivor_serves(w: Workload, since: float, timeout: float = 20.0) -> None:
     """Every client (persistent ones on their old connection) gets replies after the failover."""
-    wait_for(lambda: all(n >= AFTER_FAILOVER_ACKS for n in w.acks_by(since).values()), timeout,
-             f"every client to get {AFTER_FAILOVER_ACKS} replies after the failover",
-             context=lambda: f"got {w.acks_by(since)}; errors {w.errors()}")  # as they are at the deadline
+    w.wait_replies(AFTER_FAILOVER_ACKS, f"every client to get {AFTER_FAILOVER_ACKS} replies after the failover",
+                   since=since, timeout=timeout)
 
 
 def check_primary_failover(r: Run, w: Workload, phase: str) -> None:

@@ -55,14 +55,13 @@ def test_a_paused_gateway_loses_nothing(tmp_path: Path, seconds: float, mode: st
     try:
         start(procs)
         w = Workload(procs.service, persistent=2, cli=1).start()
-        wait_for(lambda: min(w.acks_by().values()) >= 3, 20, "replies before the pause")
+        w.wait_replies(3, "replies before the pause")
         gateway = procs.procs["gateway"]
         gateway.send_signal(signal.SIGSTOP)
         time.sleep(seconds)
         gateway.send_signal(signal.SIGCONT)
         since = time.monotonic()
-        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, "replies after the pause",
-                 context=lambda: f"errors {w.errors()}")
+        w.wait_replies(3, "replies after the pause", since=since)
         w.stop()
         verify_ledger(w, procs.service, allow_cli_failures=True)
         st = wait_protected(procs, 10)

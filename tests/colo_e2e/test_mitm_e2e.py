@@ -68,7 +68,7 @@ def test_tampering_on_the_replication_link_is_refused(tmp_path: Path, action: st
         procs.start_primary(guest("kvstore"), ram=RAM, interval_ms=INTERVAL_MS)
         wait_for(lambda: protected(procs), 30, "the pair to be protected through the proxy")
         w = Workload(procs.service, persistent=2, cli=1).start()
-        wait_for(lambda: min(w.acks_by().values()) >= 3, 20, "replies before the attack")
+        w.wait_replies(3, "replies before the attack")
 
         method, options, text = TAMPER[action]
         rule = getattr(mitm, method)(direction=C2S, **options)
@@ -94,8 +94,7 @@ def test_tampering_on_the_replication_link_is_refused(tmp_path: Path, action: st
         procs.procs["primary"].send_signal(signal.SIGKILL)
         wait_for(lambda: events_named(procs.status(), "promoted"), 15, "the failover")
         since = time.monotonic()
-        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, "replies after the failover",
-                 context=lambda: f"errors {w.errors()}")
+        w.wait_replies(3, "replies after the failover", since=since)
         w.stop()
         verify_ledger(w, procs.service, allow_cli_failures=True)
     finally:
@@ -121,7 +120,7 @@ def test_tampering_between_the_primary_and_the_gateway_is_refused(tmp_path: Path
         procs.start_primary(guest("kvstore"), ram=RAM, interval_ms=INTERVAL_MS, gateway=mitm.address)
         wait_for(lambda: protected(procs), 30, "the pair to be protected")
         w = Workload(procs.service, persistent=2, cli=1).start()
-        wait_for(lambda: min(w.acks_by().values()) >= 3, 20, "replies before the attack")
+        w.wait_replies(3, "replies before the attack")
         outputs = lambda f: b"output" in f.body[:20]  # noqa: E731 - the primary's replies to clients
         rule = {"flip-body": lambda: mitm.flip_body(direction=C2S, offset=12, match=outputs),
                 "replay": lambda: mitm.replay(direction=C2S, match=outputs),
@@ -130,8 +129,7 @@ def test_tampering_between_the_primary_and_the_gateway_is_refused(tmp_path: Path
         wait_for(lambda: "bad input from primary" in procs.stderr("gateway"), 10, "the gateway to refuse the frame")
         wait_for(lambda: events_named(procs.status(), "promoted"), 15, "the secondary to take over")
         since = time.monotonic()
-        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, "replies after the failover",
-                 context=lambda: f"errors {w.errors()}")
+        w.wait_replies(3, "replies after the failover", since=since)
         w.stop()
         verify_ledger(w, procs.service, allow_cli_failures=True)  # checks also that no reply came twice
     finally:

@@ -48,22 +48,20 @@ def test_a_frozen_primary_is_replaced_and_stops_when_it_wakes(tmp_path: Path) ->
     try:
         start(procs)
         w = Workload(procs.service, persistent=2, cli=1).start()
-        wait_for(lambda: min(w.acks_by().values()) >= 3, 20, "replies before the freeze")
+        w.wait_replies(3, "replies before the freeze")
         primary = procs.procs["primary"]
         primary.send_signal(signal.SIGSTOP)  # alive, sockets open, silent: only heartbeats can tell
         try:
             wait_for(lambda: events_named(procs.status(), "promoted"), 15, "the secondary to be promoted")
             since = time.monotonic()
-            wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, "replies from the secondary",
-                     context=lambda: f"errors {w.errors()}")
+            w.wait_replies(3, "replies from the secondary", since=since)
         finally:
             primary.send_signal(signal.SIGCONT)
         # The old primary wakes up fenced (a newer generation exists): it must stop, never serve again.
         code = wait_exit(procs, "primary")
         assert code == 4, f"the woken primary exited with {code}:\n{procs.stderr('primary')[-2000:]}"
         since = time.monotonic()
-        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, "replies after the old primary woke",
-                 context=lambda: f"errors {w.errors()}")
+        w.wait_replies(3, "replies after the old primary woke", since=since)
         w.stop()
         verify_ledger(w, procs.service)
         st = procs.status()
@@ -102,7 +100,7 @@ def test_a_cut_replication_link_leaves_one_active_node(tmp_path: Path) -> None:
             return bool(s["gateway"]["protected"] and s["nodes"]["primary"].get("checkpoints", 0) >= 3)
         wait_for(protected, 30, "the primary to be protected through the relay")
         w = Workload(procs.service, persistent=2, cli=1).start()
-        wait_for(lambda: min(w.acks_by().values()) >= 3, 20, "replies before the partition")
+        w.wait_replies(3, "replies before the partition")
         hole.cut()
         secondary = procs.wait_ready("secondary")["node"]
 
@@ -117,8 +115,7 @@ def test_a_cut_replication_link_leaves_one_active_node(tmp_path: Path) -> None:
         assert procs.alive("secondary"), f"the reset secondary exited:\n{procs.stderr('secondary')[-2000:]}"
         wait_for(lambda: "discarding the copy" in procs.stderr("secondary"), 5, "the secondary to discard its copy")
         since = time.monotonic()
-        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, "replies after the partition",
-                 context=lambda: f"errors {w.errors()}")
+        w.wait_replies(3, "replies after the partition", since=since)
         w.stop()
         verify_ledger(w, procs.service)
         assert procs.alive("primary") and procs.alive("gateway")

@@ -40,13 +40,12 @@ def test_a_switchover_loses_nothing(tmp_path: Path, swap: bool) -> None:
         wait_for(lambda: procs.status()["gateway"]["protected"], 30, "the pair to be protected")
         old, new = procs.wait_ready("primary")["node"], procs.wait_ready("secondary")["node"]
         w = Workload(procs.service, persistent=3, cli=1).start()
-        wait_for(lambda: min(w.acks_by().values()) >= 3, 20, "replies before the switchover")
+        w.wait_replies(3, "replies before the switchover")
         r = switchover(procs, *(["--swap"] if swap else []))
         assert r.returncode == 0, (r.stdout, r.stderr)
         assert "done" in r.stdout and "clients stalled" in r.stdout, r.stdout
         since = time.monotonic()
-        wait_for(lambda: min(w.acks_by(since).values()) >= 3, 20, "replies after the switchover",
-                 context=lambda: f"errors {w.errors()}")
+        w.wait_replies(3, "replies after the switchover", since=since)
         st = procs.status()
         assert st["nodes"]["primary"]["id"] == new and st["gateway"]["generation"] == 2, st["nodes"]
         promoted = events_named(st, "promoted")

@@ -54,10 +54,9 @@ def expected_resume(phase: str, n: int) -> set[int]:
 
 
 def wait_survivor_serves(w: Workload, since: float, run: HybridRun, timeout: float = 20.0) -> None:
-    wait_for(lambda: all(n >= AFTER_FAILOVER_ACKS for n in w.acks_by(since).values()), timeout,
-             f"every client to get {AFTER_FAILOVER_ACKS} replies after the failover "
-             f"(got {w.acks_by(since)}; errors {w.errors()}; status {run.status()['gateway']}; "
-             f"{events_named(run.status(), 'promoted')})")
+    w.wait_replies(AFTER_FAILOVER_ACKS, f"every client to get {AFTER_FAILOVER_ACKS} replies after the failover",
+                   since=since, timeout=timeout,
+                   context=lambda: f"status {run.status()['gateway']}; {events_named(run.status(), 'promoted')}")
 
 
 def check_promoted(run: HybridRun, gateway_pid: int) -> dict[str, Any]:

@@ -66,9 +66,8 @@ def test_kill_secondary_at_checkpoint_phase(hybrid: Callable[..., HybridRun], ph
             return st if events_named(st, "unprotected") and not st["gateway"]["protected"] else None
         wait_for(unprotected, 15, "the primary to go on unprotected")
         since = time.monotonic()
-        wait_for(lambda: all(n >= 5 for n in w.acks_by(since).values()), 6,
-                 f"every client to get replies from the unprotected primary (got {w.acks_by(since)}, errors "
-                 f"{w.errors()}, gateway {run.status()['gateway']})")
+        w.wait_replies(5, "every client to get replies from the unprotected primary", since=since, timeout=6,
+                       context=lambda: f"gateway {run.status()['gateway']}")
         w.stop()
         verify_ledger(w, run.service)
     finally:
@@ -125,8 +124,7 @@ def test_gateway_notices_a_hung_secondary_first(hybrid: Callable[..., HybridRun]
         assert problem is None, f"a client that came while the secondary hung: {problem}; " \
                                 f"gateway {run.status()['gateway']}"
         since = time.monotonic()
-        wait_for(lambda: all(n >= 5 for n in w.acks_by(since).values()), 6,
-                 f"every client to get replies (got {w.acks_by(since)}, errors {w.errors()})")
+        w.wait_replies(5, "every client to get replies", since=since, timeout=6)
         w.stop()
         verify_ledger(w, run.service)
     finally:
