@@ -28,6 +28,7 @@ from typing import IO, Any
 
 from colo.auth import generate_key, load_key
 from colo.errors import ColoError
+from colo.lifeline import Lifeline
 from colo.link import (
     DEFAULT_HEARTBEAT_TIMEOUT,  # not from colo.node: the control side needs no emulator
     Client,
@@ -128,7 +129,7 @@ class LocalCluster:
         self._out: tuple[Any, Any] = (None, None)  # start()'s stderr and stdout, for later processes
         self._spares = 1
         self.quote_logs = True  # errors quote the last lines of a failed process's log file
-        self._lifeline: tuple[int, int] | None = os.pipe() if lifeline else None  # both ends close-on-exec
+        self._lifeline = Lifeline() if lifeline else None
 
     @property
     def key(self) -> bytes:
@@ -147,9 +148,7 @@ class LocalCluster:
             args.append("-q")
         if not self.encrypt:
             args.append("--no-encrypt")
-        if self._lifeline is not None:
-            args += ["--lifeline", str(self._lifeline[0])]
-        return args
+        return args + (self._lifeline.args() if self._lifeline is not None else [])
 
     def trace_args(self, name: str) -> list[str]:
         args = ["--trace-file", self.trace_file.replace("{role}", name)] if self.trace_file else []
@@ -201,7 +200,7 @@ class LocalCluster:
         try:
             proc = subprocess.Popen(self.command(role, *args, name=name), env=env, stderr=stderr, stdout=stdout,
                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                    pass_fds=(self._lifeline[0],) if self._lifeline is not None else ())
+                                    pass_fds=self._lifeline.pass_fds if self._lifeline is not None else ())
         finally:
             if log_file is not None:
                 log_file.close()  # the child has its own copy
@@ -338,12 +337,6 @@ class LocalCluster:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     codes[name] = p.wait()
-        self.close_lifeline()
-        return codes
-
-    def close_lifeline(self) -> None:
-        """Let go of the roles: any still running stops on its own now."""
         if self._lifeline is not None:
-            for fd in self._lifeline:
-                os.close(fd)
-            self._lifeline = None
+            self._lifeline.close()  # any role still running stops on its own now
+        return codes

@@ -27,6 +27,34 @@ PR_SET_PDEATHSIG = 1
 EXIT_ORPHANED = 1
 
 
+class Lifeline:
+    """The starter's end: a pipe whose read end every role it starts gets (`args`, `pass_fds`) and whose write end
+    only the starter holds. Both ends are close-on-exec, so nothing else the starter runs keeps the roles alive."""
+
+    def __init__(self) -> None:
+        self._fds: tuple[int, int] | None = os.pipe()
+
+    @property
+    def open(self) -> bool:
+        return self._fds is not None
+
+    def args(self) -> list[str]:
+        """The role's command-line options (none once closed: a role started then is not tied to anything)."""
+        return ["--lifeline", str(self._fds[0])] if self._fds is not None else []
+
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        """For subprocess.Popen: the one descriptor the role inherits."""
+        return (self._fds[0],) if self._fds is not None else ()
+
+    def close(self) -> None:
+        """Let go of the roles: any still running stops on its own now. Idempotent."""
+        if self._fds is not None:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = None
+
+
 def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
     """Ask the kernel to send us `sig` when our parent dies (Linux only; False elsewhere or on failure)."""
     if not sys.platform.startswith("linux"):

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from colo.auth import generate_key, load_key
 from colo.cluster import ask_gateway
+from colo.lifeline import Lifeline
 from colo.messages import StatusReply, StatusRequest
 from colo.session import SessionCodec
 from conftest import ROOT
@@ -106,7 +107,7 @@ class Procs:
         self.gateway: tuple[str, int] = ("", 0)
         self.service: tuple[str, int] = ("", 0)
         self.secondary: tuple[str, int] = ("", 0)
-        self._lifeline: tuple[int, int] | None = os.pipe()  # both ends close-on-exec; the roles get the read end
+        self._lifeline = Lifeline()
 
     def spawn(self, role: str, *args: str, command: str | None = None) -> subprocess.Popen[bytes]:
         """Start `python -m colo COMMAND ...` (COMMAND defaults to the role's name) with its own output files;
@@ -118,11 +119,11 @@ class Procs:
         cmd = [sys.executable, "-m", "colo", command or role, *args, "--key-file", str(self.key_file),
                "--heartbeat-timeout", str(self.heartbeat_timeout), "--ready-file", str(self.dir / f"{role}.json"),
                "--mode", self.mode, *self.common]
-        if self._lifeline is None:  # stopped before and used again
-            self._lifeline = os.pipe()
-        cmd += ["--lifeline", str(self._lifeline[0])]
+        if not self._lifeline.open:  # stopped before and used again
+            self._lifeline = Lifeline()
+        cmd += self._lifeline.args()
         proc = subprocess.Popen(cmd, env=child_env(self.env.get(role)), cwd=ROOT, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=err, start_new_session=True, pass_fds=(self._lifeline[0],))
+                                stdout=out, stderr=err, start_new_session=True, pass_fds=self._lifeline.pass_fds)
         self.procs[role] = proc
         return proc
 
@@ -197,10 +198,7 @@ class Procs:
         for f in self._files:
             f.close()
         self._files.clear()
-        if self._lifeline is not None:
-            for fd in self._lifeline:
-                os.close(fd)
-            self._lifeline = None
+        self._lifeline.close()
         return codes
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from colo.lifeline import Lifeline
 from colo_e2e.helpers import child_env, wait_for
 from colo_e2e.up import Up, colo, wait_gone
 from conftest import ROOT, asm, guest, toyvm_cli
@@ -197,12 +198,13 @@ def _lifeline_gateway(tmp_path: Path, lifeline: int, middle: bool = False) -> su
 
 
 def test_the_lifeline_alone_stops_a_role(tmp_path: Path) -> None:
-    r, w = os.pipe()
-    p = _lifeline_gateway(tmp_path, r)
-    os.close(r)
+    life = Lifeline()  # the starter's end, as LocalCluster holds it
+    p = _lifeline_gateway(tmp_path, life.pass_fds[0])
     try:
-        assert p.poll() is None
-        os.close(w)  # as if its starter died: the lifeline reaches EOF; its parent (us) lives on
+        assert p.poll() is None and life.args() == ["--lifeline", str(life.pass_fds[0])]
+        life.close()  # as if its starter died: the lifeline reaches EOF; its parent (us) lives on
+        life.close()  # letting go twice is harmless
+        assert not life.open and life.args() == [] and life.pass_fds == ()
         assert p.wait(5) == 0  # the gateway's own clean stop (SIGTERM)
         assert "the lifeline closed" in (tmp_path / "gateway.err").read_text()
     finally:

@@ -49,7 +49,7 @@ class HybridCluster(LocalCluster):
         if self.trace:
             common.append("--trace")
         if self._lifeline is not None:  # as LocalCluster's roles: gone when the test run is
-            common += ["--lifeline", str(self._lifeline[0])]
+            common += self._lifeline.args()
         env = dict(os.environ)
         env.pop("COLO_FAULT", None)
         env.pop("COLO_STATE_LOG", None)
@@ -59,7 +59,7 @@ class HybridCluster(LocalCluster):
         proc = subprocess.Popen([sys.executable, *program, role, *args, *common, *self.extra.get(role, [])],
                                 env=env, stderr=stderr, stdout=subprocess.DEVNULL if stdout is None else stdout,
                                 stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
-                                pass_fds=(self._lifeline[0],) if self._lifeline is not None else ())
+                                pass_fds=self._lifeline.pass_fds if self._lifeline is not None else ())
         self.procs[name] = proc
         return proc
 
