@@ -690,7 +690,10 @@ class Witness:
             self._promote(best, "a new gateway found no primary; this secondary holds the newest copy")
             return
         self._go("nobody")
-        self._record("down", reason="no node holds the service", level="warning")
+        if not self.nodes and self.cfg.durable is None:  # a first start, before its nodes: nothing is wrong yet
+            self._record("down", reason="no node has attached yet: clients are refused until a primary does")
+        else:
+            self._record("down", reason="no node holds the service", level="warning")
         self._emit(ListenClients(True))  # so that clients are told at once instead of waiting
 
     # -- messages from nodes ----------------------------------------------------------------------------------

@@ -283,7 +283,8 @@ def test_kill_the_primary_from_the_page(page: Page, shots: Path) -> None:
     opened = page.evaluate("""() => {
         const served = page.served, before = page.failover.length;
         page.served = false;
-        handle({ kind: "witness", event: "down", t: 1e9, reason: "no node holds the service", level: "warning" });
+        handle({ kind: "witness", event: "down", t: 1e9, level: "info",
+                 reason: "no node has attached yet: clients are refused until a primary does" });
         const after = page.failover.length;
         page.served = served;
         return after - before;

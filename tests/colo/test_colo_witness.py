@@ -56,6 +56,7 @@ from colo.messages import (
     Welcome,
 )
 from colo.witness import (
+    DURABLE_FORMAT,
     SERVICE_TRANSITIONS,
     AcceptClient,
     ClientBacklog,
@@ -337,6 +338,19 @@ def test_learning_with_nobody_goes_down_after_the_grace_and_refuses_clients() ->
     assert h.service is S.DOWN
     assert ListenClients(True) in acts  # so that a client is refused at once instead of waiting
     assert of(h.try_connect(), RefuseClient)
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["first-start", "restarted"])
+def test_a_gateway_alone_says_why_it_is_down(earlier: bool) -> None:
+    """Started before its nodes, nothing is wrong yet: the gateway says so, at info; a gateway that an earlier
+    one left its state to, finding no node, has lost the service: a warning."""
+    h = Harness(durable={"format": DURABLE_FORMAT, "void": {}}) if earlier else Harness()
+    (down,) = [a for a in h.run_for(2 * TIMEOUT + STEP) if isinstance(a, Record) and a.entry["event"] == "down"]
+    assert h.service is S.DOWN and of(h.try_connect(), RefuseClient)
+    if earlier:
+        assert (down.level, down.entry["reason"]) == ("warning", "no node holds the service")
+    else:
+        assert down.level == "info" and "no node has attached yet" in down.entry["reason"], down
 
 
 def test_input_is_numbered_in_one_sequence_and_sent_to_the_active_node() -> None:
