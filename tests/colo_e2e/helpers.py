@@ -93,6 +93,9 @@ class Procs:
                  key: bytes | None = None, mode: str = "periodic", common: tuple[str, ...] = ()) -> None:
         self.mode = mode
         self.common = common  # options every role gets (e.g. --no-encrypt)
+        # Options every node gets, before a test's own. Hybrid: kvstore's replies match, so only the backstop
+        # checkpoints, 2 s by default: waits for "protected, N checkpoints" would take N times that.
+        self.node_common: tuple[str, ...] = ("--backstop", "200") if mode == "hybrid" else ()
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.key_file = self.dir / "key"
@@ -151,7 +154,7 @@ class Procs:
                         extra: tuple[str, ...] = ()) -> tuple[str, int]:
         """A node that registers with the gateway as a spare; the gateway pairs it with the primary."""
         self.spawn(role, "--gateway", "%s:%d" % self.gateway, "--listen", f"{HOST}:0", "--interval",
-                   str(interval_ms), *extra, command="secondary")
+                   str(interval_ms), *self.node_common, *extra, command="secondary")
         address = tuple(self.wait_ready(role)["listen"])
         if role == "secondary":
             self.secondary = address
@@ -161,7 +164,7 @@ class Procs:
                       extra: tuple[str, ...] = (), gateway: tuple[str, int] | None = None) -> None:
         """`gateway`: where the primary is told the gateway is (a relay in front of it, say)."""
         args = [str(guest), "--gateway", "%s:%d" % (gateway or self.gateway), "--ram", ram, "--cmdline", cmdline,
-                "--interval", str(interval_ms), *extra]
+                "--interval", str(interval_ms), *self.node_common, *extra]
         self.spawn("primary", *args)
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
