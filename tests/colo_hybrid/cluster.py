@@ -140,10 +140,12 @@ class HybridRun:
         if self.closed:
             return {}
         self.closed = True
-        for p in self.procs.values():
+        for name, p in self.procs.items():
             if p.poll() is None:
                 try:
                     p.send_signal(signal.SIGCONT)  # a frozen process cannot handle SIGTERM
+                    if name in self.cluster.freeze:  # fenced while frozen: no gateway will tell it to stop
+                        p.send_signal(signal.SIGTERM)
                 except OSError:
                     pass
         try:
