@@ -406,6 +406,7 @@ class Witness:
         self.failovers = 0
         self.switchover: tuple[str, bool, float] | None = None  # (node handing over, swap, started), while asked
         self._promote_reason = ""
+        self.down_reason = "no node holds the service"  # the last "down" event's: what a refused client is told
         self._refused_pairs: set[tuple[str, str]] = set()
         # input
         self.input_seq = 0  # the last input number assigned
@@ -759,7 +760,7 @@ class Witness:
     # -- input ------------------------------------------------------------------------------------------------
     def _client_connected(self, token: int) -> None:
         if self.service not in ADMITTING:
-            why = {S.DOWN: "no node holds the service", S.ENDED: "the guest has ended",
+            why = {S.DOWN: self.down_reason, S.ENDED: "the guest has ended",
                    S.STOPPED: "the service was stopped", S.LEARNING: "the gateway is starting"}[self.service]
             self._emit(RefuseClient(token, why))
             return
@@ -1624,4 +1625,6 @@ class Witness:
         if what != "service":
             self.events.append(entry)
             del self.events[:-200]
+        if what == "down":
+            self.down_reason = str(details.get("reason") or self.down_reason)
         self._emit(Record(entry, level))

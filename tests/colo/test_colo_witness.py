@@ -346,7 +346,9 @@ def test_a_gateway_alone_says_why_it_is_down(earlier: bool) -> None:
     one left its state to, finding no node, has lost the service: a warning."""
     h = Harness(durable={"format": DURABLE_FORMAT, "void": {}}) if earlier else Harness()
     (down,) = [a for a in h.run_for(2 * TIMEOUT + STEP) if isinstance(a, Record) and a.entry["event"] == "down"]
-    assert h.service is S.DOWN and of(h.try_connect(), RefuseClient)
+    assert h.service is S.DOWN
+    (refused,) = of(h.try_connect(), RefuseClient)
+    assert refused.reason == down.entry["reason"]  # in the gateway's log of each refused client
     if earlier:
         assert (down.level, down.entry["reason"]) == ("warning", "no node holds the service")
     else:
