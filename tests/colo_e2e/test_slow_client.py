@@ -95,8 +95,11 @@ def test_a_client_that_does_not_read_cannot_stall_the_others(tmp_path: Path) -> 
         after = {role: rss_kib(pid) for role, pid in pids.items()}
 
         # Another client is answered all along, about as fast as without the flood (a reply waits for the
-        # checkpoint that covers it: up to one interval).
-        assert max(busy) < 0.5, f"a PING waited {max(busy) * 1e3:.0f} ms (calm: max {max(calm) * 1e3:.0f} ms)"
+        # checkpoint that covers it: up to one interval). Not stalled: before the fix, the other clients timed out
+        # (10 s). The first PING or two after the flood starts wait while the guest and the checkpoints work
+        # through the flood's first credit of input (16 KiB of GETs: megabytes of replies): 0.14-0.62 s in nine
+        # runs on a 2-CPU machine, idle or not, so the bound on the worst is loose; the p95 says "as fast as calm".
+        assert max(busy) < 2.0, f"a PING waited {max(busy) * 1e3:.0f} ms (calm: max {max(calm) * 1e3:.0f} ms)"
         assert statistics.quantiles(busy, n=20)[-1] < 0.1, \
             f"PING p95 {statistics.quantiles(busy, n=20)[-1] * 1e3:.0f} ms under the flood"
         # Memory is bounded: a few MiB for the client's backlog, and no growth while the flood goes on.
