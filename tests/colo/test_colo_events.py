@@ -375,7 +375,7 @@ def test_slow_motion_delays_each_handshake_message() -> None:
     assert time.monotonic() - t0 >= 0.14
     t0 = time.monotonic()
     g(c, Heartbeat())
-    assert time.monotonic() - t0 < 0.05
+    assert time.monotonic() - t0 < 0.1  # not delayed (a delayed one takes 0.15 s); a loaded machine may take 0.05
 
 
 # -- the witness: its decisions as events, the teaching commands -------------------------------------------------
