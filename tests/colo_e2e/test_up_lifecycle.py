@@ -227,6 +227,21 @@ def test_the_parent_death_signal_alone_stops_a_role(tmp_path: Path) -> None:
             middle.kill()
 
 
+@pytest.mark.slow
+def test_colo_up_stops_with_its_lifeline(tmp_path: Path) -> None:
+    """The tests' `Up` ties `colo up` to the test run: when that end closes (a killed pytest), `colo up` stops as
+    SIGTERM stops it, roles included."""
+    up = Up(tmp_path / "run", tmp_path, "--name", "tied")
+    try:
+        pids = up.wait_up()["pids"]
+        up._lifeline.close()
+        assert up.wait(20) == 143, up.stderr()
+        wait_gone(pids, 10, "after the lifeline of colo up closed")
+        assert "the lifeline closed" in up.stderr(), up.stderr()
+    finally:
+        up.close()
+
+
 # -- what reaches the roles ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_key_file_and_quiet_reach_the_roles(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """`colo up` as an operator runs it: a real process in its own session, its stdout and stderr in files, its run
 directory found through COLO_RUN_DIR, every process it started checked by pid at the end.
 
-Every wait has a deadline; `close` kills whatever is left (a test that failed half-way leaves nothing running).
+Every wait has a deadline; `close` kills whatever is left (a test that failed half-way leaves nothing running), and
+`colo up` holds a lifeline to the test run (colo.lifeline), so a pytest that is killed leaves nothing either.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from colo.lifeline import Lifeline
 from colo.rundir import proc_alive
 from colo_e2e.helpers import child_env, wait_for
 from conftest import ROOT, guest
@@ -60,8 +62,11 @@ class Up:
         self._out, self._err = open(self.out_path, "wb"), open(self.err_path, "wb")
         self.argv = [sys.executable, "-m", "colo", "up", str(image or guest("kvstore")), "--ram", "16M",
                      "--interval", "30", *args]
-        self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=self._out,
-                                     stderr=self._err, start_new_session=True)
+        # Tied to the test run as `colo up` ties its roles to itself: a killed pytest leaves no cluster running.
+        self._lifeline = Lifeline()
+        self.proc = subprocess.Popen([*self.argv, *self._lifeline.args()], cwd=ROOT, env=self.env,
+                                     stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err,
+                                     start_new_session=True, pass_fds=self._lifeline.pass_fds)
         self.info: dict[str, Any] = {}
         self.seen: dict[str, dict[str, Any]] = {}  # every process the cluster recorded ({pid, start}), for close()
 
@@ -151,5 +156,6 @@ class Up:
         for p in self.seen.values():  # never leave a role behind, even if `colo up` was killed
             if proc_alive(int(p["pid"]), p.get("start")):
                 os.kill(int(p["pid"]), signal.SIGKILL)
+        self._lifeline.close()
         self._out.close()
         self._err.close()
