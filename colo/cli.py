@@ -380,6 +380,7 @@ def _teaching_commands(sub: Any) -> None:
                    help="record the first N bytes of every frame in hex (default 64; with --no-encrypt they read)")
     _encrypt_option(v)
     v.add_argument("--ready-file", help=argparse.SUPPRESS)
+    v.add_argument("--lifeline", type=int, help=argparse.SUPPRESS)  # stop when this fd reaches EOF (colo.lifeline)
 
 
 def _target_options(p: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from colo.lifeline import Lifeline
 from colo_e2e.helpers import child_env
 from conftest import ROOT
 from traceshape import check_mermaid, check_perfetto
@@ -87,9 +88,11 @@ def view(tmp_path_factory: pytest.TempPathFactory, browser: Browser) -> Iterator
     d = tmp_path_factory.mktemp("view")
     ready = d / "ready.json"
     log = open(d / "view.log", "wb")
+    life = Lifeline()  # a killed pytest leaves no view (and no roles) running
     proc = subprocess.Popen([sys.executable, "-m", "colo", "view", "kvstore", "--no-browser", "--listen",
-                             "127.0.0.1:0", "--interval", "700", "--ready-file", str(ready), "--no-encrypt"],
-                            stdout=log, stderr=log, env=child_env(), cwd=ROOT, start_new_session=True)
+                             "127.0.0.1:0", "--interval", "700", "--ready-file", str(ready), "--no-encrypt",
+                             *life.args()], stdout=log, stderr=log, env=child_env(), cwd=ROOT,
+                            start_new_session=True, pass_fds=life.pass_fds)
     try:
         deadline = time.monotonic() + 60
         while not ready.exists():
@@ -104,6 +107,7 @@ def view(tmp_path_factory: pytest.TempPathFactory, browser: Browser) -> Iterator
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        life.close()
         log.close()
 
 
