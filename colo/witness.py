@@ -406,7 +406,7 @@ class Witness:
         self.failovers = 0
         self.switchover: tuple[str, bool, float] | None = None  # (node handing over, swap, started), while asked
         self._promote_reason = ""
-        self.down_reason = "no node holds the service"  # the last "down" event's: what a refused client is told
+        self.down_reason = "no node holds the service"  # the last "down" event's: logged for each refused client
         self._refused_pairs: set[tuple[str, str]] = set()
         # input
         self.input_seq = 0  # the last input number assigned
