@@ -234,7 +234,7 @@ def test_colo_up_stops_with_its_lifeline(tmp_path: Path) -> None:
     up = Up(tmp_path / "run", tmp_path, "--name", "tied")
     try:
         pids = up.wait_up()["pids"]
-        up._lifeline.close()
+        up.let_go()
         assert up.wait(20) == 143, up.stderr()
         wait_gone(pids, 10, "after the lifeline of colo up closed")
         assert "the lifeline closed" in up.stderr(), up.stderr()

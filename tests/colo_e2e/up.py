@@ -144,6 +144,10 @@ class Up:
         except subprocess.TimeoutExpired:
             raise AssertionError(f"colo up did not exit within {timeout} s:\n{self.stderr()[-3000:]}") from None
 
+    def let_go(self) -> None:
+        """Close the test run's end of the lifeline, as a killed pytest would: `colo up` stops on its own."""
+        self._lifeline.close()
+
     def close(self) -> None:
         self.read()
         if self.proc.poll() is None:
@@ -156,6 +160,6 @@ class Up:
         for p in self.seen.values():  # never leave a role behind, even if `colo up` was killed
             if proc_alive(int(p["pid"]), p.get("start")):
                 os.kill(int(p["pid"]), signal.SIGKILL)
-        self._lifeline.close()
+        self.let_go()
         self._out.close()
         self._err.close()
