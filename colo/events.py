@@ -17,7 +17,8 @@ The clock. Each process reads the monotonic clock (`time.perf_counter`, the cloc
 timed with) and adds a wall-clock anchor read once at start: its events never run backwards (an NTP step moves
 the wall clock, not this one), and processes on one host agree to within the anchors' read error (microseconds).
 Across hosts wall clocks differ by more than a checkpoint lasts, so the gateway estimates each node's offset from
-its heartbeats: a node puts the time it sends each `node-status` in its info (`sent_at`), the gateway takes
+its heartbeats (a node that runs under the gateway's own kernel, the `kernel` of its info, gets offset 0 and no
+estimate): a node puts the time it sends each `node-status` in its info (`sent_at`), the gateway takes
 `offset = received - sent_at`, keeps the minimum over a window of samples (the sample with the least queueing) and
 emits it as a `clock` event. Readers add a node's offset to its events' times (`merge`) when it is larger than
 CLOCK_SLACK: a smaller one is the heartbeat's own delay (one host: one clock). The estimate includes the smallest
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import fnmatch
+import functools
 import json
 import os
 import sys
@@ -58,7 +60,8 @@ KINDS: dict[str, str] = {
     "state": "a node's state changed: was, now",
     "failover": "a node's step of a failover or a re-protection: step, and its details",
     "gate": "step mode: a handshake message waits (waiting) or goes (released): msg, epoch",
-    "clock": "gateway: its estimate of a node's clock offset: of (node id), offset, samples",
+    "clock": "gateway: its estimate of a node's clock offset: of (node id), offset, samples (0: the node runs under "
+             "the gateway's kernel, so it reads the same clock)",
 }
 # The --trace printer skips these by default: liveness, and the status a control client polls for.
 QUIET_MESSAGES = frozenset({"heartbeat", "node-status", "progress", "status-request", "status-reply"})
@@ -253,6 +256,17 @@ def page_runs(pages: Iterable[int]) -> list[list[int]]:
 
 
 # -- the gateway's estimate of the nodes' clocks ------------------------------------------------------------------
+@functools.cache
+def kernel_id() -> str:
+    """The running kernel's boot id (Linux), "" where there is none. Processes under one kernel read one
+    CLOCK_REALTIME and one CLOCK_MONOTONIC (containers included: a time namespace shifts the monotonic clock,
+    which the anchor's difference cancels), so their events share a clock and need no estimate."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 class ClockOffsets:
     """offset = gateway receive time - node send time, the minimum over the last `window` samples per node."""
 
@@ -262,8 +276,15 @@ class ClockOffsets:
         self._samples: dict[str, collections.deque[float]] = {}
         self._reported: dict[str, tuple[float, float]] = {}  # node -> (offset, when)
 
-    def sample(self, node: str, sent_at: float, received: float) -> float | None:
-        """Add one sample; returns the estimate when it should be reported (changed, or not reported lately)."""
+    def sample(self, node: str, sent_at: float, received: float, same_kernel: bool = False) -> float | None:
+        """Add one sample; returns the estimate when it should be reported (changed, or not reported lately).
+        A node on our kernel reads our clock: its offset is 0, reported once, whatever its heartbeats' delay (a
+        starting node's first ones are queued by milliseconds, and one such sample would shift all its events)."""
+        if same_kernel:
+            if node in self._reported:
+                return None
+            self._reported[node] = (0.0, received)
+            return 0.0
         q = self._samples.setdefault(node, collections.deque(maxlen=self.window))
         q.append(received - sent_at)
         est = min(q)

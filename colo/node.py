@@ -31,7 +31,7 @@ import msgpack
 
 from colo import events
 from colo.errors import ColoError
-from colo.events import STREAM
+from colo.events import STREAM, kernel_id
 from colo.gate import Gate
 from colo.link import DEFAULT_HEARTBEAT_TIMEOUT, Closed, Conn
 from colo.memory import keep_buffers_on_heap
@@ -258,6 +258,7 @@ class Node:
             info.update(self.role.status_info())
         if STREAM.active:
             info["sent_at"] = STREAM.now()  # the gateway estimates our clock's offset from it (colo.events)
+            info["kernel"] = kernel_id()  # unless we run under its kernel: then we read its clock
         if self.gate.holding:
             info["step"] = {"on": self.gate.stepping, "delay_ms": round(self.gate.delay * 1e3),
                             "waiting": self.gate.waiting}

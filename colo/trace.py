@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from colo.events import STREAM, ClockOffsets, jsonable, text_of
+from colo.events import STREAM, ClockOffsets, jsonable, kernel_id, text_of
 from colo.messages import Message, NodeHello, NodeStatus, field_names
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def received(conn: Conn, msg: Message) -> None:
         node = conn.__dict__.get("_trace_node")
         sent_at = msg.info.get("sent_at")
         if isinstance(node, str) and isinstance(sent_at, float):
-            est = _clocks.sample(node, sent_at, now)
+            est = _clocks.sample(node, sent_at, now, same_kernel=msg.info.get("kernel") == kernel_id() != "")
             if est is not None:
                 STREAM.emit("clock", of=node, offset=round(est, 6), samples=_clocks.samples(node))
 

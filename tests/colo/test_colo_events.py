@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -28,6 +29,7 @@ from colo.messages import (
     Commit,
     Heartbeat,
     NodeHello,
+    NodeStatus,
     Output,
     Protect,
     Protection,
@@ -160,6 +162,29 @@ def test_offset_estimate_is_the_minimum_over_the_window() -> None:
     for _ in range(4):
         c.sample("n", 300.0, 305.01)  # the good samples left the window
     assert c.offset("n") == pytest.approx(5.01)
+
+
+def test_a_node_under_our_kernel_reads_our_clock_however_late_its_heartbeats() -> None:
+    c = ClockOffsets()
+    assert c.sample("n", 100.0, 100.004, same_kernel=True) == 0.0  # a starting node's 4 ms queueing is not an offset
+    assert c.sample("n", 101.0, 101.003, same_kernel=True) is None  # reported once
+    assert c.offset("n") is None and c.samples("n") == 0
+    assert events.kernel_id() == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def test_the_gateway_reports_offset_zero_for_a_node_on_its_kernel(sink: list[dict[str, Any]],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trace, "_clocks", ClockOffsets())
+    STREAM.role = "gateway"
+    for node, kernel in (("here", events.kernel_id()), ("there", "another-kernel")):
+        # what trace.received reads of a gateway's link to a node
+        conn: Any = SimpleNamespace(id=node, proto=None, _codec=None, name="node", peer_role="spare",
+                                    hs=SimpleNamespace(role="gateway", connection_id="c0"))
+        trace.received(conn, NodeHello("spare", node, 0, 0, 0, 0, [], "", "", "", {}))
+        trace.received(conn, NodeStatus(0, {"sent_at": STREAM.now() - 0.005, "kernel": kernel}))  # 5 ms late
+    clocks = {e["of"]: e for e in sink if e["kind"] == "clock"}
+    assert clocks["here"]["offset"] == 0.0 and clocks["here"]["samples"] == 0
+    assert clocks["there"]["offset"] >= 0.005 and clocks["there"]["samples"] == 1
 
 
 def test_merge_applies_large_offsets_and_ignores_a_heartbeats_delay() -> None:
