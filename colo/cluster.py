@@ -313,17 +313,24 @@ class LocalCluster:
 
     def stop(self, timeout: float = 5.0) -> dict[str, int | None]:
         """Stop cleanly: ask the gateway to shut the service down (so no failover starts and no loss is logged);
-        then SIGTERM whatever is left, then SIGKILL. Returns each process's exit status."""
+        then SIGTERM whatever is left, then SIGKILL. Without a gateway to ask, the nodes get SIGTERM at once.
+        Returns each process's exit status."""
         codes: dict[str, int | None] = {}
         gw = self.procs.get("gateway")
+        told = False
         if gw is not None and gw.poll() is None and self.gateway[1]:
             try:
                 ask_gateway(self.gateway, self.key, ShutdownCommand("colo up is stopping"), CommandResult, 2.0,
                             self.encrypt)
+                told = True
             except (ColoError, OSError):
                 pass
         deadline = time.monotonic() + timeout
         nodes = [n for n in self.procs if n != "gateway"]
+        if not told:  # no gateway tells the nodes to stop: waiting for them would only spend the deadline
+            for name in nodes:
+                if self.procs[name].poll() is None:
+                    self.procs[name].send_signal(signal.SIGTERM)
         for name in [*sorted(nodes, key=lambda n: n == "primary"), "gateway"]:
             p = self.procs.get(name)
             if p is None:

@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -132,6 +134,24 @@ def test_a_clean_stop_starts_no_failover_and_logs_no_loss(tmp_path: Path) -> Non
     assert codes == {"secondary": 0, "primary": 0, "gateway": 0}, (codes, log[-3000:])
     for text in ("promote", "failover", "primary lost", "running unprotected", "lost the gateway", "Traceback"):
         assert text not in log, f"a clean stop logged {text!r}:\n{log[-3000:]}"
+
+
+@pytest.mark.slow
+def test_a_stop_without_its_gateway_stops_the_nodes_at_once(tmp_path: Path) -> None:
+    """No gateway can tell the nodes to stop: they are sent SIGTERM at once (a clean stop each), not waited for
+    until the deadline (`colo down` took that much longer)."""
+    cluster = LocalCluster(str(guest("kvstore")), ram=RAM, interval_ms=INTERVAL_MS, directory=tmp_path / "c")
+    try:
+        cluster.start(stderr=subprocess.DEVNULL)
+        cluster.wait_protected()
+        cluster.procs["gateway"].send_signal(signal.SIGKILL)
+        cluster.procs["gateway"].wait(10)
+    finally:
+        t0 = time.monotonic()
+        codes = cluster.stop(timeout=60)
+        took = time.monotonic() - t0
+    assert codes == {"secondary": 0, "primary": 0, "gateway": -signal.SIGKILL}, codes
+    assert took < 30, f"stop waited {took:.1f} s for nodes nobody told to stop"  # the deadline was 60 s
 
 
 def test_refused_at_once_tells_a_refusal_from_a_wait() -> None:
