@@ -480,7 +480,8 @@ class PeerLink:
         # seals hand-made frames
         self.codec: SessionCodec = self.proto.codec if self.proto is not None else self._plain()
         self.events: queue.Queue[Any] = queue.Queue()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the protocol object, shared with the reader thread
+        self._send_lock = threading.Lock()
         self.closed = False
         self._drain()
         threading.Thread(target=self._read, daemon=True).start()
@@ -522,9 +523,13 @@ class PeerLink:
         self.events.put(Closed(reason))
 
     def send(self, msg: Any) -> None:
-        with self._lock:
-            frame = self.proto.send(msg) if self.proto is not None else self._plain().encode(msg)
-        self.sock.sendall(frame)
+        # Sealed and written under one lock: a heartbeat thread sending beside the test's thread must not put
+        # frame N+1 on the wire before frame N (the peer rejects a gap in the sequence as an attack). Not under
+        # `_lock` alone: the reader would wait for a sendall that waits for the peer.
+        with self._send_lock:
+            with self._lock:
+                frame = self.proto.send(msg) if self.proto is not None else self._plain().encode(msg)
+            self.sock.sendall(frame)
 
     def raw(self, data: bytes) -> None:
         """Bytes straight to the socket, past the codec (tests of what the peer does with them)."""
