@@ -89,19 +89,23 @@ def test_a_client_that_does_not_read_cannot_stall_the_others(tmp_path: Path) -> 
         before = {role: rss_kib(pid) for role, pid in pids.items()}
 
         slow = flood(procs.service, stop)
-        busy = ping_latencies(procs.service, 2.0)
+        first = ping_latencies(procs.service, 2.0)
         middle = {role: rss_kib(pid) for role, pid in pids.items()}
-        busy += ping_latencies(procs.service, 2.0)
+        later = ping_latencies(procs.service, 2.0)  # the flood still connected, held back by its backpressure
         after = {role: rss_kib(pid) for role, pid in pids.items()}
 
         # Another client is answered all along, about as fast as without the flood (a reply waits for the
         # checkpoint that covers it: up to one interval). Not stalled: before the fix, the other clients timed out
-        # (10 s). The first PING or two after the flood starts wait while the guest and the checkpoints work
-        # through the flood's first credit of input (16 KiB of GETs: megabytes of replies): 0.14-0.62 s in nine
-        # runs on a 2-CPU machine, idle or not, so the bound on the worst is loose; the p95 says "as fast as calm".
-        assert max(busy) < 2.0, f"a PING waited {max(busy) * 1e3:.0f} ms (calm: max {max(calm) * 1e3:.0f} ms)"
-        assert statistics.quantiles(busy, n=20)[-1] < 0.1, \
-            f"PING p95 {statistics.quantiles(busy, n=20)[-1] * 1e3:.0f} ms under the flood"
+        # (10 s). The first PINGs after the flood starts wait while the guest and the checkpoints work through the
+        # flood's first credit of input (16 KiB of GETs: megabytes of replies): 0.14-0.62 s in nine runs on a
+        # 2-CPU machine, idle or not, 0.62-0.87 s beside two CPU hogs, so the bound on the worst is loose. Once
+        # that is done the p95 says "as fast as calm" (44-53 ms beside the hogs, calm 46-49 ms): over the later
+        # two seconds only, since beside the hogs three of the first PINGs once waited, and the p95 of all four
+        # seconds was 170 ms.
+        worst = max(first + later)
+        assert worst < 2.0, f"a PING waited {worst * 1e3:.0f} ms (calm: max {max(calm) * 1e3:.0f} ms)"
+        p95 = statistics.quantiles(later, n=20)[-1]
+        assert p95 < 0.1, f"PING p95 {p95 * 1e3:.0f} ms under the flood, its first two seconds past"
         # Memory is bounded: a few MiB for the client's backlog, and no growth while the flood goes on.
         for role in pids:
             grew = (after[role] - before[role]) / 1024
