@@ -11,7 +11,9 @@ bytes, so the two VMs' answers differ on purpose; its SET replies are a constant
   periodic 100 ms  covers them is received by the secondary (output commit)
   hybrid           the same cluster in hybrid (COLO) mode: both VMs run, the gateway compares their output,
                    releases what matches and asks for a checkpoint on a mismatch or on output unmatched for
-                   the compare timeout (the gateway's default, 200 ms); backstop checkpoint every 2 s
+                   the compare timeout (the gateway's default, 200 ms); backstop checkpoint every 2 s; each
+                   node on its own half of the CPUs (LocalCluster's pin="auto", on 2 or more CPUs)
+  hybrid pin=off   the same, every role free to run on every CPU: what the pinning is worth
   hybrid sched=normal  the same, with the roles under the kernel's default scheduling policy instead of
                    SCHED_BATCH (`--sched normal`): what the policy is worth
 
@@ -85,6 +87,7 @@ class Config:
     mode: str  # alone, periodic, hybrid
     interval_ms: float = 0.0
     sched: str = "batch"  # the roles' --sched (colo/sched.py)
+    pin: str = "auto"  # LocalCluster(pin=...): in hybrid mode each node on its own half of the CPUs
 
     @property
     def key(self) -> str:
@@ -93,7 +96,8 @@ class Config:
 
 CONFIGS = [Config("alone", "alone"), Config("periodic 20 ms", "periodic", 20.0),
            Config("periodic 50 ms", "periodic", 50.0), Config("periodic 100 ms", "periodic", 100.0),
-           Config("hybrid", "hybrid"), Config("hybrid sched=normal", "hybrid", sched="normal")]
+           Config("hybrid", "hybrid"), Config("hybrid pin=off", "hybrid", pin="off"),
+           Config("hybrid sched=normal", "hybrid", sched="normal")]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,7 +132,7 @@ class Service:
             raise RuntimeError(f"toyvm run did not listen within 30 s\n{tail(self.log)}")
         self.cluster = LocalCluster(self.guest, mode=self.cfg.mode, interval_ms=self.cfg.interval_ms or 100.0,
                                     backstop_ms=BACKSTOP_MS, stats=str(self.stats), hooks=self.hooks,
-                                    directory=self.dir, sched=self.cfg.sched)
+                                    directory=self.dir, sched=self.cfg.sched, pin=self.cfg.pin)
         with open(self.log, "ab") as err:
             self.cluster.start(stderr=err, stdout=err)  # the guest's serial console must not land in our Markdown
         self.cluster.wait_protected(timeout=60)  # hybrid: the first checkpoint comes after the 2 s backstop
@@ -586,7 +590,8 @@ def plot(summary: dict[str, Any], args: argparse.Namespace, info: dict[str, Any]
                                 textcoords="offset points", ha="center", va="bottom", fontsize=6.5, rotation=90)
         ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
-        ax.set_xticks(x, [c.name.replace("periodic ", "periodic\n").replace(" sched=", "\nsched=") for c in CONFIGS],
+        ax.set_xticks(x, [c.name.replace("periodic ", "periodic\n").replace(" sched=", "\nsched=")
+                       .replace(" pin=", "\npin=") for c in CONFIGS],
                       fontsize=8.5)
         ax.grid(axis="y", which="major", alpha=0.3)
         ymin, ymax = ax.get_ylim()

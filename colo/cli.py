@@ -14,7 +14,7 @@ from typing import Any
 
 from colo import rundir, sched
 from colo.auth import load_key
-from colo.cluster import ask_gateway
+from colo.cluster import PIN_CHOICES, ask_gateway
 from colo.errors import ColoError
 from colo.link import DEFAULT_HEARTBEAT_TIMEOUT
 from colo.messages import CommandResult, FailoverCommand, StatusReply, StatusRequest
@@ -77,6 +77,14 @@ def count(text: str) -> int:
     return value
 
 
+def cpu_list(text: str) -> list[int]:
+    """An argparse `type=` for --cpus: a Linux CPU list such as 0, 2-3 or 0,2-3."""
+    try:
+        return sched.parse_cpus(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _address(text: str) -> tuple[str, int]:
     try:
         return parse_address(text)
@@ -119,6 +127,10 @@ def _common(p: argparse.ArgumentParser,
                    help="the Linux scheduling policy of the role's threads: batch (default) keeps its priority but "
                         "does not preempt the process that woke it, so gateway and nodes hand work over in bigger "
                         "batches; normal is the kernel's default")
+    p.add_argument("--cpus", type=cpu_list, metavar="LIST",
+                   help="run the role's threads only on these CPUs, a Linux CPU list such as 0, 2-3 or 0,2-3 "
+                        "(default: every CPU it may use; colo up gives each node of a hybrid cluster its own, "
+                        "see --pin)")
     p.add_argument("--ready-file", help=argparse.SUPPRESS)  # `colo up` learns the chosen ports from it
     p.add_argument("--lifeline", type=int, help=argparse.SUPPRESS)  # stop when this fd reaches EOF (colo.lifeline)
 
@@ -263,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"before protecting the service is retried after 1, 2, 4... s (at most {BACKOFF_CAP:.0f}) "
                         f"(default {DEFAULT_RESPAWN})")
     u.add_argument("--no-respawn", action="store_true", help="never start a replacement (as --respawn 0)")
+    u.add_argument("--pin", choices=PIN_CHOICES, default="auto",
+                   help="auto (default): in hybrid mode on 2 or more CPUs, each node runs on its own half of them "
+                        "(both VMs run all the time; on one host they then never take each other's CPU); off: "
+                        "every role may run on every CPU")
     _vm_options(u)
     _common(u, key_help="the shared key file for the roles (default: a fresh key, mode 0600, in the run "
                         "directory)")
@@ -415,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
         problem = sched.apply(args.sched)
         if problem:
             logging.getLogger("colo").warning("%s: %s; it runs with the policy it has", args.command, problem)
+    if getattr(args, "cpus", None) is not None:  # as the policy: before any thread starts
+        problem = sched.pin(args.cpus)
+        if problem:
+            print(f"colo {args.command}: error: --cpus {sched.format_cpus(args.cpus)}: {problem}", file=sys.stderr)
+            return EXIT_ERROR
     if getattr(args, "lifeline", None) is not None:
         from colo import lifeline
         lifeline.watch(args.lifeline, args.command)

@@ -35,10 +35,12 @@ from colo.link import (
 )
 from colo.messages import CommandResult, ShutdownCommand, StatusReply, StatusRequest
 from colo.sched import DEFAULT as DEFAULT_SCHED
+from colo.sched import allowed_cpus, format_cpus, node_halves
 
 ROLES = ("gateway", "secondary", "primary")
 SPARE_WAIT = 10.0  # seconds to wait for the first spare to reach the gateway before starting the primary
 TAIL_LINES = 12  # lines of a failed role's log quoted in the error
+PIN_CHOICES = ("auto", "off")  # LocalCluster(pin=...), colo up --pin
 
 
 def write_key(path: Path) -> None:
@@ -99,9 +101,13 @@ class LocalCluster:
                  verbose: bool = False, mode: str = "periodic", backstop_ms: float = 2000.0,
                  key_file: Path | None = None, encrypt: bool = True, quiet: bool = False,
                  console: str = "active", logs: bool = False, lifeline: bool = True, copy: str = "live",
-                 checkpoint_mode: str = "pipelined", delta: bool = False, sched: str = DEFAULT_SCHED) -> None:
+                 checkpoint_mode: str = "pipelined", delta: bool = False, sched: str = DEFAULT_SCHED,
+                 pin: str = "auto") -> None:
         """`logs`: each process's stderr goes to DIR/NAME.log (else where `start` is told); `console`: the
-        nodes' --console (active: only the active node prints the guest's console)."""
+        nodes' --console (active: only the active node prints the guest's console); `pin`: "auto" gives each
+        node of a hybrid cluster its own half of the CPUs (`node_cpus`), "off" lets every role run anywhere."""
+        if pin not in PIN_CHOICES:
+            raise ValueError(f"pin must be one of {', '.join(PIN_CHOICES)}, not {pin!r}")
         self.dir = directory or Path(tempfile.mkdtemp(prefix="colo-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         if key_file is None:
@@ -121,6 +127,8 @@ class LocalCluster:
         self.checkpoint_mode = checkpoint_mode
         self.delta = delta
         self.sched = sched
+        self.pin = pin
+        self.node_cpus: dict[str, list[int]] = {}  # the CPUs each node process was started on (--cpus)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.started: dict[str, float] = {}  # monotonic start time of each process
         self.gateway: tuple[str, int] = ("", 0)
@@ -190,6 +198,11 @@ class LocalCluster:
     def _spawn(self, role: str, *args: str, stderr: Any = None, stdout: Any = None,
                name: str | None = None) -> subprocess.Popen[bytes]:
         name = name or role
+        if role in ("primary", "secondary"):
+            cpus = self._cpus_for_node()
+            if cpus:
+                args += ("--cpus", format_cpus(cpus))
+                self.node_cpus[name] = cpus
         self.ready_path(name).unlink(missing_ok=True)  # a ready file from an earlier run is stale
         env = dict(os.environ)
         env.pop("COLO_FAULT", None)
@@ -207,6 +220,16 @@ class LocalCluster:
         self.procs[name] = proc
         self.started[name] = time.monotonic()
         return proc
+
+    def _cpus_for_node(self) -> list[int]:
+        """The CPUs for a node about to start: in hybrid mode (`pin` auto), the half of this host's CPUs that no
+        live node runs on; none (every CPU) otherwise, or when both halves are taken."""
+        halves = node_halves(allowed_cpus()) if self.pin == "auto" and self.mode == "hybrid" else None
+        if halves is None:
+            return []
+        taken = [cpus for name, cpus in self.node_cpus.items()
+                 if name in self.procs and self.procs[name].poll() is None]
+        return next((half for half in halves if half not in taken), [])
 
     def _wait_ready(self, role: str, timeout: float = 30.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

@@ -177,7 +177,7 @@ def _run(args: argparse.Namespace, image: Path, run: rundir.Cluster, info: dict[
                            verbose=args.verbose, quiet=args.quiet, mode=args.mode, backstop_ms=args.backstop,
                            copy=args.copy, checkpoint_mode=args.checkpoint_mode, delta=args.delta,
                            encrypt=args.encrypt, key_file=Path(args.key_file).absolute() if args.key_file else None,
-                           logs=True, sched=args.sched)
+                           logs=True, sched=args.sched, pin=args.pin)
     cluster.quote_logs = False  # the tail shows every line the roles write already
     cluster.trace_file, cluster.trace_filter, cluster.trace_hex = args.trace_file, args.trace_filter, args.trace_hex
     me = info["procs"]["up"]

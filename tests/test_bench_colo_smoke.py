@@ -15,7 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "colo_vs_periodic.py"
 GUESTS = [ROOT / "guests" / "kvstore.bin", ROOT / "guests" / "noisy.bin"]
-CONFIGS = ["alone", "periodic 20 ms", "periodic 50 ms", "periodic 100 ms", "hybrid", "hybrid sched=normal"]
+CONFIGS = ["alone", "periodic 20 ms", "periodic 50 ms", "periodic 100 ms", "hybrid", "hybrid pin=off",
+           "hybrid sched=normal"]
 
 
 @pytest.mark.slow

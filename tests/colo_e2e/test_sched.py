@@ -72,3 +72,30 @@ def test_the_roles_and_colo_up_take_sched() -> None:
                 ["secondary", "--gateway", "127.0.0.1:1"], ["up", "kvstore"]):
         assert p.parse_args(cmd).sched == "batch"
         assert p.parse_args([*cmd, "--sched", "normal"]).sched == "normal"
+
+
+def _thread_cpus(pid: int) -> set[frozenset[int]]:
+    found = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found.add(frozenset(os.sched_getaffinity(int(tid))))
+        except (ProcessLookupError, FileNotFoundError):
+            pass  # a thread that just ended
+    return found
+
+
+@pytest.mark.skipif(len(sched.allowed_cpus()) < 2, reason="pinning the nodes needs 2 CPUs or more")
+def test_each_node_of_a_hybrid_cluster_runs_on_its_own_cpus(tmp_path: Path) -> None:
+    everywhere = frozenset(sched.allowed_cpus())
+    c = LocalCluster(str(guest("kvstore")), ram="16M", directory=tmp_path, logs=True, mode="hybrid")
+    try:
+        c.start()
+        c.wait_protected(timeout=60)
+        primary, secondary = _thread_cpus(c.procs["primary"].pid), _thread_cpus(c.procs["secondary"].pid)
+        assert len(primary) == 1 and len(secondary) == 1, (primary, secondary)  # every thread alike
+        (p,), (s,) = primary, secondary
+        assert p and s and not p & s and len(p) == len(s) and p | s <= everywhere, (p, s)
+        assert [sorted(p), sorted(s)] == [c.node_cpus["primary"], c.node_cpus["secondary"]]
+        assert _thread_cpus(c.procs["gateway"].pid) == {everywhere}  # the gateway serves both: anywhere
+    finally:
+        c.stop()
