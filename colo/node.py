@@ -198,7 +198,7 @@ class Node:
         # before E is complete (it could otherwise release, on a match in hybrid mode, output a failover to E
         # would have to take back).
         self.hold_outputs = False
-        self.held_outputs: list[NetEvent] = []
+        self.held_outputs: list[list[Any]] = []
         self.gateway_id = ""
         self.attached = False  # a gateway welcomed us and is heard
         self.shutdown_requested = False
@@ -414,16 +414,15 @@ class Node:
         st = self.vm.net.state
         return int(st.rx[0][0]) - 1 if st.rx else st.last_input_seq
 
-    def take_outputs(self) -> list[NetEvent]:
-        """The VM's new outputs; the caller decides where they go. Keeps `conns_open` and the epoch's outputs."""
+    def take_outputs(self) -> list[list[Any]]:
+        """The VM's new outputs as wire events ([seq, kind, conn, data]); the caller decides where they go. Keeps
+        `conns_open` and the epoch's outputs (the same lists: nobody changes an event once the device made it)."""
         assert self.vm is not None
-        out = []
-        for ev in self.vm.net.take_output():
-            e = NetEvent(ev.seq, ev.kind, ev.conn, ev.data)
-            self.epoch_outputs.append(e.as_list())
-            if e.kind == KIND_CLOSE:
-                self.conns_open.discard(e.conn)
-            out.append(e)
+        out = self.vm.net.take_output_lists()
+        self.epoch_outputs += out
+        for e in out:
+            if e[1] == KIND_CLOSE:
+                self.conns_open.discard(e[2])
         return out
 
     def forward_outputs(self) -> None:
@@ -445,18 +444,19 @@ class Node:
         self.send_outputs(held)
         self.io.flush_gateway()
 
-    def send_outputs(self, outs: list[NetEvent]) -> None:
-        """Queue outputs for the gateway, in order: one `output`, or `outputs` frames for several (one seal and
-        one decode for all of them: the relay's cost is per frame, the guest's output comes in slices)."""
-        batch: list[list[Any]] = []
-        size = 0
+    def send_outputs(self, outs: list[list[Any]]) -> None:
+        """Queue outputs (wire events from `take_outputs`) for the gateway, in order: one `output`, or `outputs`
+        frames for several (one seal and one decode for all of them: the relay's cost is per frame, the guest's
+        output comes in slices). Not checked again: the device makes only events the rules allow (a sequence
+        number of its own, data or close, a u32 connection, bytes)."""
+        start, size = 0, 0
         for i, e in enumerate(outs):
-            batch.append(e.as_list())
-            size += len(e.data)
-            if size >= BATCH_BYTES or len(batch) >= BATCH_EVENTS or i == len(outs) - 1:
-                self.send_gateway(Outputs(self.generation, batch) if len(batch) > 1
-                                  else Output(self.generation, *batch[0]), flush=False)
-                batch, size = [], 0
+            size += len(e[3])
+            if size >= BATCH_BYTES or i + 1 - start >= BATCH_EVENTS or i == len(outs) - 1:
+                batch = outs[start:i + 1]
+                self.send_gateway(Outputs.checked_already(self.generation, batch) if len(batch) > 1
+                                  else Output.checked_already(self.generation, *batch[0]), flush=False)
+                start, size = i + 1, 0
 
     def print_console(self) -> None:
         assert self.vm is not None

@@ -11,6 +11,7 @@ back-off; a gateway that is only silent (paused) keeps its link, and the node wa
 """
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import selectors
@@ -32,6 +33,9 @@ RECONNECT_MIN, RECONNECT_MAX = 0.05, 1.0  # seconds between attempts to reach th
 # up here (where the primary's final stop would wait for all of it to be applied).
 BACKLOG_LIMIT = 8 << 20
 STATE_CHUNKS = (InitialChunk, VmstateChunk)  # what counts against it
+# Links are judged silent (or heard again) and handshakes timed out at most this often, not after every frame:
+# the check is the thread's own work after it posted what it read, while the VM thread waits to run.
+LIVENESS_EVERY = 0.005
 
 
 class Silent:
@@ -106,7 +110,9 @@ class NodeIO:
         self._conns: set[Conn] = set()
         self._listener: socket.socket | None = None
         self._repl_factory: ProtocolFactory | None = None  # how an accepted primary's link checks its messages
-        self._calls: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()  # run by this thread, in order
+        self._watched: dict[Conn, int] = {}  # the events the selector watches for each link, as last set
+        self._last_liveness = 0.0
         self._silent: set[Conn] = set()
         self._next_connect = 0.0
         self._backoff = RECONNECT_MIN
@@ -139,7 +145,7 @@ class NodeIO:
 
     def call(self, fn: Callable[[], None]) -> None:
         """Run `fn` in the I/O thread (anything that adds or removes sockets)."""
-        self._calls.put(fn)
+        self._calls.append(fn)
         self.wake()
 
     def send_gateway(self, msg: Message, block: float | None = None, flush: bool = True) -> bool:
@@ -199,11 +205,8 @@ class NodeIO:
                 self._listener.close()
 
     def _turn(self) -> None:
-        while True:
-            try:
-                self._calls.get_nowait()()
-            except queue.Empty:
-                break
+        while self._calls:
+            self._calls.popleft()()
         now = time.monotonic()
         if self._gw_conn is None and now >= self._next_connect:
             self._connect_gateway()
@@ -215,6 +218,8 @@ class NodeIO:
                 self._closed_elsewhere(c)
                 continue
             events = c.interest()
+            if self._watched.get(c) == events:
+                continue  # as the selector has it: no need to ask (this runs on every turn, the relay's too)
             try:
                 key = self.sel.get_key(c.sock)
                 if key.events != events:
@@ -224,6 +229,8 @@ class NodeIO:
                     self.sel.register(c.sock, events, c)
             except OSError:  # the VM thread closed it meanwhile (EBADF): it is gone, not a reason to stop
                 self._drop(c, c.closed_reason or "closed")
+                continue
+            self._watched[c] = events
         wait = max(0.0, min(self.interval / 2, self._next_connect - now if self._gw_conn is None else 1.0))
         for key, mask in self.sel.select(wait):
             if key.data is None:
@@ -236,6 +243,9 @@ class NodeIO:
             else:
                 self._serve(key.data, mask)
         now = time.monotonic()
+        if now - self._last_liveness < LIVENESS_EVERY:
+            return  # a frame just woke us: the VM thread, on the same CPU maybe, is waiting for it
+        self._last_liveness = now
         for c in list(self._conns):
             if c.handshake_expired(now):
                 self._drop(c, "authentication timed out")
@@ -342,6 +352,7 @@ class NodeIO:
         if c not in self._conns:
             return
         self._conns.discard(c)
+        self._watched.pop(c, None)
         self._silent.discard(c)
         try:
             self.sel.unregister(c.sock)

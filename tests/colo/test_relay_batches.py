@@ -127,18 +127,36 @@ def test_a_node_takes_a_frame_of_inputs_as_the_inputs_one_by_one(node: Any) -> N
 
 def test_a_slices_outputs_leave_in_bounded_frames_in_order(node: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(node_module, "BATCH_BYTES", 10)
-    outs = [NetEvent(seq, KIND_DATA, 1, b"abcd") for seq in range(1, 8)]
+    outs: list[list[Any]] = [[seq, KIND_DATA, 1, b"abcd"] for seq in range(1, 8)]
     node.send_outputs(outs)
     frames = node.sent
     assert [type(m) for m in frames] == [Outputs, Outputs, Output]  # 3 + 3 events reach 10 bytes; 1 left
     seqs = [e[0] for m in frames for e in (m.events if isinstance(m, Outputs) else [[m.seq]])]
     assert seqs == list(range(1, 8))
+    for m in frames:  # built without a second check, yet what the checking constructor makes of the same values
+        assert m == (Outputs(m.generation, m.events) if isinstance(m, Outputs)
+                     else Output(m.generation, m.seq, m.kind, m.conn, m.data))
     node.sent.clear()
     node.send_outputs(outs[:1])
     assert node.sent == [Output(node.generation, 1, KIND_DATA, 1, b"abcd")]
     node.sent.clear()
-    node.send_outputs([NetEvent(1, KIND_DATA, 1, b"x" * 20), *outs[1:3]])  # one over the bound alone: an output
+    node.send_outputs([[1, KIND_DATA, 1, b"x" * 20], *outs[1:3]])  # one over the bound alone: an output
     assert [type(m) for m in node.sent] == [Output, Outputs]
+    node.sent.clear()
+    monkeypatch.setattr(node_module, "BATCH_EVENTS", 2)
+    node.send_outputs([[seq, KIND_CLOSE, seq, b""] for seq in range(1, 6)])  # no bytes: the count bounds them
+    assert [len(m.events) if isinstance(m, Outputs) else 1 for m in node.sent] == [2, 2, 1]
+
+
+def test_the_outputs_taken_from_the_device_are_the_epochs_and_close_their_connections(node: Any) -> None:
+    from toyvm import Machine
+    node.vm = Machine(ram_size=2 << 20)
+    node.conns_open = {3, 4}
+    node.vm.net.state.tx = [[1, KIND_DATA, 3, b"+OK\r\n"], [2, KIND_CLOSE, 3, b""]]
+    out = node.take_outputs()
+    assert out == [[1, KIND_DATA, 3, b"+OK\r\n"], [2, KIND_CLOSE, 3, b""]]
+    assert node.epoch_outputs == out and node.conns_open == {4}
+    assert node.vm.net.state.tx == [] and node.take_outputs() == []  # handed over once
 
 
 def test_a_message_of_values_checked_already_equals_the_checked_one() -> None:
