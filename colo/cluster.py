@@ -199,10 +199,7 @@ class LocalCluster:
                name: str | None = None) -> subprocess.Popen[bytes]:
         name = name or role
         if role in ("primary", "secondary"):
-            cpus = self._cpus_for_node()
-            if cpus:
-                args += ("--cpus", format_cpus(cpus))
-                self.node_cpus[name] = cpus
+            args += tuple(self._pin_node(name))
         self.ready_path(name).unlink(missing_ok=True)  # a ready file from an earlier run is stale
         env = dict(os.environ)
         env.pop("COLO_FAULT", None)
@@ -221,15 +218,20 @@ class LocalCluster:
         self.started[name] = time.monotonic()
         return proc
 
-    def _cpus_for_node(self) -> list[int]:
-        """The CPUs for a node about to start: in hybrid mode (`pin` auto), the half of this host's CPUs that no
-        live node runs on; none (every CPU) otherwise, or when both halves are taken."""
+    def _pin_node(self, name: str) -> list[str]:
+        """The `--cpus` of node `name`, about to start (remembered in `node_cpus`): in hybrid mode (`pin` auto),
+        the half of this host's CPUs that no live node runs on; none (every CPU) otherwise, or when both halves
+        are taken."""
         halves = node_halves(allowed_cpus()) if self.pin == "auto" and self.mode == "hybrid" else None
         if halves is None:
             return []
-        taken = [cpus for name, cpus in self.node_cpus.items()
-                 if name in self.procs and self.procs[name].poll() is None]
-        return next((half for half in halves if half not in taken), [])
+        taken = [cpus for node, cpus in self.node_cpus.items()
+                 if node in self.procs and self.procs[node].poll() is None]
+        cpus = next((half for half in halves if half not in taken), [])
+        if not cpus:
+            return []
+        self.node_cpus[name] = cpus
+        return ["--cpus", format_cpus(cpus)]
 
     def _wait_ready(self, role: str, timeout: float = 30.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

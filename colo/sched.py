@@ -92,9 +92,9 @@ def node_halves(cpus: list[int]) -> tuple[list[int], list[int]] | None:
 
 def pin(cpus: list[int]) -> str | None:
     """Run every thread of this process only on `cpus` (threads started later inherit it); None, or why not."""
-    allowed = allowed_cpus()
     if not hasattr(os, "sched_setaffinity"):
         return "this system cannot restrict a process to some CPUs"
+    allowed = allowed_cpus()
     outside = sorted(set(cpus) - set(allowed))
     if outside:
         return (f"CPU {format_cpus(outside)} is not one this process may use (it may use "

@@ -81,12 +81,11 @@ def _cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpus: list[int], m
 
 
 def _start(c: LocalCluster, name: str) -> list[int]:
-    """What `_spawn` does for a node: choose its CPUs and remember them (without starting a process)."""
-    cpus = c._cpus_for_node()
-    if cpus:
-        c.node_cpus[name] = cpus
+    """The CPUs `_spawn` gives node `name` (its --cpus), and a process that stands for it."""
+    args = c._pin_node(name)
     c.procs[name] = _Proc()  # type: ignore[assignment]
-    return cpus
+    assert args == (["--cpus", sched.format_cpus(c.node_cpus[name])] if args else [])
+    return sched.parse_cpus(args[1]) if args else []
 
 
 def test_a_hybrid_cluster_gives_each_live_node_its_own_half(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
