@@ -573,15 +573,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 def format_status(info: dict[str, Any]) -> str:
     """The status as an aligned table: one row per role, then the service line and the recent events."""
     g = info["gateway"]
-    rows: list[tuple[str, ...]] = [("role", "node", "gen", "pid", "address", "state", "epoch", "checkpoints",
-                                    "triggers")]
+    rows: list[tuple[str, ...]] = [("role", "node", "gen", "pid", "cpus", "address", "state", "epoch",
+                                    "checkpoints", "triggers")]
     rows.append(("gateway", g.get("id", "-"), str(g.get("generation", "-")), str(g.get("pid", "-")),
-                 g.get("listen", "-"), f"{g.get('service_state', '?')}, clients on {g.get('service', '?')}", "", "",
-                 ""))
+                 g.get("cpus", "-"), g.get("listen", "-"),
+                 f"{g.get('service_state', '?')}, clients on {g.get('service', '?')}", "", "", ""))
 
     def row(role: str, n: dict[str, Any]) -> tuple[str, ...]:
         if not n.get("connected") and not n.get("id"):
-            return (role, "-", "", "", "", "none", "", "", "")
+            return (role, "-", "", "", "", "", "none", "", "", "")
         state = n.get("state", "?") + (" [active]" if n.get("active") else "")
         if n.get("lost"):
             state = f"lost: {n['lost']}"
@@ -589,14 +589,15 @@ def format_status(info: dict[str, Any]) -> str:
             state += " (silent)"
         triggers = ", ".join(f"{k} {v}" for k, v in sorted(n.get("triggers", {}).items()))
         return (role, n.get("id", "?"), str(n.get("generation", "")), str(n.get("pid", "?")),
-                n.get("address") or "-", state, str(n.get("epoch", "")), str(n.get("checkpoints", "")), triggers)
+                n.get("cpus", "-"), n.get("address") or "-", state, str(n.get("epoch", "")),
+                str(n.get("checkpoints", "")), triggers)
 
     rows.append(row("primary", info["nodes"].get("primary", {})))
     rows.append(row("secondary", info["nodes"].get("secondary", {})))
     rows += [row("spare", n) for n in info.get("spares", [])]
     rows += [row("lost", n) for n in info.get("lost", [])[-3:]]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    right = {2, 3, 6, 7}  # numbers
+    right = {2, 3, 7, 8}  # numbers
     lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w)
                        for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip() for r in rows]
     lines.append(f"service: {g.get('service_state', '?')} ({'protected' if g.get('protected') else 'not protected'}), "

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from colo import durable, events, trace
+from colo import durable, events, sched, trace
 from colo.errors import ColoError
 from colo.events import STREAM
 from colo.link import Closed, Conn, Opened
@@ -100,7 +100,7 @@ class Gateway:
                                    out_limit=cfg.out_limit, slow_timeout=cfg.slow_timeout)
         self.service_address = self.clients.address
         self.witness.about = {"pid": os.getpid(), "listen": "%s:%d" % self.listen_address,
-                              "service": "%s:%d" % self.service_address}
+                              "service": "%s:%d" % self.service_address, "cpus": sched.cpus_label()}
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)

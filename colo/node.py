@@ -29,7 +29,7 @@ from typing import Any
 
 import msgpack
 
-from colo import events
+from colo import events, sched
 from colo.errors import ColoError
 from colo.events import STREAM, kernel_id
 from colo.gate import Gate
@@ -253,7 +253,8 @@ class Node:
     def status_info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"role": self.mode.value, "pid": os.getpid(), "state": self.state.value,
                                 "generation": self.generation, "mode": self.cfg.mode,
-                                "state_format": STATE_FORMAT, "colo_version": VERSION}
+                                "state_format": STATE_FORMAT, "colo_version": VERSION,
+                                "cpus": sched.cpus_label()}  # live: `taskset` may move us
         if self.role is not None:
             info.update(self.role.status_info())
         if STREAM.active:

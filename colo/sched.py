@@ -83,6 +83,11 @@ def allowed_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 
 
+def cpus_label() -> str:
+    """The CPUs this process may run on now, as a CPU list for `colo status` ("-" where the system cannot say)."""
+    return format_cpus(allowed_cpus()) or "-"
+
+
 def node_halves(cpus: list[int]) -> tuple[list[int], list[int]] | None:
     """Two disjoint, equal sets of `cpus` for the two nodes of a local cluster (an odd one left to neither);
     None with fewer than two."""

@@ -97,5 +97,9 @@ def test_each_node_of_a_hybrid_cluster_runs_on_its_own_cpus(tmp_path: Path) -> N
         assert p and s and not p & s and len(p) == len(s) and p | s <= everywhere, (p, s)
         assert [sorted(p), sorted(s)] == [c.node_cpus["primary"], c.node_cpus["secondary"]]
         assert _thread_cpus(c.procs["gateway"].pid) == {everywhere}  # the gateway serves both: anywhere
+        status = c.status()  # and `colo status` says so
+        assert status["nodes"]["primary"]["cpus"] == sched.format_cpus(p)
+        assert status["nodes"]["secondary"]["cpus"] == sched.format_cpus(s)
+        assert status["gateway"]["cpus"] == sched.format_cpus(everywhere)
     finally:
         c.stop()
