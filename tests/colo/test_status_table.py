@@ -24,4 +24,3 @@ def test_a_role_from_an_older_version_shows_a_dash() -> None:
             "spares": [], "lost": [], "events": []}
     primary = next(line for line in format_status(info).splitlines() if line.startswith("primary"))
     assert primary.split()[2:4] == ["?", "-"]
-
